@@ -1,0 +1,34 @@
+"""Where training data comes from and what to do with records that do not fit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class DataSource:
+    # A .json / .jsonl file (LLaVA `conversations` or `messages` records), a .parquet / .arrow / .csv file,
+    # a folder written by `datasets.save_to_disk`, or - only when you name one - a hub dataset.
+    path: str
+    # Images resolve inside this folder; default: the data file's own folder.
+    image_folder: str | None = None
+    split: str = "train"
+    # Our field -> the dataset's column, for data whose columns are named otherwise:
+    # {"messages": "dialog", "images": "pictures", "id": "uid"}.
+    columns: dict[str, str] = field(default_factory=dict)
+    # Extra role names -> user | assistant | system, added to the usual ones (human, gpt, ...).
+    roles: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    sources: list[DataSource] = field(default_factory=list)
+    max_length: int = 2048
+    # Over-long samples: cut (never through an image's tokens) or treat as bad records.
+    overflow: Literal["truncate", "drop"] = "truncate"
+    # Bad records (malformed, missing or corrupt image, placeholder/image mismatch, too long):
+    # stop with an error naming file and record, or skip them and count the skips by reason.
+    on_bad_record: Literal["error", "skip"] = "error"
+    # Look for every image file when the data is loaded, so missing images surface before training.
+    check_images_exist: bool = True

@@ -1,0 +1,197 @@
+"""Readers: LLaVA JSON/JSONL, `messages` + `images` records, and anything `datasets` loads, to Conversations.
+
+JSON and JSONL are read with the json module so that a broken record is reported by line and index;
+every other format goes through `datasets`. Image paths are resolved and checked here, once, so a bad
+path is found when the data is loaded rather than hours into training.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from llava_lite.data.config import DataSource
+from llava_lite.data.conversation import IMAGE_PLACEHOLDER, ROLES, Conversation, Message
+from llava_lite.data.errors import BadRecordError
+from llava_lite.data.images import resolve_image_path
+from llava_lite.data.templates.base import TemplateError, check_roles
+
+DEFAULT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "system": "system",
+}
+
+
+def read_source(
+    source: DataSource, on_bad_record: str = "error", check_images_exist: bool = True
+) -> tuple[list[Conversation], Counter]:
+    """All records of one source as Conversations with absolute image paths, and the skips by reason."""
+    path = Path(source.path)
+    image_folder = Path(source.image_folder) if source.image_folder else (path.parent if path.is_file() else path)
+    roles = {**DEFAULT_ROLES, **source.roles}
+    conversations: list[Conversation] = []
+    skipped: Counter = Counter()
+    for where, row in _rows(source):
+        try:
+            if isinstance(row, BadRecordError):
+                raise row
+            conversation = parse_record(_rename(row, source.columns), where, roles)
+            conversation.images = [
+                _checked_image(image_folder, image, where, check_images_exist) for image in conversation.images
+            ]
+        except BadRecordError as err:
+            if on_bad_record == "error":
+                raise
+            skipped[err.reason] += 1
+            continue
+        conversations.append(conversation)
+    return conversations, skipped
+
+
+def parse_record(row: Any, where: str, roles: dict[str, str] | None = None) -> Conversation:
+    """One raw record (LLaVA `conversations` or `messages`) to a Conversation; image paths left as given."""
+    roles = roles or DEFAULT_ROLES
+    if not isinstance(row, dict):
+        raise BadRecordError(where, "malformed", f"a record must be an object, got {type(row).__name__}")
+    record_id = row.get("id")
+    if record_id is not None:
+        where = f"{where} (id {record_id})"
+    turns = row.get("conversations", row.get("messages"))
+    if not isinstance(turns, list) or not turns:
+        raise BadRecordError(where, "malformed", "no `conversations` or `messages` list")
+    images = _as_list(row.get("images", row.get("image")), where)
+    messages = [_parse_message(turn, number, where, roles, images) for number, turn in enumerate(turns, 1)]
+    try:
+        check_roles(messages, where)
+    except TemplateError as err:
+        raise BadRecordError(where, "malformed", str(err).removeprefix(f"{where}: ")) from None
+    if not any(m.role == "assistant" and m.content.strip() for m in messages):
+        raise BadRecordError(where, "malformed", "no assistant message to train on")
+    empty = [n for n, m in enumerate(messages, 1) if m.role == "assistant" and not m.content.strip()]
+    if empty:
+        raise BadRecordError(where, "malformed", f"assistant message {empty[0]} is empty")
+    return Conversation(messages, images, None if record_id is None else str(record_id), where)
+
+
+def _parse_message(turn: Any, number: int, where: str, roles: dict[str, str], images: list[str]) -> Message:
+    if not isinstance(turn, dict):
+        raise BadRecordError(where, "malformed", f"message {number} is not an object")
+    role = turn.get("from", turn.get("role"))
+    content = turn.get("value", turn.get("content"))
+    if role not in roles or roles[role] not in ROLES:
+        raise BadRecordError(where, "malformed", f"message {number} has unknown role {role!r}")
+    if isinstance(content, list):
+        content = _flatten_parts(content, number, where, images)
+    if not isinstance(content, str):
+        raise BadRecordError(where, "malformed", f"message {number} has no text content")
+    return Message(roles[role], content)
+
+
+def _flatten_parts(parts: list, number: int, where: str, images: list[str]) -> str:
+    """OpenAI-style content parts: text is joined; each image part becomes a placeholder, its path appended."""
+    pieces = []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            pieces.append(str(part.get("text", "")))
+        elif kind in ("image", "image_url"):
+            value = part.get("image") or part.get("path") or part.get("image_url")
+            url = value.get("url") if isinstance(value, dict) else value
+            if not isinstance(url, str):
+                raise BadRecordError(where, "malformed", f"message {number} has an image part without a path")
+            images.append(url)
+            pieces.append(IMAGE_PLACEHOLDER)
+        else:
+            raise BadRecordError(where, "malformed", f"message {number} has a content part of unknown type {kind!r}")
+    return "".join(pieces)
+
+
+def _as_list(images: Any, where: str) -> list[str]:
+    if images is None or images == "":
+        return []
+    if isinstance(images, str):
+        return [images]
+    if isinstance(images, list) and all(isinstance(i, str) for i in images):
+        return list(images)
+    raise BadRecordError(where, "malformed", "`image`/`images` must be a path or a list of paths")
+
+
+def _checked_image(folder: Path, image: str, where: str, check_exists: bool) -> str:
+    path = resolve_image_path(folder, image, where)
+    if check_exists and not path.is_file():
+        raise BadRecordError(where, "missing_image", f"image {image} not found in {folder}")
+    return str(path)
+
+
+def _rename(row: Any, columns: dict[str, str]) -> Any:
+    if not columns or not isinstance(row, dict):
+        return row
+    renamed = {k: v for k, v in row.items() if k not in columns.values()}
+    for ours, theirs in columns.items():
+        if theirs in row:
+            renamed[ours] = row[theirs]
+    return renamed
+
+
+def _rows(source: DataSource) -> Iterator[tuple[str, Any]]:
+    """(where, raw record) pairs; `where` names the file and the record for error messages."""
+    path = Path(source.path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl" and path.is_file():
+        yield from _jsonl_rows(path)
+    elif suffix == ".json" and path.is_file():
+        yield from _json_rows(path)
+    else:
+        dataset = _load_with_datasets(source)
+        for index, row in enumerate(dataset):
+            yield f"{source.path} record {index}", row
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise BadRecordError(str(path), "malformed", f"not valid JSON (line {err.lineno}: {err.msg})") from None
+    if not isinstance(data, list):
+        raise BadRecordError(str(path), "malformed", "a JSON data file must hold a list of records")
+    for index, row in enumerate(data):
+        yield f"{path} record {index}", row
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                # Yielded as its error, so the bad-record policy treats it like any other bad record.
+                row = BadRecordError(where, "malformed", f"not valid JSON ({err.msg})")
+            yield where, row
+
+
+def _load_with_datasets(source: DataSource):
+    import datasets
+
+    path = Path(source.path)
+    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file()):
+        loaded = datasets.load_from_disk(str(path))
+        return loaded[source.split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    if path.is_file():
+        builder = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}.get(path.suffix.lower())
+        if builder is None:
+            raise BadRecordError(str(path), "malformed", f"cannot read data files of type {path.suffix!r}")
+        return datasets.load_dataset(builder, data_files=str(path), split=source.split)
+    if path.exists():
+        raise BadRecordError(str(path), "malformed", "a folder that `datasets.save_to_disk` did not write")
+    return datasets.load_dataset(source.path, split=source.split)

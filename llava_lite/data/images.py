@@ -1,0 +1,61 @@
+"""Images: resolved inside their folder, loaded as RGB, optionally padded to a square, then the tower's transform."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from llava_lite.data.errors import BadRecordError
+
+
+def resolve_image_path(folder: str | Path, relative: str, source: str = "record") -> Path:
+    """`relative` inside `folder`; a path that leaves the folder (`..`, absolute elsewhere, symlinks) is refused."""
+    root = Path(folder).resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise BadRecordError(source, "image_outside_folder", f"image path {relative!r} leaves the image folder {root}")
+    return path
+
+
+def load_image(path: str | Path, source: str = "record") -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise BadRecordError(source, "missing_image", f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise BadRecordError(source, "corrupt_image", f"image {path} cannot be read ({err})") from None
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Pad the shorter side equally on both ends with `fill`, keeping the whole image (LLaVA-1.5's `pad`)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+@dataclass
+class ImagePreprocessor:
+    """PIL image to the tower's `[3, H, W]` tensor; padding first when the model was set up for it."""
+
+    transform: Callable[[Image.Image], torch.Tensor]
+    pad_to_square: bool = False
+    fill: tuple[int, int, int] = (0, 0, 0)
+
+    @classmethod
+    def for_mean(cls, transform, pad_to_square: bool, mean: tuple[float, float, float]) -> ImagePreprocessor:
+        return cls(transform, pad_to_square, tuple(int(round(255 * m)) for m in mean))
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if self.pad_to_square:
+            image = expand_to_square(image, self.fill)
+        return self.transform(image)

@@ -1,0 +1,118 @@
+"""The model's config: vision tower, projector and language model, saved as versioned JSON beside the weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from llava_lite.config_io import ConfigError, from_dict, to_dict
+
+# Bump when the saved layout changes; add a step to _MIGRATIONS so older run folders keep loading.
+FORMAT_VERSION = 1
+CONFIG_FILE = "llava_lite_config.json"
+
+
+@dataclass
+class VisionTowerConfig:
+    """Which frozen image encoder to use and which of its features to hand to the projector."""
+
+    # open_clip: an open_clip model name (e.g. "ViT-L-14-336"), "local-dir:PATH", or none with `model_config`.
+    # hf_clip / hf_siglip: a local folder or hub name of a transformers (CLIP|SigLIP)(Vision)Model.
+    type: Literal["open_clip", "hf_clip", "hf_siglip"] = "open_clip"
+    name: str | None = None
+    # open_clip only: a pretrained tag or a local checkpoint file.
+    pretrained: str | None = None
+    # Build from this architecture dict instead (random weights): open_clip's model config, or a
+    # transformers vision config. This is how tiny models and saved run folders are described.
+    model_config: dict[str, Any] | None = None
+    # open_clip only: preprocessing overrides (size, mean, std, interpolation, resize_mode).
+    preprocess: dict[str, Any] | None = None
+    # Index into the hidden states as transformers counts them: 0 = embeddings, -1 = last layer,
+    # -2 = penultimate (LLaVA's choice, the last layer being shaped by the contrastive loss).
+    feature_layer: int = -2
+    cls_token: Literal["drop", "keep"] = "drop"
+    frozen: bool = True
+    # LLaVA-1.5 pads images to a square with the tower's mean colour instead of centre-cropping.
+    image_aspect: Literal["pad", "crop"] = "crop"
+
+    def __post_init__(self) -> None:
+        if self.name is None and self.model_config is None:
+            raise ValueError("vision tower needs `name` or `model_config`")
+
+
+@dataclass
+class ProjectorConfig:
+    # linear | mlp2x_gelu | mlp{N}x_gelu
+    type: str = "mlp2x_gelu"
+
+
+@dataclass
+class LanguageModelConfig:
+    # A local folder or hub name of any transformers causal LM; or none with `model_config`.
+    name: str | None = None
+    # Build from this config dict instead (random weights); needs `model_type`, e.g. "llama".
+    model_config: dict[str, Any] | None = None
+    # A tokenizer folder or hub name, or "tiny" for the one shipped in the package; default: `name`.
+    tokenizer: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name is None and self.model_config is None:
+            raise ValueError("language model needs `name` or `model_config`")
+        if self.tokenizer is None and self.name is None:
+            raise ValueError("language model built from `model_config` needs `tokenizer`")
+
+
+@dataclass
+class ModelConfig:
+    vision_tower: VisionTowerConfig
+    language_model: LanguageModelConfig
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    # "auto": the tokenizer's own chat template when it has one, else chatml. Or "tokenizer",
+    # or a built-in name: plain, chatml, llama2, vicuna_v1, alpaca, xml, json.
+    chat_template: str = "auto"
+    image_token: str = "<image>"
+
+
+def model_config_from_dict(data: dict, where: str = "model") -> ModelConfig:
+    return from_dict(ModelConfig, data, where)
+
+
+def save_model_config(config: ModelConfig, folder: str | Path) -> None:
+    payload = {"format_version": FORMAT_VERSION, "model": to_dict(config)}
+    path = Path(folder) / CONFIG_FILE
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def load_model_config(folder: str | Path) -> ModelConfig:
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{folder}: not a llava_lite model folder (no {CONFIG_FILE})")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    version = payload.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ConfigError(
+            f"{path}: format_version {version!r} is newer than this llava_lite understands ({FORMAT_VERSION}); "
+            "upgrade llava_lite"
+        )
+    while version < FORMAT_VERSION:
+        payload = _MIGRATIONS[version](payload)
+        version = payload["format_version"]
+    return model_config_from_dict(payload["model"], where=str(path))
+
+
+def _from_version_0(payload: dict) -> dict:
+    # Version 0 is the bare layout: the model sections at the top level with no envelope, as a person
+    # writes it by hand (the same shape as a recipe's `model:` section).
+    model = {k: v for k, v in payload.items() if k != "format_version"}
+    return {"format_version": 1, "model": model}
+
+
+_MIGRATIONS = {0: _from_version_0}

@@ -1,0 +1,82 @@
+"""The causal LM and its tokenizer: loading, the special tokens we add, and their embedding rows."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from llava_lite.model.config import LanguageModelConfig
+from llava_lite.model.tiny_tokenizer import TINY_TOKENIZER_DIR
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def load_tokenizer(config: LanguageModelConfig) -> PreTrainedTokenizerBase:
+    name = config.tokenizer or config.name
+    if name == "tiny":
+        name = str(TINY_TOKENIZER_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.trust_remote_code)
+    if not tokenizer.is_fast:
+        raise ValueError(f"tokenizer {name}: llava_lite needs a fast tokenizer (for offset mappings)")
+    if tokenizer.pad_token is None:
+        # Padding is masked by attention and labels alike, so reusing EOS is safe: labels come from
+        # assistant spans, never from comparing ids with pad_token_id.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def add_special_tokens(tokenizer: PreTrainedTokenizerBase, tokens: list[str]) -> list[int]:
+    """Add the tokens the tokenizer lacks as special tokens; return the ids of those newly added."""
+    missing = [t for t in dict.fromkeys(tokens) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return [tokenizer.convert_tokens_to_ids(t) for t in missing]
+
+
+def build_language_model(config: LanguageModelConfig) -> PreTrainedModel:
+    dtype = DTYPES[config.dtype]
+    kwargs = {"trust_remote_code": config.trust_remote_code}
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    if config.model_config is not None:
+        model_config = dict(config.model_config)
+        model_type = model_config.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("language_model.model_config needs a model_type, e.g. llama or qwen2")
+        hf_config = AutoConfig.for_model(model_type, **model_config)
+        return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32 if dtype == "auto" else dtype, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(config.name, dtype=dtype, **kwargs)
+
+
+def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, new_token_ids: list[int]) -> None:
+    """Grow the embeddings to the tokenizer when needed; new tokens' rows start at the mean of the old rows.
+
+    The mean keeps a new token's logit and input statistics typical of the vocabulary, instead of the
+    large or arbitrary values a random row gives at the start of training.
+    """
+    embeddings = model.get_input_embeddings()
+    if len(tokenizer) > embeddings.weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if not new_token_ids:
+        return
+    old_rows = min(new_token_ids)
+    with torch.no_grad():
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is None:
+                continue
+            weight = module.weight
+            mean = weight[:old_rows].float().mean(dim=0).to(weight.dtype)
+            weight[new_token_ids] = mean
+            bias = getattr(module, "bias", None)
+            if bias is not None:
+                bias[new_token_ids] = bias[:old_rows].float().mean().to(bias.dtype)

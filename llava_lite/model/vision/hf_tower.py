@@ -1,0 +1,78 @@
+"""transformers image towers: CLIP and SigLIP vision models, from a local folder, a hub name or a config dict."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+from PIL import Image
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+
+from llava_lite.model.config import VisionTowerConfig
+from llava_lite.model.vision.base import VisionTower, hidden_state_index
+
+# type -> (model class, its vision config class, image processor class)
+_FAMILIES = {
+    "hf_clip": (CLIPVisionModel, CLIPVisionConfig, CLIPImageProcessor),
+    "hf_siglip": (SiglipVisionModel, SiglipVisionConfig, SiglipImageProcessor),
+}
+
+
+class HFVisionTower(VisionTower):
+    def __init__(self, config: VisionTowerConfig) -> None:
+        super().__init__(config)
+        model_cls, config_cls, processor_cls = _FAMILIES[config.type]
+        has_cls = config.type == "hf_clip"
+        if config.cls_token == "keep" and not has_cls:
+            raise ValueError("SigLIP has no CLS token: cls_token must be 'drop'")
+        if config.model_config is not None:
+            self.model = model_cls(config_cls(**config.model_config))
+            self.processor = processor_cls(**(config.preprocess or _default_processor(config.type, self.model)))
+        else:
+            self.model = model_cls.from_pretrained(config.name)
+            self.processor = (
+                processor_cls(**config.preprocess) if config.preprocess else processor_cls.from_pretrained(config.name)
+            )
+        vision_config = self.model.config
+        self._index = hidden_state_index(config.feature_layer, vision_config.num_hidden_layers)
+        self._skip_cls = has_cls and config.cls_token == "drop"
+        grid = vision_config.image_size // vision_config.patch_size
+        self.num_patches = grid * grid + (1 if has_cls and not self._skip_cls else 0)
+        self.hidden_size = vision_config.hidden_size
+        self.image_size = (vision_config.image_size, vision_config.image_size)
+        self.image_mean = tuple(self.processor.image_mean)
+        self.freeze_if_configured()
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def extract_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixel_values, output_hidden_states=True)
+        features = out.hidden_states[self._index]
+        return features[:, 1:] if self._skip_cls else features
+
+    def architecture_config(self) -> VisionTowerConfig:
+        processor = json.loads(self.processor.to_json_string())
+        model_config = self.model.config.to_diff_dict()
+        for key in ("image_processor_type", "processor_class", "transformers_version", "model_type"):
+            processor.pop(key, None)
+            model_config.pop(key, None)
+        return dataclasses.replace(
+            self.config, name=None, pretrained=None, model_config=model_config, preprocess=processor
+        )
+
+
+def _default_processor(tower_type: str, model: torch.nn.Module) -> dict:
+    """Processor settings for a tower built from a config dict: its resolution, the family's normalisation."""
+    size = model.config.image_size
+    if tower_type == "hf_clip":
+        return {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
+    return {"size": {"height": size, "width": size}}
