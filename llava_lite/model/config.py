@@ -105,7 +105,12 @@ def load_model_config(folder: str | Path) -> ModelConfig:
     while version < FORMAT_VERSION:
         payload = _MIGRATIONS[version](payload)
         version = payload["format_version"]
-    return model_config_from_dict(payload["model"], where=str(path))
+    config = model_config_from_dict(payload["model"], where=str(path))
+    # A saved run names its LM by a folder inside the run; make that independent of the working directory.
+    language_model = config.language_model
+    if language_model.name and (Path(folder) / language_model.name).is_dir():
+        language_model.name = str(Path(folder) / language_model.name)
+    return config
 
 
 def _from_version_0(payload: dict) -> dict:

@@ -26,12 +26,7 @@ from llava_lite.model.config import (
     load_model_config,
     save_model_config,
 )
-from llava_lite.model.language_model import (
-    add_special_tokens,
-    build_language_model,
-    fit_embeddings,
-    load_tokenizer,
-)
+from llava_lite.model.language_model import add_special_tokens, build_language_model, fit_embeddings, load_tokenizer
 from llava_lite.model.projector import Projector
 from llava_lite.model.vision import VisionTower, build_vision_tower
 
@@ -64,9 +59,7 @@ class LlavaLiteModel(nn.Module):
     @classmethod
     def from_config(cls, config: ModelConfig) -> LlavaLiteModel:
         """A new model: tower and LM as the config names them, a freshly initialised projector."""
-        tokenizer = load_tokenizer(config.language_model)
-        needed = [config.image_token, *template_special_tokens(config.chat_template, tokenizer)]
-        new_ids = add_special_tokens(tokenizer, needed)
+        tokenizer, new_ids = prepare_tokenizer(config)
         language_model = build_language_model(config.language_model)
         fit_embeddings(language_model, tokenizer, new_ids)
         vision_tower = build_vision_tower(config.vision_tower)
@@ -80,8 +73,8 @@ class LlavaLiteModel(nn.Module):
         """Load a folder written by `save_pretrained`; it needs nothing from outside the folder."""
         folder = Path(folder)
         config = load_model_config(folder)
-        lm_folder = folder / LM_DIR
         lm_config = config.language_model
+        lm_folder = lm_config.name
         tokenizer = AutoTokenizer.from_pretrained(lm_folder, trust_remote_code=lm_config.trust_remote_code)
         dtype = "auto" if lm_config.dtype == "auto" else getattr(torch, lm_config.dtype)
         language_model = AutoModelForCausalLM.from_pretrained(
@@ -185,6 +178,13 @@ class LlavaLiteModel(nn.Module):
             labels=labels,
             **kwargs,
         )
+
+
+def prepare_tokenizer(config: ModelConfig) -> tuple[PreTrainedTokenizerBase, list[int]]:
+    """The LM's tokenizer with `<image>` and the chat template's markers added; also the ids it added."""
+    tokenizer = load_tokenizer(config.language_model)
+    needed = [config.image_token, *template_special_tokens(config.chat_template, tokenizer)]
+    return tokenizer, add_special_tokens(tokenizer, needed)
 
 
 def _plain_state(module: nn.Module) -> dict[str, torch.Tensor]:

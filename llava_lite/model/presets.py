@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
-from llava_lite.config_io import from_dict
-from llava_lite.model.config import ModelConfig
+from llava_lite.config_io import ConfigError, from_dict
+from llava_lite.model.config import CONFIG_FILE, ModelConfig, load_model_config
 
 TINY_OPEN_CLIP_TOWER = {
     "type": "open_clip",
@@ -56,7 +57,37 @@ def preset_dict(name: str) -> dict:
 
 
 def preset(name: str, **overrides) -> ModelConfig:
-    """A preset as a ModelConfig; keyword arguments replace whole top-level sections or fields."""
-    data = preset_dict(name)
-    data.update(overrides)
-    return from_dict(ModelConfig, data, f"preset {name}")
+    """A preset as a ModelConfig; keyword arguments are merged into it section by section."""
+    return from_dict(ModelConfig, deep_merge(preset_dict(name), overrides), f"preset {name}")
+
+
+def resolve_model_config(spec: str | dict, where: str = "model") -> ModelConfig:
+    """A model given as a preset name, a saved model folder, or a dict (optionally `preset:` plus overrides)."""
+    if isinstance(spec, str):
+        if (Path(spec) / CONFIG_FILE).is_file():
+            return load_model_config(spec)
+        if spec in PRESETS:
+            return preset(spec)
+        raise ConfigError(f"{where}: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a saved model folder")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: expected a preset name, a folder or a mapping")
+    spec = dict(spec)
+    base_name = spec.pop("preset", None)
+    if not base_name:
+        return from_dict(ModelConfig, spec, where)
+    base = preset_dict(base_name)
+    for section in ("vision_tower", "language_model"):
+        # Naming a real model replaces the preset's random architecture (and its tokenizer) outright.
+        if isinstance(spec.get(section), dict) and spec[section].get("name"):
+            base[section] = {}
+    return from_dict(ModelConfig, deep_merge(base, spec), where)
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged

@@ -23,11 +23,13 @@ def get_template(name: str, tokenizer: PreTrainedTokenizerBase) -> ChatTemplate:
 
 
 def template_special_tokens(name: str, tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
-    """Tokens a template needs as single special tokens, known before the template is bound."""
-    if name == "auto" and getattr(tokenizer, "chat_template", None):
+    """Tokens the template `name` needs as single special tokens in this tokenizer (added if missing)."""
+    if name == "tokenizer" or (name == "auto" and getattr(tokenizer, "chat_template", None)):
         return ()
     resolved = "chatml" if name == "auto" else name
-    return BUILTIN_FORMATS[resolved].special_tokens if resolved in BUILTIN_FORMATS else ()
+    if resolved not in BUILTIN_FORMATS:
+        raise TemplateError(f"unknown chat template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")
+    return BUILTIN_FORMATS[resolved].special_tokens
 
 
 __all__ = [

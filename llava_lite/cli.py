@@ -1,0 +1,60 @@
+"""The `llava-lite` command: one entry point, one module per subcommand under `llava_lite/commands`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from llava_lite import __version__
+from llava_lite.commands import inspect_data
+
+# Each module offers `register(subparsers)`, which adds its parser and sets `run` (args -> exit code).
+COMMANDS = [inspect_data]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llava-lite",
+        description="Train, inspect and run LLaVA-style vision-language models built on any causal LM.",
+    )
+    parser.add_argument("--version", action="version", version=f"llava_lite {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs and full tracebacks")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        command.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    verbose = args.verbose or bool(os.environ.get("LLAVA_LITE_DEBUG"))
+    _configure_logging(verbose)
+    try:
+        return args.run(args) or 0
+    except KeyboardInterrupt:
+        print(f"llava-lite {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:
+        # Bad input (configs, records, paths) ends in one line; --verbose shows where it came from.
+        if verbose:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"llava-lite {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("llava_lite").setLevel(logging.INFO)
+    if not verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
