@@ -22,11 +22,15 @@ class TurnFormat:
     system: str = "{content}"
     user: str = "{content}"
     assistant_prefix: str = ""
+    # How the answer itself is written; the trained span starts here.
+    assistant_body: str = "{content}"
     # The end-of-turn marker; trained together with the assistant's words so the model learns to stop.
     assistant_suffix: str = "{eos}"
     # Text after the marker that is not trained (a newline between turns).
     assistant_after: str = ""
-    # What inference appends to ask for an answer; defaults to `assistant_prefix`.
+    # What inference appends to ask for an answer; defaults to `assistant_prefix`. It must end exactly
+    # where the first trained token starts: a header ending in a space leaves the space out, because
+    # tokenizers fold a leading space into the first word (" The"), which the model then generates.
     generation_prompt: str | None = None
     default_system: str | None = None
     # Llama-2 folds the system prompt into the first user message instead of a turn of its own.
@@ -79,18 +83,22 @@ BUILTIN_FORMATS: dict[str, TurnFormat] = {
         assistant_after="\n\n",
         default_system=_ALPACA_SYSTEM,
     ),
+    # Headers end in a newline: BPE tokenizers glue a `>` or `"` to the word after it (">The").
     "xml": TurnFormat(
         system="<system>{content}</system>\n",
         user="<user>{content}</user>\n",
-        assistant_prefix="<assistant>",
+        assistant_prefix="<assistant>\n",
         assistant_suffix="</assistant>{eos}",
         assistant_after="\n",
     ),
     "json": TurnFormat(
         system='{{"role": "system", "content": "{content}"}}\n',
         user='{{"role": "user", "content": "{content}"}}\n',
-        assistant_prefix='{{"role": "assistant", "content": "',
+        # The answer is trained from its opening quote, so the header ends on a clean token boundary.
+        assistant_prefix='{{"role": "assistant", "content": ',
+        assistant_body='"{content}',
         assistant_suffix='"}}{eos}',
+        generation_prompt='{{"role": "assistant", "content":',
         assistant_after="\n",
         json_content=True,
     ),
@@ -145,13 +153,17 @@ class BuiltinTemplate(ChatTemplate):
                 continue
             emit(self._fill(fmt.assistant_prefix, ""))
             start = length
-            emit(self._content(message.content) + self._fill(fmt.assistant_suffix, ""))
+            emit(self.assistant_text(message.content))
             spans.append((start, length))
             emit(self._fill(fmt.assistant_after, ""))
         if add_generation_prompt:
             prompt = fmt.generation_prompt if fmt.generation_prompt is not None else fmt.assistant_prefix
             emit(self._fill(prompt, ""))
         return RenderedConversation("".join(parts), tuple(spans))
+
+    def assistant_text(self, content: str) -> str:
+        """An answer as this template writes it, end-of-turn marker included: exactly the trained span."""
+        return self._fill(self.format.assistant_body, content) + self._fill(self.format.assistant_suffix, "")
 
     def _content(self, content: str) -> str:
         return json.dumps(content, ensure_ascii=False)[1:-1] if self.format.json_content else content

@@ -1,0 +1,73 @@
+"""Shared test material: the real fixtures beside the checkout, real tokenizers, tiny models."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from llava_lite.data.conversation import Conversation, Message
+from llava_lite.model.llava import LlavaLiteModel
+from llava_lite.model.presets import preset
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+REAL_TOKENIZERS = ["qwen2.5", "llama3.2", "llama2", "tinyllama-chat"]
+
+
+def fixture_path(*parts: str) -> Path:
+    """A file under ../shared/fixtures; a clear failure (never a skip) when the fixtures are not there."""
+    path = FIXTURES.joinpath(*parts)
+    if not path.exists():
+        pytest.fail(f"test fixture {path} is missing: these tests need ../shared/fixtures beside the checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_tokenizers() -> dict:
+    from transformers import AutoTokenizer
+
+    return {name: AutoTokenizer.from_pretrained(fixture_path("tokenizers", name)) for name in REAL_TOKENIZERS}
+
+
+@pytest.fixture
+def tiny_model() -> LlavaLiteModel:
+    return LlavaLiteModel.from_config(preset("tiny"))
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """A folder with two real fixture images (named a.jpg and b.jpg)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copyfile(fixture_path("images", "extreme_ironing.jpg"), folder / "a.jpg")
+    shutil.copyfile(fixture_path("images", "waterview.jpg"), folder / "b.jpg")
+    return folder
+
+
+def image_conversation(folder: Path, images: tuple[str, ...] = ("a.jpg",)) -> Conversation:
+    placeholders = "<image>\n" * len(images)
+    return Conversation(
+        messages=[
+            Message("user", f"{placeholders}What is unusual about this picture?"),
+            Message("assistant", "A man is ironing clothes on the back of a moving taxi."),
+            Message("user", "Is it safe?"),
+            Message("assistant", "No, it is dangerous."),
+        ],
+        images=[str(folder / name) for name in images],
+        source="test record",
+    )
+
+
+def text_conversation() -> Conversation:
+    return Conversation(
+        messages=[Message("user", "Name a colour."), Message("assistant", "Blue.")],
+        source="text record",
+    )
+
+
+def solid_image(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> Path:
+    Image.new("RGB", size, colour).save(path)
+    return path
