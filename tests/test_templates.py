@@ -62,8 +62,9 @@ def check_masking(tokenizer, template, messages: list[Message]) -> None:
     for message, run, (start, end) in zip(assistant, runs, rendered.assistant_spans):
         span_text = rendered.text[start:end]
         if isinstance(template, TokenizerChatTemplate):  # real templates may trim the message
-            assert span_text.startswith(message.content.strip())
-            assert span_text[len(message.content.strip()) :].strip() == template.end_of_turn
+            said = span_text.lstrip()  # whitespace between the generation prompt and the message
+            assert said.startswith(message.content.strip())
+            assert said[len(message.content.strip()) :].strip() == template.end_of_turn
         else:
             assert span_text == template.assistant_text(message.content)
             assert span_text.endswith(template.end_of_turn)
@@ -121,16 +122,20 @@ def test_no_system_or_user_text_is_trained(real_tokenizers, tokenizer_name, temp
     assert "<image>" not in trained_text
 
 
+ANSWERS = ["The man is ironing clothes.", "42 of them.", "他们在庆祝。", " Leading space kept."]
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
 @pytest.mark.parametrize("template_name", ["tokenizer", *BUILTINS])
-@pytest.mark.parametrize("tokenizer_name", REAL_TOKENIZERS)
-def test_generation_prompt_tokenizes_as_the_trained_prefix(real_tokenizers, tokenizer_name, template_name):
+@pytest.mark.parametrize("tokenizer_name", [*REAL_TOKENIZERS, "tiny"])
+def test_generation_prompt_tokenizes_as_the_trained_prefix(real_tokenizers, tokenizer_name, template_name, answer):
     # What inference feeds the model must be token for token what training saw before the answer,
     # and the first trained token must be the first one the model generates.
-    tokenizer = prepared(real_tokenizers[tokenizer_name], template_name)
+    source = real_tokenizers.get(tokenizer_name) or AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
+    tokenizer = prepared(source, template_name)
     template = get_template(template_name, tokenizer)
     history = real_conversations(1)[0][:2]
-    answer = Message("assistant", "The man is ironing clothes.")
-    full = tokenize_rendered(tokenizer, template.render([*history, answer]))
+    full = tokenize_rendered(tokenizer, template.render([*history, Message("assistant", answer)]))
     prompt = template.render(history, add_generation_prompt=True).text
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert full.input_ids[: len(prompt_ids)].tolist() == prompt_ids
@@ -178,7 +183,7 @@ def test_json_template_escapes_content_and_masks_the_escaped_text(real_tokenizer
     answer = 'He said "hi"\nthen left.'
     rendered = get_template("json", tokenizer).render([Message("user", "Q?"), Message("assistant", answer)])
     start, end = rendered.assistant_spans[0]
-    assert rendered.text[start:end] == json.dumps(answer) + "}<|im_end|>"
+    assert rendered.text[start:end] == " " + json.dumps(answer) + "}<|im_end|>"
     user_line, assistant_line = rendered.text.splitlines()
     assert json.loads(user_line) == {"role": "user", "content": "Q?"}
     assert json.loads(assistant_line.removesuffix("<|im_end|>")) == {"role": "assistant", "content": answer}

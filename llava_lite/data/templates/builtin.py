@@ -28,9 +28,9 @@ class TurnFormat:
     assistant_suffix: str = "{eos}"
     # Text after the marker that is not trained (a newline between turns).
     assistant_after: str = ""
-    # What inference appends to ask for an answer; defaults to `assistant_prefix`. It must end exactly
-    # where the first trained token starts: a header ending in a space leaves the space out, because
-    # tokenizers fold a leading space into the first word (" The"), which the model then generates.
+    # What inference appends to ask for an answer; defaults to `assistant_prefix`, of which it must be
+    # the start. Training starts exactly where it ends, so the model learns whatever follows it. A header
+    # ending in a space leaves the space out: tokenizers fold it into the first word (" The").
     generation_prompt: str | None = None
     default_system: str | None = None
     # Llama-2 folds the system prompt into the first user message instead of a turn of its own.
@@ -117,6 +117,11 @@ class BuiltinTemplate(ChatTemplate):
         self._bos = tokenizer.bos_token or ""
         self._eos = tokenizer.eos_token
         self._lead = self._bos if self.format.bos and _adds_bos(tokenizer) else ""
+        self._prompt = (
+            self.format.assistant_prefix if self.format.generation_prompt is None else self.format.generation_prompt
+        )
+        if not self._fill(self.format.assistant_prefix, "").startswith(self._fill(self._prompt, "")):
+            raise TemplateError(f"template {name}: the generation prompt must be the start of the assistant header")
 
     @property
     def end_of_turn(self) -> str:
@@ -151,19 +156,20 @@ class BuiltinTemplate(ChatTemplate):
                     content = fmt.system_in_first_user.format(system=system) + content
                 emit(self._fill(fmt.user, content))
                 continue
-            emit(self._fill(fmt.assistant_prefix, ""))
-            start = length
-            emit(self.assistant_text(message.content))
+            start = length + len(self._fill(self._prompt, ""))
+            emit(self._fill(fmt.assistant_prefix, "") + self._fill(fmt.assistant_body, message.content))
+            emit(self._fill(fmt.assistant_suffix, ""))
             spans.append((start, length))
             emit(self._fill(fmt.assistant_after, ""))
         if add_generation_prompt:
-            prompt = fmt.generation_prompt if fmt.generation_prompt is not None else fmt.assistant_prefix
-            emit(self._fill(prompt, ""))
+            emit(self._fill(self._prompt, ""))
         return RenderedConversation("".join(parts), tuple(spans))
 
     def assistant_text(self, content: str) -> str:
-        """An answer as this template writes it, end-of-turn marker included: exactly the trained span."""
-        return self._fill(self.format.assistant_body, content) + self._fill(self.format.assistant_suffix, "")
+        """Exactly the trained span of an answer: what follows the generation prompt, end marker included."""
+        fmt = self.format
+        header = self._fill(fmt.assistant_prefix, "")[len(self._fill(self._prompt, "")) :]
+        return header + self._fill(fmt.assistant_body, content) + self._fill(fmt.assistant_suffix, "")
 
     def _content(self, content: str) -> str:
         return json.dumps(content, ensure_ascii=False)[1:-1] if self.format.json_content else content

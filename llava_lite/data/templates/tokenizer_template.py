@@ -2,7 +2,8 @@
 
 For each assistant message i, the text rendered for messages[:i+1] must extend the text for messages[:i];
 the difference holds the assistant header, the message and its end-of-turn marker. The trained span
-runs from the message's first character to the end of that marker (trailing whitespace excluded).
+runs from the end of the generation prompt (what inference appends before the model speaks) to the end
+of that marker, trailing whitespace excluded.
 Templates that rewrite earlier turns when later ones are added break that property; they are refused
 with a clear error rather than masked wrongly.
 """
@@ -29,7 +30,7 @@ class TokenizerChatTemplate(ChatTemplate):
         self.name = name or "tokenizer"
         rendered = self.render(_PROBE)
         start, end = rendered.assistant_spans[0]
-        self._end_of_turn = rendered.text[start:end].removeprefix("Hello there").strip()
+        self._end_of_turn = rendered.text[start:end].strip().removeprefix("Hello there").strip()
         if not self._end_of_turn:
             logger.warning(
                 "chat template %s ends assistant turns with no marker: the model cannot learn to stop", self.name
@@ -58,18 +59,20 @@ class TokenizerChatTemplate(ChatTemplate):
 
     def _assistant_span(self, history: list[Message], message: Message, previous: str, current: str) -> tuple[int, int]:
         delta = current[len(previous) :]
-        # Look for the message after the generation prompt (the assistant header), when the template has one.
         header = self._apply(history, add_generation_prompt=True)[len(previous) :]
-        search_from = len(header) if header and delta.startswith(header) else 0
+        prompt_end = len(header) if delta.startswith(header) else None
         for content in (message.content, message.content.strip()):
-            offset = delta.find(content, search_from) if content else -1
+            offset = delta.find(content, prompt_end or 0) if content else -1
             if offset >= 0:
                 break
         else:
             raise TemplateError(f"chat template {self.name} does not reproduce the assistant message verbatim")
         end_of_content = offset + len(content)
         marker = delta[end_of_content:].rstrip()
-        return len(previous) + offset, len(previous) + end_of_content + len(marker)
+        # Train from where the generation prompt ends; a template whose generation prompt is not the
+        # start of its assistant turn can only be trained from the message itself.
+        start = prompt_end if prompt_end is not None else offset
+        return len(previous) + start, len(previous) + end_of_content + len(marker)
 
     def _apply(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
         if not messages:
