@@ -122,3 +122,59 @@ def test_pad_to_square_keeps_a_wide_image_whole():
     blue_after_norm = (0 - model.image_mean[0]) / 0.26862954
     assert (padded[0] < blue_after_norm + 0.1).any()
     assert not (cropped[0] < blue_after_norm + 0.1).any()
+
+
+# ----- real weights from local paths load the same way ---------------------------------------------
+
+
+def test_open_clip_tower_loads_a_local_dir_checkpoint(tmp_path):
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = TINY_OPEN_CLIP_TOWER["model_config"]
+    source = open_clip.CLIP(**cfg)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    save_file(
+        {k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors")
+    )
+    model = tower("open_clip", model_config=None, name=f"local-dir:{tmp_path}")
+    pixels = real_pixels(model)
+    expected = source.visual.forward_intermediates(pixels, indices=[0], intermediates_only=True, output_fmt="NLC")
+    assert torch.allclose(model(pixels), expected["image_intermediates"][0], atol=1e-6)
+    assert model.architecture_config().model_config == cfg
+
+
+def test_open_clip_tower_loads_a_named_architecture_with_a_checkpoint_file(tmp_path):
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = TINY_OPEN_CLIP_TOWER["model_config"]
+    (tmp_path / "TinyTestViT.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "TinyTestViT.json")
+    source = open_clip.create_model("TinyTestViT")
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "weights.safetensors"))
+    model = tower("open_clip", model_config=None, name="TinyTestViT", pretrained=str(tmp_path / "weights.safetensors"))
+    assert torch.equal(model.visual.conv1.weight, source.visual.conv1.weight)
+
+
+@pytest.mark.parametrize("composite", [True, False])
+def test_hf_clip_tower_loads_a_local_folder(tmp_path, composite):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+
+    vision = CLIPVisionConfig(**TINY_HF_CLIP_TOWER["model_config"])
+    if composite:  # a full CLIP checkpoint, text tower and all, as downloaded
+        text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+        CLIPModel(CLIPConfig(text_config=text, vision_config=vision.to_dict())).save_pretrained(tmp_path)
+        source = CLIPModel.from_pretrained(tmp_path).vision_model
+    else:
+        CLIPVisionModel(vision).save_pretrained(tmp_path)
+        source = CLIPVisionModel.from_pretrained(tmp_path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    model = tower("hf_clip", model_config=None, name=str(tmp_path))
+    pixels = real_pixels(model)
+    expected = source(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    assert torch.allclose(model(pixels), expected, atol=1e-6)
