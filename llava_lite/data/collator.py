@@ -34,8 +34,8 @@ class Collator:
     skipped: Counter = field(default_factory=Counter)
 
     def __call__(self, samples: list[dict]) -> dict:
-        for sample in samples:
-            self.skipped.update(sample.get("skipped", ()))
+        skipped = Counter(reason for sample in samples for reason in sample.get("skipped", ()))
+        self.skipped.update(skipped)
         rows = self.rows(samples)
         length = max(len(row.input_ids) for row in rows)
         if self.pad_to_multiple_of:
@@ -49,6 +49,9 @@ class Collator:
         images = [image for row in rows for image in row.pixel_values]
         if images:
             batch["pixel_values"] = torch.cat(images)
+        if skipped:
+            # Carried in the batch so that skips in DataLoader worker processes reach the trainer's count.
+            batch["skipped_records"] = dict(skipped)
         return batch
 
     def rows(self, samples: list[dict]) -> list[Row]:

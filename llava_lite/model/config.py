@@ -58,6 +58,8 @@ class LanguageModelConfig:
     tokenizer: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     attn_implementation: str | None = None
+    # Load the weights quantized (QLoRA: 4bit); needs bitsandbytes and a CUDA GPU.
+    quantization: Literal["none", "4bit", "8bit"] = "none"
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -76,6 +78,8 @@ class ModelConfig:
     # or a built-in name: plain, chatml, llama2, vicuna_v1, alpaca, xml, json.
     chat_template: str = "auto"
     image_token: str = "<image>"
+    # A saved run trained with adapters: the peft adapter folder applied on top of the language model.
+    adapter: str | None = None
 
 
 def model_config_from_dict(data: dict, where: str = "model") -> ModelConfig:
@@ -106,11 +110,17 @@ def load_model_config(folder: str | Path) -> ModelConfig:
         payload = _MIGRATIONS[version](payload)
         version = payload["format_version"]
     config = model_config_from_dict(payload["model"], where=str(path))
-    # A saved run names its LM by a folder inside the run; make that independent of the working directory.
-    language_model = config.language_model
-    if language_model.name and (Path(folder) / language_model.name).is_dir():
-        language_model.name = str(Path(folder) / language_model.name)
+    # A saved run names parts by folders inside the run; make them independent of the working directory.
+    config.language_model.name = _inside(folder, config.language_model.name)
+    config.language_model.tokenizer = _inside(folder, config.language_model.tokenizer)
+    config.adapter = _inside(folder, config.adapter)
     return config
+
+
+def _inside(folder: str | Path, name: str | None) -> str | None:
+    if name and not Path(name).is_absolute() and (Path(folder) / name).is_dir():
+        return str(Path(folder) / name)
+    return name
 
 
 def _from_version_0(payload: dict) -> dict:

@@ -55,17 +55,45 @@ def build_language_model(config: LanguageModelConfig) -> PreTrainedModel:
             raise ValueError("language_model.model_config needs a model_type, e.g. llama or qwen2")
         hf_config = AutoConfig.for_model(model_type, **model_config)
         return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32 if dtype == "auto" else dtype, **kwargs)
+    if config.quantization != "none":
+        kwargs["quantization_config"] = _quantization_config(config)
     return AutoModelForCausalLM.from_pretrained(config.name, dtype=dtype, **kwargs)
 
 
-def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, new_token_ids: list[int]) -> None:
+def _quantization_config(config: LanguageModelConfig):
+    """QLoRA's 4-bit NF4 (or 8-bit) loading, which bitsandbytes does on CUDA GPUs only."""
+    import importlib.util
+
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
+        raise ValueError(
+            f"language_model.quantization={config.quantization} needs the bitsandbytes package and a CUDA GPU"
+        )
+    if config.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if config.dtype in ("auto", "bfloat16") else DTYPES[config.dtype]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def fit_embeddings(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, new_token_ids: list[int] | None = None
+) -> None:
     """Grow the embeddings to the tokenizer when needed; new tokens' rows start at the mean of the old rows.
 
     The mean keeps a new token's logit and input statistics typical of the vocabulary, instead of the
-    large or arbitrary values a random row gives at the start of training.
+    large or arbitrary values a random row gives at the start of training. Without `new_token_ids`, the
+    new tokens are those beyond the model's current rows (a saved tokenizer meeting its base LM again).
     """
-    embeddings = model.get_input_embeddings()
-    if len(tokenizer) > embeddings.weight.shape[0]:
+    rows = model.get_input_embeddings().weight.shape[0]
+    if new_token_ids is None:
+        new_token_ids = list(range(rows, len(tokenizer)))
+    if len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     if not new_token_ids:
         return

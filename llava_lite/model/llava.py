@@ -8,36 +8,28 @@ batch are taken in order, and their patches fill the image positions in row-majo
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llava_lite.data.images import ImagePreprocessor
 from llava_lite.data.processor import ConversationProcessor, Overflow
 from llava_lite.data.templates import ChatTemplate, get_template, template_special_tokens
-from llava_lite.model.config import (
-    LanguageModelConfig,
-    ModelConfig,
-    load_model_config,
-    save_model_config,
-)
+from llava_lite.model.config import ModelConfig
 from llava_lite.model.language_model import add_special_tokens, build_language_model, fit_embeddings, load_tokenizer
 from llava_lite.model.projector import Projector
 from llava_lite.model.vision import VisionTower, build_vision_tower
 
 logger = logging.getLogger(__name__)
 
-PROJECTOR_FILE = "projector.safetensors"
-TOWER_DIR = "vision_tower"
-LM_DIR = "language_model"
-
 
 class LlavaLiteModel(nn.Module):
+    # For transformers' Trainer: labels are shifted inside the LM, so it counts targets over labels[..., 1:].
+    loss_type = "ForCausalLM"
+
     def __init__(
         self,
         config: ModelConfig,
@@ -69,48 +61,40 @@ class LlavaLiteModel(nn.Module):
         return cls(config, vision_tower, projector, language_model, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> LlavaLiteModel:
-        """Load a folder written by `save_pretrained`; it needs nothing from outside the folder."""
-        folder = Path(folder)
-        config = load_model_config(folder)
-        lm_config = config.language_model
-        lm_folder = lm_config.name
-        tokenizer = AutoTokenizer.from_pretrained(lm_folder, trust_remote_code=lm_config.trust_remote_code)
-        dtype = "auto" if lm_config.dtype == "auto" else getattr(torch, lm_config.dtype)
-        language_model = AutoModelForCausalLM.from_pretrained(
-            lm_folder, dtype=dtype, trust_remote_code=lm_config.trust_remote_code
-        )
-        vision_tower = build_vision_tower(config.vision_tower)
-        vision_tower.load_weights(folder / TOWER_DIR)
-        projector = Projector(
-            config.projector.type, vision_tower.hidden_size, language_model.get_input_embeddings().embedding_dim
-        )
-        projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
-        return cls(config, vision_tower, projector, language_model, tokenizer)
+    def from_pretrained(cls, folder: str | Path, trainable_adapters: bool = False) -> LlavaLiteModel:
+        """Load a folder written by `save_pretrained` (see `llava_lite.model.saving` for its layout)."""
+        from llava_lite.model.saving import load_model
 
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Config, projector, tower and LM (with its tokenizer) as safetensors and JSON; no pickle anywhere."""
-        folder = Path(folder)
-        (folder / TOWER_DIR).mkdir(parents=True, exist_ok=True)
-        tower_config = self.vision_tower.save(folder / TOWER_DIR)
-        save_file(_plain_state(self.projector), str(folder / PROJECTOR_FILE))
-        self.language_model.save_pretrained(folder / LM_DIR)
-        self.tokenizer.save_pretrained(folder / LM_DIR)
-        _keep_legacy_flag(self.tokenizer, folder / LM_DIR)
-        saved_lm = LanguageModelConfig(
-            name=LM_DIR,
-            dtype=self.config.language_model.dtype,
-            attn_implementation=self.config.language_model.attn_implementation,
-            trust_remote_code=self.config.language_model.trust_remote_code,
-        )
-        saved = ModelConfig(
-            vision_tower=tower_config,
-            language_model=saved_lm,
-            projector=self.config.projector,
-            chat_template=self.config.chat_template,
-            image_token=self.config.image_token,
-        )
-        save_model_config(saved, folder)
+        return load_model(folder, trainable_adapters)
+
+    def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """What was trained and what exists nowhere else, as safetensors and JSON; no pickle anywhere."""
+        from llava_lite.model.saving import save_model
+
+        save_model(self, folder, state_dict)
+
+    def set_chat_template(self, name: str) -> list[int]:
+        """Switch template (stage 1 trains with `plain`, stage 2 with a chat template); returns added token ids."""
+        new_ids = self.add_template_tokens(name)
+        self.config.chat_template = name
+        self._template = None
+        return new_ids
+
+    def add_template_tokens(self, name: str) -> list[int]:
+        """Add the marker tokens template `name` needs (rows start at the mean); returns the ids added."""
+        new_ids = add_special_tokens(self.tokenizer, list(template_special_tokens(name, self.tokenizer)))
+        if new_ids:
+            fit_embeddings(self.base_language_model, self.tokenizer, new_ids)
+        return new_ids
+
+    @property
+    def uses_adapters(self) -> bool:
+        return hasattr(self.language_model, "peft_config")
+
+    @property
+    def base_language_model(self) -> PreTrainedModel:
+        """The transformers model itself, under any peft wrapping."""
+        return self.language_model.get_base_model() if self.uses_adapters else self.language_model
 
     # ----- data side -------------------------------------------------------------------------
     @property
@@ -124,10 +108,14 @@ class LlavaLiteModel(nn.Module):
         return self._template
 
     def conversation_processor(
-        self, max_length: int | None = None, overflow: Overflow = "truncate"
+        self, max_length: int | None = None, overflow: Overflow = "truncate", template: str | None = None
     ) -> ConversationProcessor:
+        """Encodes conversations for this model; `template` renders them otherwise (stage 1 uses `plain`)."""
+        chosen = (
+            self.template if template in (None, self.config.chat_template) else get_template(template, self.tokenizer)
+        )
         return ConversationProcessor(
-            self.tokenizer, self.template, self.tokens_per_image, self.config.image_token, max_length, overflow
+            self.tokenizer, chosen, self.tokens_per_image, self.config.image_token, max_length, overflow
         )
 
     def image_preprocessor(self) -> ImagePreprocessor:
@@ -168,8 +156,11 @@ class LlavaLiteModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        skipped_records: dict | None = None,  # the collator's bookkeeping of skipped records; not model input
         **kwargs,
     ):
+        """`kwargs` reach the LM: `num_items_in_batch` from the Trainer makes the loss a sum over the
+        accumulated batches' target tokens divided by their count, not a mean of micro-batch means."""
         inputs_embeds = self.embed(input_ids, pixel_values)
         return self.language_model(
             inputs_embeds=inputs_embeds,
@@ -179,26 +170,22 @@ class LlavaLiteModel(nn.Module):
             **kwargs,
         )
 
+    @torch.no_grad()
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
+        """Token ids of the answers only: the LM's own `generate` (KV cache, sampling, stopping) on our embeddings."""
+        inputs_embeds = self.embed(input_ids, pixel_values)
+        return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        # With a frozen embedding layer the checkpointed blocks would get no input that requires grad.
+        self.language_model.enable_input_require_grads()
+
 
 def prepare_tokenizer(config: ModelConfig) -> tuple[PreTrainedTokenizerBase, list[int]]:
     """The LM's tokenizer with `<image>` and the chat template's markers added; also the ids it added."""
     tokenizer = load_tokenizer(config.language_model)
     needed = [config.image_token, *template_special_tokens(config.chat_template, tokenizer)]
     return tokenizer, add_special_tokens(tokenizer, needed)
-
-
-def _plain_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-
-
-def _keep_legacy_flag(tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
-    """transformers 5 drops Llama tokenizers' `legacy` flag on save, and the reloaded copy then tokenizes
-    text after special tokens differently; write it back so a saved run tokenizes as it trained."""
-    legacy = getattr(tokenizer, "legacy", None)
-    path = folder / "tokenizer_config.json"
-    if legacy is None or not path.is_file():
-        return
-    config = json.loads(path.read_text(encoding="utf-8"))
-    if config.get("legacy") != legacy:
-        config["legacy"] = legacy
-        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

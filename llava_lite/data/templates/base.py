@@ -38,6 +38,10 @@ class ChatTemplate:
         """The text that closes an assistant turn; generation stops when it is produced."""
         raise NotImplementedError
 
+    def answer_from(self, generated: str) -> str:
+        """The answer as a person reads it, from generated text decoded without special tokens."""
+        return generated.strip()
+
 
 def check_roles(messages: list[Message], source: str = "conversation") -> None:
     """At most one system message, first; then user and assistant strictly alternating, the user first."""

@@ -171,6 +171,19 @@ class BuiltinTemplate(ChatTemplate):
         header = self._fill(fmt.assistant_prefix, "")[len(self._fill(self._prompt, "")) :]
         return header + self._fill(fmt.assistant_body, content) + self._fill(fmt.assistant_suffix, "")
 
+    def answer_from(self, generated: str) -> str:
+        # Plain-text parts of the end marker ("</assistant>", the JSON closing '"}') are not special tokens.
+        marker = self._fill(self.format.assistant_suffix, "").replace(self._eos, "").strip()
+        text = generated.strip()
+        if marker:
+            text = text.removesuffix(marker).rstrip()
+        if self.format.json_content:
+            try:
+                return json.loads(text + '"')
+            except json.JSONDecodeError:
+                return text
+        return text
+
     def _content(self, content: str) -> str:
         return json.dumps(content, ensure_ascii=False)[1:-1] if self.format.json_content else content
 

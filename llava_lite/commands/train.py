@@ -1,0 +1,32 @@
+"""`llava-lite train CONFIG.yaml [key=value ...]`: run the recipe a config names (stage 1 or stage 2)."""
+
+from __future__ import annotations
+
+import argparse
+
+from llava_lite.train.config import load_train_config
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="run a training recipe (stage 1 or stage 2)",
+        description=(
+            "Train as CONFIG.yaml says: `recipe: stage1` trains the projector on captions, `recipe: stage2` the "
+            "projector and the LM (full or adapters) on instructions. Any field can be overridden as key=value, "
+            "e.g. train.learning_rate=1e-4 data.max_length=1024. Runs unchanged under `accelerate launch`. "
+            "With resume=auto (the default) an interrupted run continues from its newest checkpoint."
+        ),
+    )
+    parser.add_argument("config", metavar="CONFIG.yaml", help="a recipe config, e.g. configs/demo_stage1.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config fields to change")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from llava_lite.train.run import run_training
+
+    config = load_train_config(args.config, args.overrides)
+    output = run_training(config)
+    print(f"saved the trained model to {output}")
+    return 0

@@ -1,0 +1,1 @@
+"""Inference: answers from a trained model folder, batched or streamed."""

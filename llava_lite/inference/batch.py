@@ -1,0 +1,168 @@
+"""Batch answers for a JSONL file of questions, resumable, never losing or half-writing what was answered.
+
+Answers are appended to `OUT.partial` as each batch finishes (flushed); when every line is done the file
+is renamed to `OUT`. A run that is stopped leaves `OUT.partial`, and the next run continues from it.
+A bad input line is reported and counted, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from llava_lite.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message
+from llava_lite.data.errors import BadRecordError
+from llava_lite.data.formats import parse_record
+from llava_lite.data.images import load_image, resolve_image_path
+from llava_lite.inference.generator import Generator, SamplingSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    id: str
+    conversation: Conversation
+    images: list[Image.Image]
+    echo: dict  # the input's other fields, written back beside the answer
+
+
+@dataclass
+class BatchReport:
+    answered: int = 0
+    already_done: int = 0
+    bad_lines: list[str] = field(default_factory=list)
+
+
+def generate_file(
+    generator: Generator,
+    input_path: str | Path,
+    output_path: str | Path,
+    settings: SamplingSettings,
+    image_folder: str | Path | None = None,
+    batch_size: int = 8,
+    overwrite: bool = False,
+    resume: bool = False,
+) -> BatchReport:
+    input_path, output_path = Path(input_path), Path(output_path)
+    partial = output_path.with_name(output_path.name + ".partial")
+    if overwrite:
+        partial.unlink(missing_ok=True)
+    elif output_path.exists() and not resume:
+        raise FileExistsError(f"{output_path} exists; use --resume to answer what is missing, or --overwrite")
+    report = BatchReport()
+    done = _answered_ids(partial, output_path if resume else None)
+    report.already_done = len(done)
+    folder = Path(image_folder) if image_folder else input_path.parent
+
+    lines = input_path.read_text(encoding="utf-8").splitlines()
+    pending: list[Request] = []
+    with open(partial, "a", encoding="utf-8") as out, tqdm(total=len(lines), desc="answering", unit="line") as bar:
+        for request in _requests(lines, input_path, folder, done, report):
+            pending.append(request)
+            if len(pending) == batch_size:
+                _answer(generator, pending, settings, out, report)
+                bar.update(len(pending))
+                pending = []
+        if pending:
+            _answer(generator, pending, settings, out, report)
+        bar.update(bar.total - bar.n)
+    os.replace(partial, output_path)
+    return report
+
+
+def _answer(generator: Generator, batch: list[Request], settings: SamplingSettings, out, report) -> None:
+    answers = generator.generate([r.conversation for r in batch], [r.images for r in batch], settings)
+    for request, answer in zip(batch, answers):
+        out.write(json.dumps({**request.echo, "id": request.id, "answer": answer}, ensure_ascii=False) + "\n")
+    out.flush()
+    os.fsync(out.fileno())
+    report.answered += len(batch)
+
+
+def _requests(lines: list[str], path: Path, folder: Path, done: set[str], report: BatchReport) -> Iterator[Request]:
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            request = parse_request(line, where, folder)
+        except BadRecordError as err:
+            report.bad_lines.append(str(err))
+            logger.warning("%s", err)
+            continue
+        if request.id in done:
+            continue
+        yield request
+
+
+def parse_request(line: str, where: str, folder: Path) -> Request:
+    """`{"id", "image"?, "prompt"}` or `{"id", "messages", "images"?}`: the prompt and its loaded images."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise BadRecordError(where, "malformed", f"not valid JSON ({err.msg})") from None
+    if not isinstance(row, dict):
+        raise BadRecordError(where, "malformed", "each line must be a JSON object")
+    request_id = str(row.get("id", where.rsplit(" ", 1)[-1]))
+    if "messages" in row:
+        conversation = _conversation_from_messages(row, where)
+    elif isinstance(row.get("prompt"), str):
+        conversation = _conversation_from_prompt(row)
+    else:
+        raise BadRecordError(where, "malformed", "needs a string `prompt` or a `messages` list")
+    if conversation.messages[-1].role != "user":
+        raise BadRecordError(where, "malformed", "the last message must be the user's")
+    if conversation.placeholder_count() != len(conversation.images):
+        raise BadRecordError(
+            where,
+            "image_count_mismatch",
+            f"{conversation.placeholder_count()} <image> placeholder(s) but {len(conversation.images)} image(s)",
+        )
+    images = [load_image(resolve_image_path(folder, name, where), where) for name in conversation.images]
+    echo = {k: v for k, v in row.items() if k not in ("messages", "images", "image")}
+    return Request(request_id, conversation, images, echo)
+
+
+def _conversation_from_prompt(row: dict) -> Conversation:
+    images = row.get("image") or []
+    images = [images] if isinstance(images, str) else list(images)
+    prompt = row["prompt"]
+    if images and IMAGE_PLACEHOLDER not in prompt:
+        prompt = IMAGE_PLACEHOLDER * len(images) + "\n" + prompt  # LLaVA's convention: images before the text
+    messages = [Message("system", row["system"])] if isinstance(row.get("system"), str) else []
+    return Conversation([*messages, Message("user", prompt)], images)
+
+
+def _conversation_from_messages(row: dict, where: str) -> Conversation:
+    # A conversation ending on the user's turn: parse it with a placeholder answer, then drop that answer.
+    closed = {**row, "messages": [*row["messages"], {"role": "assistant", "content": "-"}]}
+    conversation = parse_record(closed, where)
+    conversation.messages = conversation.messages[:-1]
+    return conversation
+
+
+def _answered_ids(partial: Path, finished: Path | None) -> set[str]:
+    """Ids already answered: complete lines of the partial file (a torn last line is cut off), and of a
+    finished output being resumed, whose lines then move into the partial file."""
+    done: set[str] = set()
+    if partial.exists():
+        text = partial.read_text(encoding="utf-8")
+        if text and not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]
+            partial.write_text(text, encoding="utf-8")
+        done.update(json.loads(line)["id"] for line in text.splitlines() if line.strip())
+    if finished is not None and finished.exists():
+        lines = [line for line in finished.read_text(encoding="utf-8").splitlines() if line.strip()]
+        new = [line for line in lines if json.loads(line)["id"] not in done]
+        with open(partial, "a", encoding="utf-8") as handle:
+            handle.writelines(line + "\n" for line in new)
+        done.update(json.loads(line)["id"] for line in new)
+    return done

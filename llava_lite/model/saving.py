@@ -1,0 +1,179 @@
+"""Model folders: what a run saves, and how a folder loads back with nothing but itself and named sources.
+
+A folder holds what was trained and what exists nowhere else:
+- `projector.safetensors` always, and the tokenizer (`tokenizer/`, with `<image>` and template markers);
+- the vision tower (`vision_tower/`) when it was trained or built from a config (random weights);
+- the LM (`language_model/`, transformers' own format) when it was trained or built from a config;
+- peft adapters (`adapter/`) when the LM was trained with them;
+- `llava_lite_config.json`, naming the parts that were not saved by their source (a local path or hub name),
+  so a stage-1 run of a 7B LM is megabytes, not gigabytes.
+Everything is safetensors or JSON; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from llava_lite.model.config import ModelConfig, load_model_config, save_model_config
+from llava_lite.model.language_model import build_language_model, fit_embeddings
+from llava_lite.model.projector import Projector
+from llava_lite.model.vision import build_vision_tower
+from llava_lite.model.vision.base import WEIGHTS_FILE as TOWER_WEIGHTS
+
+logger = logging.getLogger(__name__)
+
+PROJECTOR_FILE = "projector.safetensors"
+TOWER_DIR = "vision_tower"
+LM_DIR = "language_model"
+ADAPTER_DIR = "adapter"
+TOKENIZER_DIR = "tokenizer"
+
+
+def save_model(model, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write `model` (a LlavaLiteModel) to `folder`; `state_dict` is the full model's, when a trainer gathered it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = state_dict if state_dict is not None else model.state_dict()
+    config = model.config
+
+    save_file(_part(state, "projector."), str(folder / PROJECTOR_FILE))
+
+    tower = model.vision_tower
+    tower_config = config.vision_tower
+    if _is_trained(tower) or tower_config.name is None:
+        (folder / TOWER_DIR).mkdir(exist_ok=True)
+        save_file(_part(state, "vision_tower."), str(folder / TOWER_DIR / TOWER_WEIGHTS))
+        tower_config = tower.architecture_config()
+
+    lm = model.language_model
+    lm_state = _part(state, "language_model.")
+    lm_config = config.language_model
+    adapter = None
+    if model.uses_adapters:
+        lm.save_pretrained(folder / ADAPTER_DIR, state_dict=lm_state)
+        adapter = ADAPTER_DIR
+        if lm_config.name is None:  # a random base exists nowhere else
+            base = lm.get_base_model()
+            base.save_pretrained(folder / LM_DIR, state_dict=_base_state(lm, lm_state))
+            lm_config = dataclasses.replace(lm_config, name=LM_DIR, model_config=None)
+    elif _is_trained(lm) or lm_config.name is None:
+        lm.save_pretrained(folder / LM_DIR, state_dict=lm_state)
+        lm_config = dataclasses.replace(lm_config, name=LM_DIR, model_config=None)
+
+    model.tokenizer.save_pretrained(folder / TOKENIZER_DIR)
+    _keep_legacy_flag(model.tokenizer, folder / TOKENIZER_DIR)
+    lm_config = dataclasses.replace(lm_config, tokenizer=TOKENIZER_DIR, quantization="none")
+    save_model_config(
+        dataclasses.replace(config, vision_tower=tower_config, language_model=lm_config, adapter=adapter), folder
+    )
+
+
+def load_model(folder: str | Path, trainable_adapters: bool = False):
+    """A LlavaLiteModel from a folder written by `save_model`."""
+    from llava_lite.model.llava import LlavaLiteModel
+
+    folder = Path(folder)
+    config = load_model_config(folder)
+    lm_config = config.language_model
+    tokenizer = AutoTokenizer.from_pretrained(lm_config.tokenizer, trust_remote_code=lm_config.trust_remote_code)
+    language_model = build_language_model(lm_config)
+    fit_embeddings(language_model, tokenizer)
+    if config.adapter:
+        from peft import PeftModel
+
+        language_model = PeftModel.from_pretrained(language_model, config.adapter, is_trainable=trainable_adapters)
+    vision_tower = build_vision_tower(config.vision_tower)
+    if (folder / TOWER_DIR / TOWER_WEIGHTS).is_file():
+        vision_tower.load_weights(folder / TOWER_DIR)
+    projector = Projector(config.projector.type, vision_tower.hidden_size, _embedding_width(language_model))
+    projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
+    return LlavaLiteModel(config, vision_tower, projector, language_model, tokenizer)
+
+
+def load_trained_weights(model, folder: str | Path) -> None:
+    """Put a checkpoint's saved weights into a model built from the same config (resuming a run)."""
+    folder = Path(folder)
+    model.projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
+    if (folder / TOWER_DIR / TOWER_WEIGHTS).is_file():
+        model.vision_tower.load_weights(folder / TOWER_DIR)
+    lm = model.language_model
+    if model.uses_adapters:
+        from peft import set_peft_model_state_dict
+
+        adapter_file = folder / ADAPTER_DIR / "adapter_model.safetensors"
+        set_peft_model_state_dict(lm, load_file(str(adapter_file)))
+        base_target = None
+    else:
+        base_target = lm
+    if base_target is not None and (folder / LM_DIR).is_dir():
+        _load_safetensors_folder(base_target, folder / LM_DIR)
+
+
+def _load_safetensors_folder(module: nn.Module, folder: Path) -> None:
+    """All `*.safetensors` shards of a transformers folder into `module`; only tied weights may be missing."""
+    expected = set(module.state_dict())
+    seen: set[str] = set()
+    for shard in sorted(folder.glob("*.safetensors")):
+        weights = load_file(str(shard))
+        module.load_state_dict(weights, strict=False)
+        seen.update(weights)
+    tied = {name for name in expected if _is_tied(module, name)}
+    missing = expected - seen - tied
+    if missing:
+        raise ValueError(f"{folder}: checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[0]}")
+
+
+def _is_tied(module: nn.Module, name: str) -> bool:
+    return name.endswith("lm_head.weight") and getattr(getattr(module, "config", None), "tie_word_embeddings", False)
+
+
+def _part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith(prefix)}
+
+
+def _base_state(peft_model, lm_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base model's own weights out of a peft-wrapped state dict: adapter tensors dropped, names unwrapped.
+
+    Every peft tuner keeps its tensors under the adapter's name ("lora_A.default.weight") and moves the
+    wrapped layer to `base_layer` (or `original_module` for modules_to_save).
+    """
+    adapters = list(peft_model.peft_config)
+    state = {}
+    for name, tensor in lm_state.items():
+        plain = name.removeprefix("base_model.model.")
+        if any(f".{a}." in plain or plain.endswith(f".{a}") for a in adapters):
+            continue
+        state[plain.replace(".base_layer.", ".").replace(".original_module.", ".")] = tensor
+    return state
+
+
+def _is_trained(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _embedding_width(language_model) -> int:
+    return language_model.get_input_embeddings().embedding_dim
+
+
+def _keep_legacy_flag(tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """transformers 5 drops Llama tokenizers' `legacy` flag on save, and the reloaded copy then tokenizes
+    text after special tokens differently; write it back so a saved run tokenizes as it trained."""
+    legacy = getattr(tokenizer, "legacy", None)
+    path = folder / "tokenizer_config.json"
+    if legacy is None or not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("legacy") != legacy:
+        config["legacy"] = legacy
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+__all__ = ["ModelConfig", "load_model", "load_trained_weights", "save_model"]

@@ -1,0 +1,1 @@
+"""Training: stage-1 and stage-2 recipes over transformers' Trainer."""

@@ -1,0 +1,131 @@
+"""A training run as data: which recipe, which model, which data, and the hyperparameters, with recipe defaults.
+
+Stages are data, not code paths: `recipe: stage1` and `recipe: stage2` differ only in the defaults below
+(what is trained, the template, the learning rate). A YAML file under `configs/` is one run; `key=value`
+overrides on the command line change any field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from llava_lite.config_io import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from llava_lite.data.config import DataConfig
+
+Recipe = Literal["stage1", "stage2"]
+Method = Literal["none", "full", "lora", "qlora", "peft"]
+
+
+@dataclass
+class LoraSettings:
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    # Which LM modules get adapters: "all-linear" (every linear layer but the output head) or a list of names.
+    target_modules: list[str] | str = "all-linear"
+
+
+@dataclass
+class FinetuneConfig:
+    # none: the LM stays frozen (stage 1); full: every LM weight; lora / qlora (4-bit base): adapters;
+    # peft: any other peft method, given as a peft config dict in `peft`.
+    method: Method | None = None
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    peft: dict[str, Any] | None = None
+    train_vision_tower: bool = False
+    # Train the embedding rows of tokens added for the chat template (adapters leave them at their mean start).
+    train_new_token_rows: bool = True
+
+
+@dataclass
+class TrainingSettings:
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 16  # per device
+    gradient_accumulation: int = 1
+    learning_rate: float | None = None  # recipe default: 1e-3 (stage 1), 2e-5 (stage 2 full), 2e-4 (adapters)
+    projector_lr: float | None = None  # default: learning_rate; 2e-5 beside adapters (LLaVA-1.5's LoRA recipe)
+    vision_tower_lr: float | None = None  # default: learning_rate
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    optimizer: str = "adamw_torch"
+    # auto: bf16 on GPUs that have it, else fp32.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    # Where metrics go: "auto" picks tensorboard and wandb when installed; "none"; or a list of names.
+    report_to: list[str] | str = "auto"
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    recipe: Recipe
+    output_dir: str
+    data: DataConfig
+    # A preset name, a saved model folder, or a model mapping (`preset:` plus overrides allowed).
+    model: Any = None
+    # Start from a saved run (stage 2 from a stage-1 run): its model and trained weights. `model` may
+    # then set `chat_template` alone.
+    init_from: str | None = None
+    eval_data: DataConfig | None = None
+    train: TrainingSettings = field(default_factory=TrainingSettings)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # The template the training data is rendered with; default: `plain` for stage 1 (image, then caption),
+    # the model's own chat template for stage 2. The saved model keeps its chat template either way.
+    data_template: str | None = None
+    # auto: continue from the newest complete checkpoint in output_dir, if any; never; or a checkpoint path.
+    resume: str = "auto"
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.model is None and self.init_from is None:
+            raise ValueError("give `model` (preset, folder or mapping) or `init_from` (a saved run)")
+        if self.init_from is not None and isinstance(self.model, dict) and set(self.model) - {"chat_template"}:
+            raise ValueError("with `init_from`, the model comes from that run; `model` may only set chat_template")
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    data = apply_overrides(load_yaml(path), overrides or [])
+    return from_dict(TrainConfig, data, str(path))
+
+
+def resolved(config: TrainConfig) -> TrainConfig:
+    """The config with every recipe default filled in, as it is saved beside each checkpoint."""
+    finetune = config.finetune
+    method = finetune.method or ("none" if config.recipe == "stage1" else "full")
+    adapters = method in ("lora", "qlora", "peft")
+    if config.recipe == "stage1" and method != "none":
+        raise ConfigError("recipe stage1 trains the projector alone: finetune.method must be none")
+    train = config.train
+    lr = train.learning_rate or {"none": 1e-3, "full": 2e-5}.get(method, 2e-4)
+    projector_lr = train.projector_lr or (2e-5 if adapters else lr)
+    return dataclasses.replace(
+        config,
+        data_template=config.data_template or ("plain" if config.recipe == "stage1" else None),
+        finetune=dataclasses.replace(finetune, method=method),
+        train=dataclasses.replace(
+            train,
+            learning_rate=lr,
+            projector_lr=projector_lr,
+            vision_tower_lr=train.vision_tower_lr or lr,
+        ),
+    )
+
+
+def model_template_override(config: TrainConfig) -> str | None:
+    """A chat template the config sets for the model (over the one a loaded run or preset has)."""
+    if isinstance(config.model, dict) and "chat_template" in config.model:
+        return config.model["chat_template"]
+    return None
+
+
+def config_as_dict(config: TrainConfig) -> dict:
+    return to_dict(config)

@@ -1,0 +1,90 @@
+"""The model a recipe trains: built or loaded, switched to the run's template, frozen where the stage says."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from transformers import set_seed
+
+from llava_lite.model.llava import LlavaLiteModel
+from llava_lite.model.presets import resolve_model_config
+from llava_lite.train.config import TrainConfig, model_template_override
+
+logger = logging.getLogger(__name__)
+
+
+def build_training_model(config: TrainConfig) -> LlavaLiteModel:
+    """`config` must be `resolved`. Freezing and adapters follow `config.finetune`; logs what is trained."""
+    set_seed(config.seed)  # random-init parts (tiny presets) come out the same on every start and resume
+    method = config.finetune.method
+    if config.init_from:
+        model = LlavaLiteModel.from_pretrained(config.init_from)
+    else:
+        model_config = resolve_model_config(config.model)
+        if method == "qlora":
+            model_config.language_model.quantization = "4bit"
+        model = LlavaLiteModel.from_config(model_config)
+    template = model_template_override(config)
+    if template and template != model.config.chat_template:
+        model.set_chat_template(template)
+    if config.data_template:
+        model.add_template_tokens(config.data_template)
+
+    model.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    if config.finetune.train_vision_tower:
+        model.vision_tower.config = dataclasses.replace(model.vision_tower.config, frozen=False)
+        model.vision_tower.requires_grad_(True)
+    if method == "full":
+        model.language_model.requires_grad_(True)
+    elif method in ("lora", "qlora", "peft"):
+        model.language_model = _with_adapters(model, config, _template_token_rows(model, config))
+    log_trainable(model)
+    return model
+
+
+def _template_token_rows(model: LlavaLiteModel, config: TrainConfig) -> list[int]:
+    """Embedding rows of the template's marker tokens (`<|im_start|>`...), which adapters alone leave untrained.
+
+    `<image>` is not among them: its row is always replaced by image features.
+    """
+    if not config.finetune.train_new_token_rows:
+        return []
+    return sorted(model.tokenizer.convert_tokens_to_ids(t) for t in model.template.special_tokens)
+
+
+def _with_adapters(model: LlavaLiteModel, config: TrainConfig, new_rows: list[int]):
+    import peft
+
+    finetune = config.finetune
+    lm = model.language_model
+    if finetune.method == "qlora":
+        lm = peft.prepare_model_for_kbit_training(lm, use_gradient_checkpointing=config.train.gradient_checkpointing)
+    if finetune.method == "peft":
+        if not finetune.peft:
+            raise ValueError("finetune.method peft needs finetune.peft, a peft config mapping with peft_type")
+        peft_config = peft.get_peft_config({"task_type": "CAUSAL_LM", **finetune.peft})
+    else:
+        lora = finetune.lora
+        peft_config = peft.LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+            trainable_token_indices=new_rows or None,
+        )
+    return peft.get_peft_model(lm, peft_config)
+
+
+def log_trainable(model: LlavaLiteModel) -> None:
+    """One line per part: trained or frozen, with parameter counts (what prismatic calls saying what it froze)."""
+    for name in ("vision_tower", "projector", "language_model"):
+        module = getattr(model, name)
+        total = sum(p.numel() for p in module.parameters())
+        trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        state = "trained" if trained == total else "frozen " if trained == 0 else "partly "
+        detail = "" if trained in (0, total) else f" ({trained:,} trained)"
+        adapters = " with adapters" if name == "language_model" and model.uses_adapters else ""
+        logger.info("%s %-15s %14s params%s%s", state, name, f"{total:,}", detail, adapters)

@@ -1,0 +1,134 @@
+"""A training run, top to bottom: resolve the config, build the model for the stage, load data, train, save."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from llava_lite.config_io import ConfigError
+from llava_lite.data.collator import Collator
+from llava_lite.data.dataset import build_dataset
+from llava_lite.train.config import TrainConfig, config_as_dict, resolved
+from llava_lite.train.recipe import build_training_model
+from llava_lite.train.trainer import LlavaTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def run_training(config: TrainConfig) -> Path:
+    """Train as `config` says; returns the output folder, which then holds the final model."""
+    config = resolved(config)
+    output_dir = Path(config.output_dir)
+    checkpoint = resume_checkpoint(config)
+
+    model = build_training_model(config)
+    processor = model.conversation_processor(config.data.max_length, config.data.overflow, config.data_template)
+    images = model.image_preprocessor()
+    train_dataset = build_dataset(config.data, processor, images)
+    eval_dataset = build_dataset(config.eval_data, processor, images) if config.eval_data else None
+    logger.info("training on %d records%s", len(train_dataset), _skips(train_dataset.skipped))
+
+    settings = config.train
+    trainer = LlavaTrainer(
+        model=model,
+        args=training_arguments(config, has_eval=eval_dataset is not None),
+        data_collator=Collator(model.tokenizer.pad_token_id, "right", pad_to_multiple_of=_pad_multiple()),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        run_config=config_as_dict(config),
+        group_learning_rates={
+            "projector": settings.projector_lr,
+            "vision_tower": settings.vision_tower_lr,
+            "language_model": settings.learning_rate,
+        },
+    )
+    if checkpoint:
+        logger.info("resuming from %s", checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(str(output_dir))
+    skipped = trainer.skipped + train_dataset.skipped
+    logger.info("saved %s%s", output_dir, _skips(skipped))
+    return output_dir
+
+
+def training_arguments(config: TrainConfig, has_eval: bool = False) -> TrainingArguments:
+    settings = config.train
+    bf16, fp16 = _precision(settings.precision)
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation,
+        learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        warmup_steps=settings.warmup_ratio,
+        lr_scheduler_type=settings.scheduler,
+        max_grad_norm=settings.max_grad_norm,
+        optim=settings.optimizer,
+        bf16=bf16,
+        fp16=fp16,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
+        logging_steps=settings.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=settings.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=settings.save_steps if has_eval else None,
+        report_to=_report_to(settings.report_to),
+        dataloader_num_workers=settings.num_workers,
+        remove_unused_columns=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        seed=config.seed,
+    )
+
+
+def resume_checkpoint(config: TrainConfig) -> str | None:
+    """The checkpoint to continue from: `auto` takes the newest complete one in output_dir, if there is one."""
+    if config.resume == "never":
+        return None
+    if config.resume == "auto":
+        folder = Path(config.output_dir)
+        return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if not Path(config.resume).is_dir():
+        raise ConfigError(f"resume: no checkpoint folder {config.resume}")
+    return config.resume
+
+
+def _precision(choice: str) -> tuple[bool, bool]:
+    if choice == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(), False
+    return choice == "bf16", choice == "fp16"
+
+
+def _pad_multiple() -> int | None:
+    return 8 if torch.cuda.is_available() else None  # tensor-core friendly shapes on GPUs
+
+
+def _report_to(choice: list[str] | str) -> list[str] | str:
+    if choice != "auto":
+        return choice
+    chosen = []
+    if importlib.util.find_spec("tensorboard") is not None:
+        chosen.append("tensorboard")
+    # wandb asks for a login when it is not configured; only report there when it is.
+    if importlib.util.find_spec("wandb") is not None and (
+        os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE")
+    ):
+        chosen.append("wandb")
+    return chosen or "none"
+
+
+def _skips(skipped) -> str:
+    if not skipped:
+        return ""
+    return "; skipped records: " + ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items()))

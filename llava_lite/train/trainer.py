@@ -1,0 +1,128 @@
+"""transformers' Trainer, taught four things: our parameter groups, our folder format, atomic checkpoints,
+and counting skipped records. The loop itself (mixed precision, accumulation, schedulers, DDP/FSDP/DeepSpeed,
+logging, resume) is the Trainer's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import yaml
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from llava_lite.model.saving import load_trained_weights
+
+logger = logging.getLogger(__name__)
+
+RUN_CONFIG_FILE = "train_config.yaml"
+STAGING_DIR = ".staging"
+
+
+class LlavaTrainer(Trainer):
+    def __init__(self, *args, run_config: dict, group_learning_rates: dict[str, float], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.run_config = run_config
+        self.group_learning_rates = group_learning_rates
+        self.skipped: Counter = Counter()
+        self._staging = False
+
+    # ----- optimizer: the projector (and tower) learn at their own rates -----------------------------------
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        model = model or self.model
+        decay = set(self.get_decay_parameter_names(model))
+        groups: dict[tuple[str, bool], list] = {}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            part = name.split(".", 1)[0]
+            part = part if part in self.group_learning_rates else "language_model"
+            groups.setdefault((part, name in decay), []).append(param)
+        param_groups = [
+            {
+                "params": params,
+                "lr": self.group_learning_rates[part],
+                "weight_decay": self.args.weight_decay if decays else 0.0,
+            }
+            for (part, decays), params in sorted(groups.items())
+        ]
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # ----- skipped records travel in the batch, so DataLoader workers' skips are counted too ----------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        skipped = inputs.pop("skipped_records", None)
+        if skipped:
+            self.skipped.update(skipped)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs.pop("skipped_records", None)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.skipped and "loss" in logs:
+            logs["skipped_records"] = float(sum(self.skipped.values()))
+        super().log(logs, start_time)
+
+    # ----- our folder format, with the resolved config beside every save ---------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        unwrapped.save_pretrained(output_dir, state_dict=state_dict)
+        with open(Path(output_dir) / RUN_CONFIG_FILE, "w", encoding="utf-8") as handle:
+            yaml.safe_dump(self.run_config, handle, sort_keys=False)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_trained_weights(model or self.model, resume_from_checkpoint)
+
+    # ----- atomic checkpoints: written in a staging folder, then renamed into place -----------------------
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING_DIR) if self._staging else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = Path(run_dir) / STAGING_DIR
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # what a killed save left behind
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()  # every rank's shards are in the staging folder before the rename
+        if self.args.should_save:
+            final = Path(run_dir) / name
+            if final.exists():  # the same step saved again after a resume
+                shutil.rmtree(final)
+            os.replace(staging / name, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.state.best_model_checkpoint:
+                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
+                    f"{os.sep}{STAGING_DIR}", ""
+                )
+            _rotate(Path(run_dir), self.args.save_total_limit)
+
+
+def _rotate(run_dir: Path, limit: int | None) -> None:
+    """Keep the newest `limit` checkpoints (the Trainer's own rotation ran inside the staging folder)."""
+    if not limit:
+        return
+    checkpoints = sorted(
+        (p for p in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    for old in checkpoints[:-limit]:
+        shutil.rmtree(old, ignore_errors=True)
