@@ -8,10 +8,10 @@ import os
 import sys
 
 from llava_lite import __version__
-from llava_lite.commands import datagen, inspect_data
+from llava_lite.commands import data, datagen, inspect_data
 
 # Each module offers `register(subparsers)`, which adds its parser and sets `run` (args -> exit code).
-COMMANDS = [inspect_data, datagen]
+COMMANDS = [inspect_data, datagen, data]
 
 
 def build_parser() -> argparse.ArgumentParser:
