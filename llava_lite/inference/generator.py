@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from PIL import Image
-from transformers import TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from llava_lite.data.collator import Collator
 from llava_lite.data.conversation import Conversation
@@ -24,6 +25,31 @@ class SamplingSettings:
     top_p: float = 1.0
     seed: int | None = None
     use_cache: bool = True
+    stop: list[str] = field(default_factory=list)  # extra stop strings, beside the end-of-turn marker
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"]
+
+
+class StreamedAnswer:
+    """Iterate for the answer's text pieces; afterwards `completion` holds the whole answer and its counts."""
+
+    def __init__(self, pieces: Iterator[str], finish: Callable[[str], Completion]) -> None:
+        self._pieces = pieces
+        self._finish = finish
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        shown = []
+        for piece in self._pieces:
+            shown.append(piece)
+            yield piece
+        self.completion = self._finish("".join(shown))
 
 
 class Generator:
@@ -47,21 +73,55 @@ class Generator:
         self, conversations: list[Conversation], images: list[list[Image.Image]], settings: SamplingSettings
     ) -> list[str]:
         """One answer per conversation (each ends with a user turn); `images[i]` fill conversation i's placeholders."""
+        return [completion.text for completion in self.complete(conversations, images, settings)]
+
+    def complete(
+        self, conversations: list[Conversation], images: list[list[Image.Image]], settings: SamplingSettings
+    ) -> list[Completion]:
+        """As `generate`, with token counts and why each answer ended."""
         batch = self._batch(conversations, images)
+        prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
         output = self.model.generate(**batch, **self._generation_kwargs(settings))
-        return [self._answer(ids) for ids in output]
+        return [self._completion(ids, n, settings) for ids, n in zip(output, prompt_tokens)]
 
     def stream(
         self, conversation: Conversation, images: list[Image.Image], settings: SamplingSettings
-    ) -> Iterator[str]:
-        """The answer in pieces as they are generated; the end-of-turn marker is never shown."""
+    ) -> StreamedAnswer:
+        """The answer in pieces as they are generated; no end-of-turn marker or stop string is shown."""
         batch = self._batch([conversation], [images])
-        streamer = TextIteratorStreamer(self.model.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = {**batch, **self._generation_kwargs(settings), "streamer": streamer}
+        streamer = _CountingStreamer(self.model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        cancel = _Cancel()
+        kwargs = {
+            **batch,
+            **self._generation_kwargs(settings),
+            "streamer": streamer,
+            "stopping_criteria": StoppingCriteriaList([cancel]),
+        }
         worker = threading.Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
-        worker.start()
-        yield from _hold_back_marker(streamer, self._visible_marker())
-        worker.join()
+        markers = [m for m in (self._visible_marker(), *settings.stop) if m]
+
+        def pieces() -> Iterator[str]:
+            worker.start()
+            try:
+                yield from _hold_back_markers(streamer, markers)
+            finally:
+                # Stopped early (a stop string, or the reader went away): end generation, free the thread.
+                if not streamer.ended:
+                    cancel.event.set()
+                    for _ in streamer:
+                        pass
+                worker.join()
+
+        def finish(text: str) -> Completion:
+            ended = streamer.hit_stop(self.stop_token_ids) or any(m in streamer.text for m in settings.stop)
+            return Completion(
+                self.model.template.answer_from(text),
+                int(batch["attention_mask"].sum()),
+                streamer.generated,
+                "stop" if ended or streamer.generated < settings.max_new_tokens else "length",
+            )
+
+        return StreamedAnswer(pieces(), finish)
 
     # ----- internals ----------------------------------------------------------------------------------
     def _batch(self, conversations: list[Conversation], images: list[list[Image.Image]]) -> dict:
@@ -85,6 +145,12 @@ class Generator:
         return {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
 
     def _generation_kwargs(self, settings: SamplingSettings) -> dict:
+        kwargs = self._sampling_kwargs(settings)
+        if settings.stop:
+            kwargs.update(stop_strings=list(settings.stop), tokenizer=self.model.tokenizer)
+        return kwargs
+
+    def _sampling_kwargs(self, settings: SamplingSettings) -> dict:
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         sampling = settings.temperature > 0
@@ -101,14 +167,22 @@ class Generator:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
 
-    def _answer(self, ids: torch.Tensor) -> str:
+    def _completion(self, ids: torch.Tensor, prompt_tokens: int, settings: SamplingSettings) -> Completion:
         ids = ids.tolist()
+        pad = self.model.tokenizer.pad_token_id
+        finish = "length"
         for index, token in enumerate(ids):
             if token in self.stop_token_ids:
-                ids = ids[:index]
+                ids, finish = ids[: index + 1], "stop"
                 break
-        text = self.model.tokenizer.decode(ids, skip_special_tokens=True)
-        return self.model.template.answer_from(text)
+        count = len(ids)
+        text = self.model.tokenizer.decode([t for t in ids if t not in self.stop_token_ids], skip_special_tokens=True)
+        for stop in settings.stop:
+            if stop in text:
+                text, finish = text[: text.index(stop)], "stop"
+        if finish == "length" and pad not in self.stop_token_ids:
+            count = len([t for t in ids if t != pad]) or count
+        return Completion(self.model.template.answer_from(text), prompt_tokens, count, finish)
 
     def _visible_marker(self) -> str:
         """The part of the end-of-turn marker that survives decoding without special tokens (e.g. `</assistant>`)."""
@@ -128,23 +202,67 @@ def _stop_token_ids(model: LlavaLiteModel) -> list[int]:
     return ids
 
 
-def _hold_back_marker(pieces: Iterator[str], marker: str) -> Iterator[str]:
-    """Pass text through, holding back any tail that may be the start of `marker`, which is dropped."""
+class _Cancel(StoppingCriteria):
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _CountingStreamer(TextIteratorStreamer):
+    """Counts the tokens generated and remembers the last one, for usage and finish reasons."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.generated = 0
+        self.last_token: int | None = None
+        self._prompt_seen = False
+        self.text = ""
+        self.ended = False
+
+    def __next__(self) -> str:
+        try:
+            return super().__next__()
+        except StopIteration:
+            self.ended = True
+            raise
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.text += text
+        super().on_finalized_text(text, stream_end)
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt_seen:
+            self.generated += value.numel()
+            self.last_token = int(value.reshape(-1)[-1]) if value.numel() else self.last_token
+        self._prompt_seen = True
+        super().put(value)
+
+    def hit_stop(self, stop_ids: list[int]) -> bool:
+        return self.last_token in stop_ids
+
+
+def _hold_back_markers(pieces: Iterator[str], markers: list[str]) -> Iterator[str]:
+    """Pass text through, holding back any tail that may start a marker; stop at the first marker seen."""
     pending = ""
     for piece in pieces:
         pending += piece
-        if marker and marker in pending:
-            yield pending[: pending.index(marker)]
+        found = [pending.index(m) for m in markers if m in pending]
+        if found:
+            if min(found):
+                yield pending[: min(found)]
             return
-        keep = _longest_marker_prefix_suffix(pending, marker)
+        keep = max((_marker_start_at_end(pending, m) for m in markers), default=0)
         if len(pending) > keep:
             yield pending[: len(pending) - keep]
             pending = pending[len(pending) - keep :]
-    if pending and not (marker and marker.startswith(pending.strip()) and pending.strip()):
+    if pending:
         yield pending
 
 
-def _longest_marker_prefix_suffix(text: str, marker: str) -> int:
+def _marker_start_at_end(text: str, marker: str) -> int:
+    """Length of the longest end of `text` that is a beginning of `marker`."""
     for size in range(min(len(marker), len(text)), 0, -1):
         if marker.startswith(text[-size:]):
             return size
