@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="runs/demo", help="folder for everything the demo makes (default: runs/demo)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the data and the training (default: 0)")
     parser.add_argument("--train-images", type=int, default=800, help="training images (default: 800)")
-    parser.add_argument("--stage2-epochs", type=float, default=8.0, help="stage-2 epochs (default: 8)")
+    parser.add_argument("--stage2-epochs", type=float, default=16.0, help="stage-2 epochs (default: 16)")
     parser.set_defaults(run=run)
 
 

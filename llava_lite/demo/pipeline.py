@@ -29,7 +29,7 @@ class DemoSettings:
     eval_images: int = 100
     text_records: int = 200
     stage1_epochs: float = 2.0
-    stage2_epochs: float = 8.0
+    stage2_epochs: float = 16.0
     seed: int = 0
 
 

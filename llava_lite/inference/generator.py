@@ -34,15 +34,22 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: Literal["stop", "length"]
+    token_ids: list[int] = field(default_factory=list)  # what was generated, the stop token included
 
 
 class StreamedAnswer:
     """Iterate for the answer's text pieces; afterwards `completion` holds the whole answer and its counts."""
 
-    def __init__(self, pieces: Iterator[str], finish: Callable[[str], Completion]) -> None:
+    def __init__(self, pieces: Iterator[str], finish: Callable[[str], Completion], counter: Callable[[], int]) -> None:
         self._pieces = pieces
         self._finish = finish
+        self._counter = counter
         self.completion: Completion | None = None
+
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens generated so far (also after the reader stopped early)."""
+        return self._counter()
 
     def __iter__(self) -> Iterator[str]:
         shown = []
@@ -121,7 +128,7 @@ class Generator:
                 "stop" if ended or streamer.generated < settings.max_new_tokens else "length",
             )
 
-        return StreamedAnswer(pieces(), finish)
+        return StreamedAnswer(pieces(), finish, lambda: streamer.generated)
 
     # ----- internals ----------------------------------------------------------------------------------
     def _batch(self, conversations: list[Conversation], images: list[list[Image.Image]]) -> dict:
@@ -169,7 +176,6 @@ class Generator:
 
     def _completion(self, ids: torch.Tensor, prompt_tokens: int, settings: SamplingSettings) -> Completion:
         ids = ids.tolist()
-        pad = self.model.tokenizer.pad_token_id
         finish = "length"
         for index, token in enumerate(ids):
             if token in self.stop_token_ids:
@@ -180,9 +186,7 @@ class Generator:
         for stop in settings.stop:
             if stop in text:
                 text, finish = text[: text.index(stop)], "stop"
-        if finish == "length" and pad not in self.stop_token_ids:
-            count = len([t for t in ids if t != pad]) or count
-        return Completion(self.model.template.answer_from(text), prompt_tokens, count, finish)
+        return Completion(self.model.template.answer_from(text), prompt_tokens, count, finish, ids)
 
     def _visible_marker(self) -> str:
         """The part of the end-of-turn marker that survives decoding without special tokens (e.g. `</assistant>`)."""

@@ -178,10 +178,17 @@ class LlavaLiteModel(nn.Module):
         inputs_embeds = self.embed(input_ids, pixel_values)
         return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """Recompute the LM's activations in the backward pass (the Trainer calls this for activation_checkpointing)."""
+        self.base_language_model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs
+        )
         # With a frozen embedding layer the checkpointed blocks would get no input that requires grad.
-        self.language_model.enable_input_require_grads()
+        self.base_language_model.enable_input_require_grads()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.base_language_model.is_activation_checkpointing
 
 
 def prepare_tokenizer(config: ModelConfig) -> tuple[PreTrainedTokenizerBase, list[int]]:

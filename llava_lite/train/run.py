@@ -21,8 +21,9 @@ from llava_lite.train.trainer import LlavaTrainer
 logger = logging.getLogger(__name__)
 
 
-def run_training(config: TrainConfig) -> Path:
-    """Train as `config` says; returns the output folder, which then holds the final model."""
+def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
+    """Train as `config` says; returns the output folder, which then holds the final model and, in
+    `trainer_state.json`, the loss history. `callbacks` are transformers TrainerCallbacks."""
     config = resolved(config)
     output_dir = Path(config.output_dir)
     checkpoint = resume_checkpoint(config)
@@ -47,11 +48,14 @@ def run_training(config: TrainConfig) -> Path:
             "vision_tower": settings.vision_tower_lr,
             "language_model": settings.learning_rate,
         },
+        callbacks=callbacks,
     )
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(str(output_dir))
+    if trainer.args.should_save:
+        trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
     skipped = trainer.skipped + train_dataset.skipped
     logger.info("saved %s%s", output_dir, _skips(skipped))
     return output_dir
@@ -75,8 +79,8 @@ def training_arguments(config: TrainConfig, has_eval: bool = False) -> TrainingA
         optim=settings.optimizer,
         bf16=bf16,
         fp16=fp16,
-        gradient_checkpointing=settings.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
+        activation_checkpointing=settings.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
         logging_steps=settings.logging_steps,
         logging_first_step=True,
         save_strategy="steps",

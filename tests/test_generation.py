@@ -1,0 +1,125 @@
+"""Generation: the KV cache and batching change nothing; answers stop at end of turn; streams match."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import fixture_path
+from PIL import Image
+
+from llava_lite.data.conversation import Conversation, Message
+from llava_lite.inference.generator import Generator, SamplingSettings
+from llava_lite.model.llava import LlavaLiteModel
+from llava_lite.model.presets import preset
+
+
+@pytest.fixture(scope="module")
+def generator() -> Generator:
+    torch.manual_seed(0)
+    # Larger random weights give varied answers rather than one token repeated; float64 leaves no float noise
+    # between batch shapes to tip a greedy choice.
+    varied = preset("tiny", language_model={"model_config": {"initializer_range": 0.3}})
+    return Generator(LlavaLiteModel.from_config(varied).to(torch.float64))
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    return [
+        Image.open(fixture_path("images", name)).convert("RGB") for name in ("waterview.jpg", "extreme_ironing.jpg")
+    ]
+
+
+def prompts(images):
+    return [
+        (Conversation([Message("user", "<image>\nWhat is in this picture?")]), [images[0]]),
+        (Conversation([Message("user", "Tell me a story about a very long day at the office.")]), []),
+        (
+            Conversation(
+                [
+                    Message("system", "Be brief."),
+                    Message("user", "<image>\nFirst?"),
+                    Message("assistant", "A lake."),
+                    Message("user", "<image>\nAnd this one?"),
+                ]
+            ),
+            [images[0], images[1]],
+        ),
+    ]
+
+
+GREEDY = SamplingSettings(max_new_tokens=12)
+
+
+def test_greedy_with_kv_cache_equals_greedy_without(generator, images):
+    conversations, image_lists = zip(*prompts(images))
+    cached = generator.complete(list(conversations), list(image_lists), GREEDY)
+    uncached = generator.complete(list(conversations), list(image_lists), SamplingSettings(12, use_cache=False))
+    assert [c.token_ids for c in cached] == [c.token_ids for c in uncached]
+    assert all(len(set(c.token_ids)) > 3 for c in cached)
+
+
+def test_batched_left_padded_generation_equals_one_by_one(generator, images):
+    conversations, image_lists = zip(*prompts(images))
+    batched = generator.complete(list(conversations), list(image_lists), GREEDY)
+    alone = [generator.complete([c], [i], GREEDY)[0] for c, i in zip(conversations, image_lists)]
+    assert [c.token_ids for c in batched] == [c.token_ids for c in alone]
+    assert [c.prompt_tokens for c in batched] == [c.prompt_tokens for c in alone]
+
+
+def test_stream_gives_the_same_answer_as_a_whole_completion(generator, images):
+    conversation, image_list = prompts(images)[0]
+    whole = generator.complete([conversation], [image_list], GREEDY)[0]
+    stream = generator.stream(conversation, image_list, GREEDY)
+    pieces = list(stream)
+    assert "".join(pieces).strip() == whole.text
+    assert stream.completion.completion_tokens == whole.completion_tokens
+    assert stream.completion.finish_reason == whole.finish_reason
+
+
+def test_answer_ends_at_the_end_of_turn_token(images):
+    model = LlavaLiteModel.from_config(preset("tiny"))
+    end = model.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():  # make <|im_end|> the likeliest next token after anything
+        model.language_model.lm_head.weight[end] *= 0
+        model.language_model.lm_head.weight[end] += model.language_model.model.norm.weight * 50
+    completion = Generator(model).complete([prompts(images)[1][0]], [[]], SamplingSettings(max_new_tokens=20))[0]
+    assert completion.finish_reason == "stop"
+    assert completion.completion_tokens == 1 and completion.text == ""
+
+
+def test_answer_cut_by_max_new_tokens_reports_length(generator, images):
+    conversation, image_list = prompts(images)[1]
+    completion = generator.complete([conversation], [image_list], SamplingSettings(max_new_tokens=3))[0]
+    assert completion.finish_reason == "length"
+    assert completion.completion_tokens == 3
+
+
+def test_stop_string_ends_the_answer_before_it(generator, images):
+    conversation, image_list = prompts(images)[1]
+    free = generator.complete([conversation], [image_list], SamplingSettings(max_new_tokens=12))[0].text
+    stop = free[len(free) // 2 : len(free) // 2 + 2]
+    assert len(stop) == 2
+    cut = generator.complete([conversation], [image_list], SamplingSettings(max_new_tokens=12, stop=[stop]))[0]
+    assert cut.text == free[: free.index(stop)].strip() and cut.finish_reason == "stop"
+    streamed = generator.stream(conversation, image_list, SamplingSettings(max_new_tokens=12, stop=[stop]))
+    assert "".join(streamed).strip() == cut.text
+
+
+def test_sampling_is_reproducible_for_a_seed_and_varies_across_seeds(generator, images):
+    conversation, image_list = prompts(images)[1]
+
+    def sample(seed):
+        settings = SamplingSettings(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=seed)
+        return generator.generate([conversation], [image_list], settings)[0]
+
+    assert sample(1) == sample(1)
+    assert len({sample(1), sample(2), sample(3)}) > 1
+
+
+def test_closing_a_stream_early_stops_generation(generator, images):
+    conversation, image_list = prompts(images)[1]
+    stream = generator.stream(conversation, image_list, SamplingSettings(max_new_tokens=5000, temperature=1.0, seed=0))
+    pieces = iter(stream)
+    next(pieces)
+    pieces.close()  # a client that went away: generation is cancelled and its thread has ended
+    assert stream.generated_tokens < 500

@@ -1,0 +1,237 @@
+"""Training throughput: our stage-2 step against transformers' LlavaForConditionalGeneration in a plain loop.
+
+Both train the same tiny model shapes (a transformers CLIP tower, an mlp2x_gelu projector, a small Llama) on
+the same samples, batch size and precision, with the tower frozen. Prints samples/s, non-padding tokens/s,
+padding fraction and peak memory for each, and ours/baseline ratios.
+
+    python tools/bench_train.py [--steps 40] [--batch-size 16] [--hidden 256] [--layers 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, TrainerCallback
+
+from llava_lite.config_io import from_dict
+from llava_lite.data.collator import Collator
+from llava_lite.demo import shapes
+from llava_lite.model.presets import TINY_HF_CLIP_TOWER
+from llava_lite.train.config import TrainConfig
+from llava_lite.train.run import run_training
+
+
+class PeakMemory:
+    """Peak CUDA allocation, or on a CPU the peak rise of the process's resident memory (sampled)."""
+
+    def __init__(self) -> None:
+        self.cuda = torch.cuda.is_available()
+
+    def __enter__(self) -> PeakMemory:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            self.start = psutil.Process().memory_info().rss
+            self.peak = self.start
+            self.running = True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while self.running:
+            self.peak = max(self.peak, process.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.running = False
+            self.thread.join()
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+class Tokens(TrainerCallback):
+    """Counts samples, real tokens and padded positions of the batches the Trainer trains on."""
+
+    def __init__(self) -> None:
+        self.samples = self.real = self.total = 0
+        self.started = self.seconds = 0.0
+
+    def record(self, batch: dict) -> None:
+        self.samples += batch["input_ids"].shape[0]
+        self.real += int(batch["attention_mask"].sum())
+        self.total += batch["attention_mask"].numel()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 1 and not self.started:  # the first step warms up; time the rest
+            self.started = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds = time.perf_counter() - self.started
+
+
+def model_sizes(hidden: int, layers: int) -> dict:
+    return {
+        "model_type": "llama",
+        "vocab_size": 1024,
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 2,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+    }
+
+
+def ours(data: dict, out: Path, args, lm: dict) -> dict:
+    precision = "bf16" if torch.cuda.is_available() else "fp32"
+    config = from_dict(
+        TrainConfig,
+        {
+            "recipe": "stage2",
+            "model": {"preset": "tiny-hf-clip", "language_model": {"model_config": lm}},
+            "output_dir": str(out),
+            "data": {"sources": [{"path": str(data["questions"]), "image_folder": str(data["images"])}]},
+            "train": {
+                "max_steps": args.steps + 1,
+                "batch_size": args.batch_size,
+                "learning_rate": 1e-4,
+                "precision": precision,
+                "report_to": "none",
+                "logging_steps": 1000,
+                "save_steps": 100000,
+            },
+            "resume": "never",
+        },
+    )
+    counter = Tokens()
+    from llava_lite.train import trainer as trainer_module
+
+    original = trainer_module.LlavaTrainer.compute_loss
+
+    def counting(self, model, inputs, *rest, **kwargs):
+        if self.state.global_step >= 1:
+            counter.record(inputs)
+        return original(self, model, inputs, *rest, **kwargs)
+
+    trainer_module.LlavaTrainer.compute_loss = counting
+    try:
+        with PeakMemory() as memory:
+            run_training(config, callbacks=[counter])
+    finally:
+        trainer_module.LlavaTrainer.compute_loss = original
+    return summary(counter, memory)
+
+
+def baseline(data: dict, args, lm: dict) -> dict:
+    """transformers' own Llava model and a hand loop: AdamW, the same batches, the tower frozen."""
+    from llava_lite.data.config import DataConfig, DataSource
+    from llava_lite.data.dataset import build_dataset
+    from llava_lite.model.llava import LlavaLiteModel
+    from llava_lite.model.presets import preset
+
+    ours_model = LlavaLiteModel.from_config(preset("tiny-hf-clip", language_model={"model_config": lm}))
+    dataset = build_dataset(
+        DataConfig(sources=[DataSource(str(data["questions"]), str(data["images"]))]),
+        ours_model.conversation_processor(2048),
+        ours_model.image_preprocessor(),
+    )
+    vision = dict(TINY_HF_CLIP_TOWER["model_config"])
+    sizes = {k: v for k, v in lm.items() if k not in ("model_type", "vocab_size")}
+    text = LlamaConfig(**sizes, vocab_size=len(ours_model.tokenizer))
+    config = LlavaConfig(
+        vision_config={"model_type": "clip_vision_model", **vision},
+        text_config=text.to_dict(),
+        image_token_id=ours_model.image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = LlavaForConditionalGeneration(config).to(device)
+    model.model.vision_tower.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    collator = Collator(ours_model.tokenizer.pad_token_id)
+    generator = torch.Generator().manual_seed(0)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collator, generator=generator
+    )
+    counter = Tokens()
+    batches = iter(loader)
+    with PeakMemory() as memory:
+        for step in range(args.steps + 1):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                batch = next(batches)
+            if step == 1:
+                counter.started = time.perf_counter()
+            if step >= 1:
+                counter.record(batch)
+            inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+            with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
+                loss = model(**inputs, pixel_values=batch["pixel_values"].to(device)).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        counter.seconds = time.perf_counter() - counter.started
+    return summary(counter, memory)
+
+
+def summary(counter: Tokens, memory: PeakMemory) -> dict:
+    return {
+        "samples_per_s": counter.samples / counter.seconds,
+        "tokens_per_s": counter.real / counter.seconds,
+        "padding_fraction": 1 - counter.real / counter.total,
+        "peak_memory_mib": memory.mib,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="timed steps for each (after one warm-up step)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=256, help="LM width")
+    parser.add_argument("--layers", type=int, default=4, help="LM layers")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    lm = model_sizes(args.hidden, args.layers)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = shapes.build_dataset(Path(tmp) / "data", max(64, args.batch_size * 8), 1, 1, seed=0)
+        results = {"baseline": baseline(data, args, lm), "ours": ours(data, Path(tmp) / "run", args, lm)}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"device: {device}; {args.steps} timed steps of {args.batch_size} samples; LM {args.hidden}x{args.layers}")
+    print(f"{'':<22}{'ours':>12}{'baseline':>12}{'ratio':>9}")
+    for key, label in (
+        ("samples_per_s", "samples/s"),
+        ("tokens_per_s", "non-pad tokens/s"),
+        ("padding_fraction", "padding fraction"),
+        ("peak_memory_mib", "peak memory (MiB)"),
+    ):
+        a, b = results["ours"][key], results["baseline"][key]
+        print(f"{label:<22}{a:>12.3f}{b:>12.3f}{(a / b if b else float('nan')):>9.2f}")
+    if args.json:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
