@@ -39,7 +39,7 @@ def read_source(
     roles = {**DEFAULT_ROLES, **source.roles}
     conversations: list[Conversation] = []
     skipped: Counter = Counter()
-    for where, row in _rows(source):
+    for where, row in iter_rows(source):
         try:
             if isinstance(row, BadRecordError):
                 raise row
@@ -141,7 +141,7 @@ def _rename(row: Any, columns: dict[str, str]) -> Any:
     return renamed
 
 
-def _rows(source: DataSource) -> Iterator[tuple[str, Any]]:
+def iter_rows(source: DataSource) -> Iterator[tuple[str, Any]]:
     """(where, raw record) pairs; `where` names the file and the record for error messages."""
     path = Path(source.path)
     suffix = path.suffix.lower()

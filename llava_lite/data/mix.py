@@ -19,7 +19,7 @@ from llava_lite.data.conversation import Conversation
 from llava_lite.data.errors import BadRecordError
 
 # The foundation's reader of raw rows: it names the file and line of a broken record.
-from llava_lite.data.formats import _rows as raw_rows
+from llava_lite.data.formats import iter_rows
 from llava_lite.data.formats import parse_record
 
 
@@ -54,7 +54,7 @@ def read_records(path: str | Path) -> tuple[list[Record], Counter]:
     if not Path(path).exists():
         raise ValueError(f"{path}: no such data file")
     records, skipped = [], Counter()
-    for where, row in raw_rows(DataSource(str(path))):
+    for where, row in iter_rows(DataSource(str(path))):
         try:
             if isinstance(row, BadRecordError):
                 raise row
