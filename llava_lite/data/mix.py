@@ -19,8 +19,7 @@ from llava_lite.data.conversation import Conversation
 from llava_lite.data.errors import BadRecordError
 
 # The foundation's reader of raw rows: it names the file and line of a broken record.
-from llava_lite.data.formats import iter_rows
-from llava_lite.data.formats import parse_record
+from llava_lite.data.formats import iter_rows, parse_record
 
 
 @dataclass
