@@ -199,3 +199,12 @@ def test_exported_chat_template_takes_content_parts_like_strings():
     )
     assert as_parts == as_string
     assert as_string.count("<image>") == 2
+
+
+def test_open_clip_preprocessing_without_an_image_processor_equivalent_is_refused():
+    from llava_lite.interop.image_processor import open_clip_settings
+
+    settings = {"size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
+    assert open_clip_settings({**settings, "resize_mode": "squash"})["do_center_crop"] is False
+    with pytest.raises(NotConvertible, match="pads after resizing"):
+        open_clip_settings({**settings, "resize_mode": "longest"})
