@@ -53,7 +53,8 @@ class ImagePreprocessor:
 
     @classmethod
     def for_mean(cls, transform, pad_to_square: bool, mean: tuple[float, float, float]) -> ImagePreprocessor:
-        return cls(transform, pad_to_square, tuple(int(round(255 * m)) for m in mean))
+        # Truncated, not rounded: LLaVA-1.5 and transformers' LlavaImageProcessor fill with int(255 * mean).
+        return cls(transform, pad_to_square, tuple(int(255 * m) for m in mean))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         if self.pad_to_square:

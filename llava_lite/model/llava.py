@@ -62,8 +62,13 @@ class LlavaLiteModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, trainable_adapters: bool = False) -> LlavaLiteModel:
-        """Load a folder written by `save_pretrained` (see `llava_lite.model.saving` for its layout)."""
+        """Load a folder written by `save_pretrained` (see `llava_lite.model.saving` for its layout), or a
+        transformers Llava folder (see `llava_lite.model.hf_llava`)."""
+        from llava_lite.model.hf_llava import is_hf_llava_folder, load_hf_llava
         from llava_lite.model.saving import load_model
+
+        if is_hf_llava_folder(folder):
+            return load_hf_llava(folder)
 
         return load_model(folder, trainable_adapters)
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from llava_lite.config_io import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from llava_lite.data.config import DataConfig
+from llava_lite.eval.config import EvalConfig
 
 Recipe = Literal["stage1", "stage2"]
 Method = Literal["none", "full", "lora", "qlora", "peft"]
@@ -76,6 +77,8 @@ class TrainConfig:
     # then set `chat_template` alone.
     init_from: str | None = None
     eval_data: DataConfig | None = None
+    # Evaluations run every `eval.every_steps` steps and logged with the losses (see llava_lite.eval.config).
+    eval: EvalConfig | None = None
     train: TrainingSettings = field(default_factory=TrainingSettings)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     # The template the training data is rendered with; default: `plain` for stage 1 (image, then caption),

@@ -14,6 +14,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from llava_lite.config_io import ConfigError
 from llava_lite.data.collator import Collator
 from llava_lite.data.dataset import build_dataset
+from llava_lite.eval.callback import EvaluationCallback
 from llava_lite.train.config import TrainConfig, config_as_dict, resolved
 from llava_lite.train.recipe import build_training_model
 from llava_lite.train.trainer import LlavaTrainer
@@ -50,6 +51,8 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
         },
         callbacks=callbacks,
     )
+    if config.eval is not None:
+        trainer.add_callback(EvaluationCallback(config.eval, trainer))
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)

@@ -1,0 +1,114 @@
+"""`llava-lite eval`: perplexities, VQA accuracy and a judged bench score for a run; plots of a run's training."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from llava_lite.config_io import ConfigError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="measure what training did: perplexities, VQA accuracy, judged bench score",
+        description=(
+            "Evaluate a run on any of: held-out instruction data (--instruct: perplexity of the assistant tokens "
+            "only), plain text (--text: perplexity of the tuned LM and of the base LM from --base-lm, or of the LM "
+            "with its adapters off, and their ratio - the forgetting measure), VQA questions (--vqa JSONL: VQAv2-"
+            "normalised accuracy and multiple-choice accuracy), and a LLaVA-Bench folder (--bench: a judge model "
+            "behind an OpenAI-compatible server scores our answers against the reference answers; relative score "
+            "per category). Prints a table; --out writes the results as JSON, --plot draws them. "
+            "--training-log RUN plots the run's loss and logged perplexities over steps (no --model needed)."
+        ),
+    )
+    parser.add_argument("--model", default=None, help="a run folder, or a transformers Llava folder")
+    parser.add_argument("--instruct", default=None, metavar="DATA", help="held-out instruction data (any data format)")
+    parser.add_argument("--image-folder", default=None, help="images of --instruct (default: its folder)")
+    parser.add_argument("--text", default=None, metavar="TXT", help="plain text for general-text perplexity")
+    parser.add_argument("--base-lm", default=None, help="the base LM (transformers folder) to compare --text against")
+    parser.add_argument("--text-window", type=int, default=1024, help="tokens per text window (default: 1024)")
+    parser.add_argument("--vqa", default=None, metavar="JSONL", help="VQA questions with reference answers")
+    parser.add_argument("--vqa-image-folder", default=None, help="images of --vqa (default: its folder)")
+    parser.add_argument(
+        "--bench", default=None, metavar="DIR", help="a LLaVA-Bench folder (questions, answers, context)"
+    )
+    parser.add_argument("--bench-images", default=None, help="the bench's images (default: BENCH/images)")
+    parser.add_argument("--bench-context", default=None, help="captions-and-boxes context file (COCO bench)")
+    parser.add_argument("--bench-answers", default=None, help="our answers generated earlier (question_id, text)")
+    parser.add_argument("--judge-base-url", default=None, help="OpenAI-compatible server of the judge, e.g. .../v1")
+    parser.add_argument("--judge-model", default=None, help="the judge model's name on that server")
+    parser.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="env variable holding the judge's key")
+    parser.add_argument("--judge-concurrency", type=int, default=4, help="judge requests in flight (default: 4)")
+    parser.add_argument("--judge-temperature", type=float, default=0.2, help="judge sampling temperature (0.2)")
+    parser.add_argument("--batch-size", type=int, default=8, help="records per forward or generation batch")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="longest bench answer (default: 512)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N records of each set")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="weights dtype")
+    parser.add_argument("--out", default=None, metavar="RESULTS.json", help="write the results here as JSON")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="draw metrics by category (and --training-log)")
+    parser.add_argument("--training-log", default=None, metavar="RUN", help="a run whose losses and metrics to plot")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.set_defaults(run=run)
+
+
+def eval_config(args: argparse.Namespace):
+    from llava_lite.eval.config import EvalConfig
+
+    try:
+        return EvalConfig(
+            instruct=args.instruct,
+            image_folder=args.image_folder,
+            text=args.text,
+            base_lm=args.base_lm,
+            text_window=args.text_window,
+            vqa=args.vqa,
+            vqa_image_folder=args.vqa_image_folder,
+            bench=args.bench,
+            bench_images=args.bench_images,
+            bench_context=args.bench_context,
+            bench_answers=args.bench_answers,
+            bench_max_new_tokens=args.max_new_tokens,
+            judge_base_url=args.judge_base_url,
+            judge_model=args.judge_model,
+            judge_api_key_env=args.judge_api_key_env,
+            judge_concurrency=args.judge_concurrency,
+            judge_temperature=args.judge_temperature,
+            batch_size=args.batch_size,
+            limit=args.limit,
+        )
+    except ValueError as err:
+        raise ConfigError(
+            str(err).replace("judge_base_url", "--judge-base-url").replace("judge_model", "--judge-model")
+        ) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from llava_lite.eval import report
+
+    config = eval_config(args)
+    if not config.anything and not args.training_log:
+        raise ConfigError("nothing to evaluate: give --instruct, --text, --vqa or --bench (or --training-log RUN)")
+    if config.anything and not args.model:
+        raise ConfigError("--model is needed to evaluate --instruct, --text, --vqa or --bench")
+    results: dict = {}
+    if config.anything:
+        from llava_lite.eval.suite import run_suite
+        from llava_lite.inference.generator import Generator
+
+        model = Generator.from_folder(args.model, args.device, args.dtype).model
+        results = {"model": args.model, **run_suite(model, config)}
+    log = report.read_training_log(args.training_log) if args.training_log else None
+    if args.out:
+        report.write_results(args.out, results)
+    if args.plot:
+        report.plot(args.plot, results, log)
+    if args.json:
+        print(json.dumps({k: v for k, v in results.items()}, indent=2, ensure_ascii=False))
+    elif results:
+        print(report.table(results))
+    for path in (args.out, args.plot):
+        if path:
+            print(f"wrote {path}")
+    return 0

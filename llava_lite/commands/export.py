@@ -1,0 +1,50 @@
+"""`llava-lite export`: a trained run as transformers' Llava format, or with its adapters merged into the LM."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="write a run in transformers' Llava format, or merge its LoRA adapters",
+        description=(
+            "--format hf writes a folder that transformers' LlavaForConditionalGeneration and AutoProcessor load "
+            "with no custom code (and so vLLM, SGLang and TGI): config, safetensors weights, tokenizer with <image> "
+            "and the chat template, image processor. The tower must be a transformers CLIP or SigLIP model or an "
+            "OpenAI-style open_clip ViT (converted to CLIP), the projector linear or mlp2x_gelu; adapters are "
+            "merged first. --format merged writes a llava_lite run folder with LoRA adapters merged into the LM "
+            "weights. The output appears whole or not at all."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="a run folder (what `llava-lite train` saved)")
+    parser.add_argument(
+        "--format",
+        required=True,
+        choices=["hf", "merged"],
+        help="hf: transformers' Llava format; merged: a run with its adapters merged into the LM",
+    )
+    parser.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="hf: weight dtype (default: the LM's)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from llava_lite.interop.hf_export import export_hf_llava
+    from llava_lite.interop.merge import export_merged
+    from llava_lite.model.llava import LlavaLiteModel
+
+    if args.format == "merged":
+        out = export_merged(args.model, args.out, args.overwrite)
+        print(f"merged run written to {out}")
+        return 0
+    model = LlavaLiteModel.from_pretrained(args.model)
+    out = export_hf_llava(model, args.out, getattr(torch, args.dtype) if args.dtype else None, args.overwrite)
+    print(f"transformers Llava model written to {out}")
+    return 0

@@ -1,0 +1,71 @@
+"""Evaluation during training: a `TrainerCallback` that runs the configured evaluations every N steps and logs
+their numbers through the Trainer, so they sit beside the losses in `trainer_state.json`, TensorBoard or W&B.
+
+Every process runs the evaluation (a sharded model needs all ranks in every forward); only the main one logs.
+The model goes back to training mode afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from llava_lite.eval.config import EvalConfig
+from llava_lite.eval.suite import run_suite
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE_FILE = "trainer_state.json"
+
+
+def scalar_metrics(results: dict) -> dict[str, float]:
+    """The headline number of each evaluation, under the names the training log and the plots use."""
+    metrics: dict[str, float] = {}
+    if "response_perplexity" in results:
+        metrics["response_perplexity"] = results["response_perplexity"]["perplexity"]
+    text = results.get("text_perplexity")
+    if text:
+        metrics["text_perplexity"] = text["tuned"]
+        if text["base"] is not None:
+            metrics["text_perplexity_base"] = text["base"]
+            metrics["text_perplexity_ratio"] = text["ratio"]
+    if "vqa" in results:
+        metrics["vqa_accuracy"] = results["vqa"]["accuracy"]
+    bench = results.get("bench")
+    if bench and bench["relative"] is not None:
+        metrics["bench_relative"] = bench["relative"]
+    return metrics
+
+
+class EvaluationCallback(TrainerCallback):
+    def __init__(self, config: EvalConfig, trainer) -> None:
+        if config.every_steps < 1:
+            raise ValueError("evaluation during training needs eval.every_steps of 1 or more")
+        if not config.anything:
+            raise ValueError("eval: give instruct, text, vqa or bench to evaluate during training")
+        self.config = config
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.config.every_steps == 0:
+            # Logging resets the Trainer's `should_log`, which would drop this step's loss; keep the flag.
+            should_log = control.should_log
+            self._evaluate(model)
+            control.should_log = should_log
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        # The last step gets its numbers too when it is not a multiple of every_steps; the whole log then
+        # goes beside the final model (checkpoints hold it only up to their own step).
+        if state.global_step % self.config.every_steps != 0:
+            self._evaluate(model)
+        if state.is_world_process_zero:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            state.save_to_json(str(Path(args.output_dir) / TRAINER_STATE_FILE))
+
+    def _evaluate(self, model) -> None:
+        model = model if model is not None else self.trainer.model
+        metrics = scalar_metrics(run_suite(model, self.config, progress=False))
+        logger.info("step %d: %s", self.trainer.state.global_step, metrics)
+        self.trainer.log(metrics)

@@ -1,0 +1,222 @@
+"""A LLaVA-Bench-style judged score: a judge model reads the image's context (captions, and object boxes for the
+COCO set), the question, a reference answer and ours, and scores both 1-10; we report our score relative to
+the reference's, per category (conv, detail, complex) and overall, as LLaVA's `summarize_gpt_review` does.
+
+A bench folder holds LLaVA's own files:
+- questions: `questions.jsonl` (In-the-Wild) or `qa90_questions.jsonl` (COCO) - `question_id`, `image`,
+  `text`, `category`;
+- reference answers: `answers_gpt4.jsonl` or `qa90_gpt4_answer.jsonl` - `question_id`, `text`;
+- context: `context.jsonl` (`image`, `caption`) in the folder, or a captions-and-boxes file (`image`,
+  `captions`, `instances: [{category, bbox}]`, LLaVA's `caps_boxes_coco2014_val_80.jsonl`) given apart.
+The judge is any OpenAI-compatible chat-completions server. Its reply must open with a line holding the two
+scores, reference first; a reply without one is counted as failed and left out of the means.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from llava_lite.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message
+from llava_lite.datagen.backends import Request
+from llava_lite.datagen.backends.openai import OpenAIBackend
+
+QUESTION_FILES = ("questions.jsonl", "qa90_questions.jsonl")
+REFERENCE_FILES = ("answers_gpt4.jsonl", "qa90_gpt4_answer.jsonl")
+CONTEXT_FILES = ("context.jsonl",)
+
+JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
+# Our own wording of the review instruction LLaVA-Bench uses: two scores on the first line, then the reasons.
+JUDGE_INSTRUCTION = (
+    "We would like your feedback on the performance of two AI assistants answering the user question above. "
+    "The user asks the question while looking at an image; the image is described to you in the context "
+    "above, in words{boxes}.\n"
+    "Please rate the helpfulness, relevance, accuracy and level of detail of each response. Each assistant "
+    "receives an overall score on a scale of 1 to 10, where a higher score means better overall performance.\n"
+    "On the first line, write only the two scores, for Assistant 1 and Assistant 2 in that order, separated "
+    "by a space. From the next line on, explain your evaluation impartially, making sure the order in which "
+    "the responses were presented does not affect your judgment."
+)
+_BOXES_NOTE = " and as object boxes with normalised coordinates [x1, y1, x2, y2]"
+_SCORES = re.compile(r"^\s*(\d+(?:\.\d+)?)[\s,]+(\d+(?:\.\d+)?)\s*$")
+
+
+@dataclass
+class BenchItem:
+    question_id: str
+    image: str
+    question: str
+    category: str
+    reference: str
+    context: str
+    has_boxes: bool
+
+    def conversation(self) -> Conversation:
+        return Conversation([Message("user", f"{IMAGE_PLACEHOLDER}\n{self.question}")], [self.image], self.question_id)
+
+
+def load_bench(folder: str | Path, context_file: str | Path | None = None, limit: int | None = None) -> list[BenchItem]:
+    """The bench's questions with their references and contexts; anything missing is an error naming it."""
+    folder = Path(folder)
+    questions_path = _one_of(folder, QUESTION_FILES, "questions")
+    references = {
+        str(r.get("question_id")): r
+        for r in _rows(_one_of(folder, REFERENCE_FILES, "reference answers"))
+        if "text" in r
+    }
+    context_path = (
+        Path(context_file) if context_file else _one_of(folder, CONTEXT_FILES, "context (or --bench-context)")
+    )
+    contexts = {row.get("image"): row for row in _rows(context_path)}
+    items = []
+    for row in _rows(questions_path):
+        where = f"{questions_path} question {row.get('question_id')}"
+        missing = [key for key in ("question_id", "image", "text", "category") if key not in row]
+        if missing:
+            raise ValueError(f"{where}: lacks {', '.join(missing)}")
+        qid = str(row["question_id"])
+        if qid not in references:
+            raise ValueError(f"{where}: no reference answer for it in {folder}")
+        if row.get("image") not in contexts:
+            raise ValueError(f"{where}: no context for image {row.get('image')} in {context_path}")
+        context, has_boxes = describe_context(contexts[row["image"]])
+        items.append(
+            BenchItem(qid, row["image"], row["text"], row["category"], references[qid]["text"], context, has_boxes)
+        )
+        if limit and len(items) == limit:
+            break
+    return items
+
+
+def describe_context(row: dict) -> tuple[str, bool]:
+    """The words the judge gets instead of the image: a caption, or captions and one line per object box."""
+    if "caption" in row:
+        return row["caption"], False
+    lines = list(row.get("captions", []))
+    boxes = row.get("instances", [])
+    lines += [f"{box['category']}: [{', '.join(f'{v:.3f}' for v in box['bbox'])}]" for box in boxes]
+    return "\n".join(lines), bool(boxes)
+
+
+def judge_messages(item: BenchItem, answer: str) -> list[dict[str, str]]:
+    instruction = JUDGE_INSTRUCTION.format(boxes=_BOXES_NOTE if item.has_boxes else "")
+    content = (
+        f"[Context]\n{item.context}\n\n[Question]\n{item.question}\n\n"
+        f"[Assistant 1]\n{item.reference}\n\n[End of Assistant 1]\n\n"
+        f"[Assistant 2]\n{answer}\n\n[End of Assistant 2]\n\n[System]\n{instruction}\n\n"
+    )
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": content}]
+
+
+def parse_scores(review: str) -> tuple[float, float] | None:
+    """The (reference, ours) scores from the first non-empty line of a review, or None."""
+    for line in review.splitlines():
+        if line.strip():
+            match = _SCORES.match(line)
+            return (float(match.group(1)), float(match.group(2))) if match else None
+    return None
+
+
+def judge_answers(
+    items: list[BenchItem],
+    answers: list[str],
+    base_url: str,
+    model: str,
+    api_key_env: str = "OPENAI_API_KEY",
+    concurrency: int = 4,
+    temperature: float = 0.2,
+    max_tokens: int = 1024,
+    max_retries: int = 5,
+) -> list[dict]:
+    """One review per item: the judge's text and the two scores (None when the judge gave none)."""
+    backend = OpenAIBackend(
+        base_url,
+        model,
+        api_key_env=api_key_env,
+        concurrency=concurrency,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        max_retries=max_retries,
+    )
+
+    def review(pair: tuple[BenchItem, str]) -> dict:
+        item, answer = pair
+        request = Request(key=item.question_id, kind="judge", messages=judge_messages(item, answer), image=None)
+        reply = backend.complete([request])[0]
+        scores = parse_scores(reply.text) if reply.text else None
+        return {
+            "question_id": item.question_id,
+            "category": item.category,
+            "answer": answer,
+            "review": reply.text,
+            "error": reply.error if reply.text is None else None,
+            "scores": list(scores) if scores else None,
+        }
+
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            return list(pool.map(review, zip(items, answers)))
+    finally:
+        backend.close()
+
+
+def summarize_reviews(reviews: list[dict]) -> dict:
+    """Per category and overall: mean scores of reference and ours, and ours relative to it in percent."""
+    groups: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for review in reviews:
+        if review["scores"]:
+            groups[review["category"]].append(tuple(review["scores"]))
+            groups["all"].append(tuple(review["scores"]))
+    summary = {name: _relative(scores) for name, scores in sorted(groups.items()) if name != "all"}
+    overall = _relative(groups.get("all", []))
+    return {
+        "relative": overall["relative"],
+        "ours": overall["ours"],
+        "reference": overall["reference"],
+        "judged": overall["count"],
+        "failed": sum(1 for r in reviews if not r["scores"]),
+        "by_category": summary,
+    }
+
+
+def _relative(scores: list[tuple[float, float]]) -> dict:
+    if not scores:
+        return {"relative": None, "ours": None, "reference": None, "count": 0}
+    reference = sum(s[0] for s in scores) / len(scores)
+    ours = sum(s[1] for s in scores) / len(scores)
+    return {
+        "relative": 100.0 * ours / reference if reference else None,
+        "ours": ours,
+        "reference": reference,
+        "count": len(scores),
+    }
+
+
+def _one_of(folder: Path, names: tuple[str, ...], what: str) -> Path:
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise ValueError(f"{folder}: no {what} file ({' or '.join(names)})")
+
+
+def _rows(path: Path) -> list[dict]:
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {number}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {number}: each line must be a JSON object")
+        rows.append(row)
+    return rows

@@ -1,0 +1,138 @@
+"""Perplexity: of the answers in held-out instruction data, and of plain text under a language model.
+
+Both are token-weighted: exp(total negative log-likelihood / number of predicted tokens) over the whole
+set, as language-model evaluations report it, not a mean of per-record perplexities (which would let a
+two-token answer weigh as much as a page).
+- Response perplexity scores exactly the tokens training would train - the assistant answers and their
+  end-of-turn markers, never the prompt, the system message or image tokens - with the model's own
+  template and masking, images included.
+- Text perplexity scores a plain text file cut into windows of `window` tokens; each window starts
+  fresh (with BOS when the tokenizer has one, so its first token is predicted too; otherwise the first
+  token of each window is context only). Base and tuned LM score the same token ids, so their ratio -
+  the forgetting measure - compares like with like.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llava_lite.data.collator import Collator
+from llava_lite.data.config import DataSource
+from llava_lite.data.dataset import ConversationDataset
+from llava_lite.data.formats import read_source
+from llava_lite.data.masking import IGNORE_INDEX
+
+
+@dataclass
+class Perplexity:
+    perplexity: float
+    mean_nll: float  # nats per predicted token
+    tokens: int  # predicted tokens
+    records: int  # conversations, or text windows
+
+    @classmethod
+    def from_sums(cls, nll: float, tokens: int, records: int) -> Perplexity:
+        if tokens == 0:
+            raise ValueError("nothing to score: no predicted tokens")
+        return cls(math.exp(nll / tokens), nll / tokens, tokens, records)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed NLL of `labels[:, 1:]` under `logits[:, :-1]` (each position predicts the next), and the count."""
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    if not scored.any():
+        return 0.0, 0
+    log_probs = F.log_softmax(logits[:, :-1][scored].float(), dim=-1)
+    nll = -log_probs.gather(1, targets[scored].unsqueeze(1)).sum()
+    return float(nll), int(scored.sum())
+
+
+def read_conversations(path: str | Path, image_folder: str | Path | None = None, limit: int | None = None) -> list:
+    """Held-out records in any format the training readers take; a bad record stops with its file and number."""
+    source = DataSource(path=str(path), image_folder=str(image_folder) if image_folder else None)
+    conversations, _ = read_source(source, on_bad_record="error")
+    return conversations[:limit] if limit else conversations
+
+
+@torch.no_grad()
+def response_perplexity(model, conversations: list, batch_size: int = 8, max_length: int | None = None) -> Perplexity:
+    """Perplexity of the assistant tokens of `conversations` under `model` (a LlavaLiteModel)."""
+    if not conversations:
+        raise ValueError("no held-out conversations to score")
+    device = next(model.parameters()).device
+    dataset = ConversationDataset(
+        conversations, model.conversation_processor(max_length), model.image_preprocessor(), on_bad_record="error"
+    )
+    collator = Collator(model.tokenizer.pad_token_id, "right")
+    nll, tokens = 0.0, 0
+    with _eval_mode(model):
+        for start in range(0, len(dataset), batch_size):
+            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            labels = batch.pop("labels")
+            batch.pop("skipped_records", None)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(**batch).logits
+            batch_nll, batch_tokens = token_nll(logits, labels.to(device))
+            nll += batch_nll
+            tokens += batch_tokens
+    return Perplexity.from_sums(nll, tokens, len(dataset))
+
+
+def text_windows(tokenizer, text: str, window: int) -> list[list[int]]:
+    """`text` as token windows of at most `window` ids, each led by BOS when the tokenizer has one."""
+    if window < 2:
+        raise ValueError("the text window must hold at least 2 tokens")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    step = window - len(bos)
+    windows = [bos + ids[start : start + step] for start in range(0, len(ids), step)]
+    return [w for w in windows if len(w) > 1]
+
+
+@torch.no_grad()
+def text_perplexity(language_model, windows: list[list[int]], batch_size: int = 4, pad_token_id: int = 0) -> Perplexity:
+    """Perplexity of every window's tokens after its first, under a transformers causal LM."""
+    if not windows:
+        raise ValueError("the text gives no window of two or more tokens to score")
+    rows = language_model.get_input_embeddings().weight.shape[0]
+    if max(max(w) for w in windows) >= rows:
+        raise ValueError(f"the text holds token ids beyond this LM's {rows} embedding rows (added tokens?)")
+    device = next(language_model.parameters()).device
+    nll, tokens = 0.0, 0
+    with _eval_mode(language_model):
+        for start in range(0, len(windows), batch_size):
+            chunk = windows[start : start + batch_size]
+            length = max(len(w) for w in chunk)
+            ids = torch.full((len(chunk), length), pad_token_id, dtype=torch.long)
+            labels = torch.full((len(chunk), length), IGNORE_INDEX, dtype=torch.long)
+            mask = torch.zeros((len(chunk), length), dtype=torch.long)
+            for row, window in enumerate(chunk):
+                ids[row, : len(window)] = torch.tensor(window)
+                labels[row, : len(window)] = torch.tensor(window)
+                mask[row, : len(window)] = 1
+            logits = language_model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            batch_nll, batch_tokens = token_nll(logits, labels.to(device))
+            nll += batch_nll
+            tokens += batch_tokens
+    return Perplexity.from_sums(nll, tokens, len(windows))
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    """Evaluate without dropout, then hand the module back in the mode it came in (training calls this too)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)

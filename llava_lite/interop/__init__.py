@@ -1,0 +1,1 @@
+"""Interop: export to transformers' Llava format (open_clip towers converted to CLIP), merged adapters."""

@@ -1,0 +1,214 @@
+"""The LLaVA-Bench judged score, end to end: the real bench files, our model's answers, and a judge behind a real
+chat-completions server on 127.0.0.1 that scores by category, so the relative scores can be worked out here."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from conftest import fixture_path, solid_image
+from PIL import Image
+
+from llava_lite.cli import main
+from llava_lite.eval.judge import judge_answers, load_bench, parse_scores, summarize_reviews
+from llava_lite.model.llava import LlavaLiteModel
+from llava_lite.model.presets import preset
+
+# (reference score, our score) the judge gives in each category.
+SCORES = {"conv": (8, 6), "detail": (8, 4), "complex": (10, 5)}
+
+
+class JudgeServer:
+    """Answers chat completions with the category's two scores on the first line; one chosen reference gets a
+    review with no score line. Stops itself after `lifetime` seconds should a test forget to."""
+
+    def __init__(self, categories_by_reference: dict[str, str], unscored: str | None = None, lifetime: float = 120):
+        self.categories = categories_by_reference
+        self.unscored = unscored
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.watchdog = threading.Timer(lifetime, self.server.shutdown)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> JudgeServer:
+        self.thread.start()
+        self.watchdog.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.watchdog.cancel()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def review(self, body: dict) -> str:
+        reference = reference_in(body)
+        if reference == self.unscored:
+            return "Both answers are fine.\nAssistant 1: 8, Assistant 2: 7"
+        ours, theirs = SCORES[self.categories[reference]][1], SCORES[self.categories[reference]][0]
+        return f"{theirs} {ours}\nAssistant 1 follows the context more closely."
+
+    def _handler(self):
+        state = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with state.lock:
+                    state.requests.append(body)
+                reply = {
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": state.review(body)},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 5},
+                }
+                payload = json.dumps(reply).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        return Handler
+
+
+def reference_in(body: dict) -> str:
+    """The reference answer a judge request shows as Assistant 1."""
+    content = body["messages"][-1]["content"]
+    return content.split("[Assistant 1]\n", 1)[1].split("\n\n[End of Assistant 1]", 1)[0]
+
+
+def rows(*parts: str) -> list[dict]:
+    return [json.loads(line) for line in fixture_path(*parts).read_text().splitlines() if line.strip()]
+
+
+def expected_summary(questions: list[dict], unscored_id) -> dict:
+    scored = [q for q in questions if q["question_id"] != unscored_id]
+    by_category = {}
+    for category, (reference, ours) in SCORES.items():
+        count = sum(1 for q in scored if q["category"] == category)
+        by_category[category] = {"relative": 100 * ours / reference, "count": count}
+    reference_sum = sum(SCORES[q["category"]][0] for q in scored)
+    ours_sum = sum(SCORES[q["category"]][1] for q in scored)
+    return {"relative": 100 * ours_sum / reference_sum, "judged": len(scored), "by_category": by_category}
+
+
+def test_bench_in_the_wild_is_answered_judged_and_summarised_by_category(tmp_path, capsys):
+    bench = fixture_path("eval", "llava_bench_wild")
+    questions = rows("eval", "llava_bench_wild", "questions.jsonl")
+    references = {str(r["question_id"]): r["text"] for r in rows("eval", "llava_bench_wild", "answers_gpt4.jsonl")}
+    captions = {r["image"]: r["caption"] for r in rows("eval", "llava_bench_wild", "context.jsonl")}
+    images = tmp_path / "images"
+    images.mkdir()
+    for number, name in enumerate(sorted({q["image"] for q in questions})):
+        solid_image(images / name, (10 * number, 255 - 10 * number, 128))
+    LlavaLiteModel.from_config(preset("tiny")).save_pretrained(tmp_path / "run")
+    categories = {references[str(q["question_id"])]: q["category"] for q in questions}
+    out, plot = tmp_path / "results.json", tmp_path / "bench.png"
+    with JudgeServer(categories, unscored=references["0"]) as judge:
+        code = main(
+            [
+                "eval",
+                "--model",
+                str(tmp_path / "run"),
+                "--bench",
+                str(bench),
+                "--bench-images",
+                str(images),
+                "--judge-base-url",
+                judge.url,
+                "--judge-model",
+                "judge-1",
+                "--max-new-tokens",
+                "4",
+                "--batch-size",
+                "20",
+                "--out",
+                str(out),
+                "--plot",
+                str(plot),
+            ]
+        )
+    assert code == 0
+    result = json.loads(out.read_text())["bench"]
+    expected = expected_summary(questions, unscored_id=0)
+    assert result["failed"] == 1 and result["judged"] == expected["judged"] == 59
+    assert result["relative"] == pytest.approx(expected["relative"])
+    for category, numbers in expected["by_category"].items():
+        assert result["by_category"][category]["relative"] == pytest.approx(numbers["relative"])
+        assert result["by_category"][category]["count"] == numbers["count"]
+    # Every question reached the judge once, with its image's context, its reference answer and our answer.
+    assert len(judge.requests) == 60
+    sent = {reference_in(request): request for request in judge.requests}
+    for question, review in zip(questions, result["reviews"]):
+        request = sent[references[str(question["question_id"])]]
+        content = request["messages"][-1]["content"]
+        assert f"[Context]\n{captions[question['image']]}\n" in content
+        assert f"[Question]\n{question['text']}\n" in content
+        assert f"[Assistant 2]\n{review['answer']}\n" in content
+        assert request["model"] == "judge-1" and request["temperature"] == 0.2
+    printed = capsys.readouterr().out
+    assert "bench relative score" in printed and "complex" in printed
+    with Image.open(plot) as image:
+        assert image.format == "PNG"
+
+
+def test_coco_bench_uses_captions_and_boxes_as_context_and_answers_given_in_advance(tmp_path):
+    bench = fixture_path("eval", "llava_bench_coco")
+    context = fixture_path("data", "caps_boxes_coco2014_val_80.jsonl")
+    questions = rows("eval", "llava_bench_coco", "qa90_questions.jsonl")
+    references = {str(r["question_id"]): r["text"] for r in rows("eval", "llava_bench_coco", "qa90_gpt4_answer.jsonl")}
+    items = load_bench(bench, context)
+    assert [item.question_id for item in items] == [str(q["question_id"]) for q in questions]
+    categories = {references[str(q["question_id"])]: q["category"] for q in questions}
+    with JudgeServer(categories) as judge:
+        reviews = judge_answers(items, [f"answer {i.question_id}" for i in items], judge.url, "judge-2", concurrency=8)
+    summary = summarize_reviews(reviews)
+    assert summary["failed"] == 0 and summary["judged"] == 90
+    assert summary["by_category"]["detail"]["relative"] == pytest.approx(50.0)
+    assert summary["relative"] == pytest.approx(100 * (30 * 6 + 30 * 4 + 30 * 5) / (30 * 8 + 30 * 8 + 30 * 10))
+    first = next(r for r in judge.requests if "[Assistant 2]\nanswer 0\n" in r["messages"][-1]["content"])
+    content = first["messages"][-1]["content"]
+    boxes = {row["image"]: row for row in rows("data", "caps_boxes_coco2014_val_80.jsonl")}[questions[0]["image"]]
+    assert boxes["captions"][0] in content
+    box = boxes["instances"][0]
+    assert f"{box['category']}: [{', '.join(f'{v:.3f}' for v in box['bbox'])}]" in content
+    assert "object boxes" in content
+
+
+@pytest.mark.parametrize(
+    ("review", "scores"),
+    [
+        ("8 6\nreasons", (8.0, 6.0)),
+        ("8, 6", (8.0, 6.0)),
+        ("\n  7.5 9 \nreasons", (7.5, 9.0)),
+        ("Assistant 1: 8\nAssistant 2: 6", None),
+        ("8 6 7", None),
+        ("", None),
+    ],
+)
+def test_scores_are_read_from_the_first_line_only(review, scores):
+    assert parse_scores(review) == scores
+
+
+def test_a_bench_folder_without_references_is_an_error_naming_it(tmp_path):
+    (tmp_path / "questions.jsonl").write_text(
+        '{"question_id": 0, "image": "a.jpg", "text": "Hi", "category": "conv"}\n'
+    )
+    (tmp_path / "context.jsonl").write_text('{"image": "a.jpg", "caption": "A cat."}\n')
+    with pytest.raises(ValueError, match="no reference answers file"):
+        load_bench(tmp_path)
