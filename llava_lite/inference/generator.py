@@ -66,7 +66,7 @@ class Generator:
         self.processor = model.conversation_processor()
         self.images = model.image_preprocessor()
         self.collator = Collator(model.tokenizer.pad_token_id, padding_side="left")
-        self.stop_token_ids = _stop_token_ids(model)
+        self.stop_token_ids = stop_token_ids(model)
 
     @classmethod
     def from_folder(cls, folder: str | Path, device: str = "auto", dtype: str | None = None) -> Generator:
@@ -196,7 +196,7 @@ class Generator:
         return marker.strip()
 
 
-def _stop_token_ids(model: LlavaLiteModel) -> list[int]:
+def stop_token_ids(model: LlavaLiteModel) -> list[int]:
     """EOS, and the end-of-turn marker's token when it is a single token (`<|im_end|>`, `<|eot_id|>`)."""
     tokenizer = model.tokenizer
     ids = [tokenizer.eos_token_id]

@@ -16,7 +16,7 @@ import json
 from transformers import PreTrainedTokenizerBase
 
 from llava_lite.data.templates import ChatTemplate
-from llava_lite.data.templates.builtin import BuiltinTemplate, _adds_bos
+from llava_lite.data.templates.builtin import BuiltinTemplate, adds_bos
 
 _MARK = "\x00CONTENT\x00"
 
@@ -69,7 +69,7 @@ def _builtin_jinja(template: BuiltinTemplate, tokenizer: PreTrainedTokenizerBase
     def text(pattern: str) -> str:
         return f"{{{{ {_literal(pattern.format(content='', bos=bos, eos=eos))} }}}}"
 
-    lead = bos if fmt.bos and _adds_bos(tokenizer) else ""
+    lead = bos if fmt.bos and adds_bos(tokenizer) else ""
     prompt = fmt.assistant_prefix if fmt.generation_prompt is None else fmt.generation_prompt
     default_system = "none" if fmt.default_system is None or fmt.images_only_user else _literal(fmt.default_system)
     parts = [

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-from llava_lite.inference.generator import _stop_token_ids
+from llava_lite.inference.generator import stop_token_ids
 from llava_lite.interop.chat_template import jinja_chat_template
 from llava_lite.interop.folders import replace_folder_atomically
 from llava_lite.interop.image_processor import export_image_processor
@@ -32,7 +32,7 @@ from llava_lite.interop.merge import merge_adapters
 from llava_lite.interop.open_clip_to_hf import NotConvertible, clip_vision_config, clip_vision_state_dict
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.projector import Projector
-from llava_lite.model.saving import _keep_legacy_flag
+from llava_lite.model.saving import keep_legacy_flag
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def export_hf_llava(
     def write(folder: Path) -> None:
         hf_model.save_pretrained(folder)
         processor.save_pretrained(folder)
-        _keep_legacy_flag(processor.tokenizer, folder)
+        keep_legacy_flag(processor.tokenizer, folder)
 
     return replace_folder_atomically(out, write, overwrite)
 
@@ -172,7 +172,7 @@ def _patch_size(tower) -> int:
 def _generation_config(model: LlavaLiteModel) -> GenerationConfig:
     """Stop where our generator stops: EOS, or the template's end-of-turn token when that is one token."""
     tokenizer = model.tokenizer
-    stop = _stop_token_ids(model)
+    stop = stop_token_ids(model)
     return GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=stop if len(stop) > 1 else stop[0],

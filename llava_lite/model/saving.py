@@ -69,7 +69,7 @@ def save_model(model, folder: str | Path, state_dict: dict[str, torch.Tensor] | 
         lm_config = dataclasses.replace(lm_config, name=LM_DIR, model_config=None)
 
     model.tokenizer.save_pretrained(folder / TOKENIZER_DIR)
-    _keep_legacy_flag(model.tokenizer, folder / TOKENIZER_DIR)
+    keep_legacy_flag(model.tokenizer, folder / TOKENIZER_DIR)
     lm_config = dataclasses.replace(lm_config, tokenizer=TOKENIZER_DIR, quantization="none")
     save_model_config(
         dataclasses.replace(config, vision_tower=tower_config, language_model=lm_config, adapter=adapter), folder
@@ -163,7 +163,7 @@ def _embedding_width(language_model) -> int:
     return language_model.get_input_embeddings().embedding_dim
 
 
-def _keep_legacy_flag(tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+def keep_legacy_flag(tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
     """transformers 5 drops Llama tokenizers' `legacy` flag on save, and the reloaded copy then tokenizes
     text after special tokens differently; write it back so a saved run tokenizes as it trained."""
     legacy = getattr(tokenizer, "legacy", None)

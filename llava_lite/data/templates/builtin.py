@@ -116,7 +116,7 @@ class BuiltinTemplate(ChatTemplate):
             raise TemplateError(f"template {name}: the tokenizer has no EOS token to end assistant turns with")
         self._bos = tokenizer.bos_token or ""
         self._eos = tokenizer.eos_token
-        self._lead = self._bos if self.format.bos and _adds_bos(tokenizer) else ""
+        self._lead = self._bos if self.format.bos and adds_bos(tokenizer) else ""
         self._prompt = (
             self.format.assistant_prefix if self.format.generation_prompt is None else self.format.generation_prompt
         )
@@ -191,7 +191,7 @@ class BuiltinTemplate(ChatTemplate):
         return pattern.format(content=self._content(content), bos=self._bos, eos=self._eos)
 
 
-def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether the tokenizer's plain encoding starts with BOS - then a template should write it itself."""
     if tokenizer.bos_token_id is None:
         return False
