@@ -1,0 +1,146 @@
+"""The routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, and the chat page at `/`."""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Annotated
+
+from fastapi import Depends, FastAPI
+from fastapi.responses import HTMLResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from llava_lite.inference.generator import Generator
+from llava_lite.serve.config import ServeConfig
+from llava_lite.serve.errors import ApiError, install_error_handlers
+from llava_lite.serve.prompts import build_prompt
+from llava_lite.serve.scheduler import QueueFull, Scheduler
+from llava_lite.serve.schemas import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Choice,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from llava_lite.serve.streaming import ClosingStreamingResponse, chat_events
+
+PAGE_FILES = {"index.html": "text/html", "chat.js": "text/javascript", "chat.css": "text/css"}
+
+
+def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
+    scheduler = Scheduler(generator, config.concurrency, config.queue_depth, config.max_batch_size)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        scheduler.shutdown()
+
+    app = FastAPI(
+        title="llava_lite",
+        lifespan=lifespan,
+        docs_url=None,  # no third-party assets fetched by a page we serve
+        redoc_url=None,
+    )
+    app.state.scheduler = scheduler
+    install_error_handlers(app, config.max_body_bytes)
+    authorised = [Depends(_bearer_check(config.api_key))]
+
+    @app.get("/health")
+    async def health() -> dict:
+        stats = scheduler.stats()
+        return {
+            "status": "ok",
+            "model": config.model_name,
+            "running": stats.running,
+            "waiting": stats.waiting,
+            "concurrency": config.concurrency,
+            "queue_depth": config.queue_depth,
+            "counts": dict(stats.counts),
+        }
+
+    @app.get("/v1/models", dependencies=authorised)
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=config.model_name, created=created)])
+
+    @app.get("/v1/models/{model_id:path}", dependencies=authorised)
+    async def model(model_id: str) -> ModelCard:
+        _check_model(model_id, config)
+        return ModelCard(id=config.model_name, created=created)
+
+    @app.post("/v1/chat/completions", dependencies=authorised, response_model=None)
+    async def chat_completions(body: ChatCompletionRequest) -> ChatCompletion | Response:
+        _check_model(body.model, config)
+        try:
+            scheduler.check_room()  # refuse before reading any image, not only when queueing
+            prompt = await build_prompt(body, config, generator)
+            if body.stream:
+                ticket = scheduler.stream(prompt.conversation, prompt.images, prompt.settings)
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                events = chat_events(
+                    ticket, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), config.model_name, include_usage
+                )
+                return ClosingStreamingResponse(events)
+            completion = await scheduler.complete(prompt.conversation, prompt.images, prompt.settings)
+        except QueueFull as full:
+            raise ApiError(503, str(full), "queue_full") from None
+        return ChatCompletion(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=config.model_name,
+            choices=[Choice(message=AssistantMessage(content=completion.text), finish_reason=completion.finish_reason)],
+            usage=Usage(
+                prompt_tokens=completion.prompt_tokens,
+                completion_tokens=completion.completion_tokens,
+                total_tokens=completion.prompt_tokens + completion.completion_tokens,
+            ),
+        )
+
+    # The chat page is static files that hold nothing secret; it asks for the API key itself and sends it
+    # on its API calls (a browser cannot send a Bearer header when it opens a page).
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(_page_file("index.html"))
+
+    @app.get("/page/{name}", include_in_schema=False)
+    async def page_asset(name: str) -> Response:
+        if name not in PAGE_FILES:
+            raise ApiError(404, f"no page file {name}", "not_found")
+        return Response(_page_file(name), media_type=PAGE_FILES[name])
+
+    return app
+
+
+_BEARER = HTTPBearer(auto_error=False)  # we answer missing keys ourselves, OpenAI-shaped
+
+
+def _bearer_check(api_key: str | None) -> Callable[..., Awaitable[None]]:
+    async def check(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
+        if api_key is None:
+            return
+        if credentials is None:
+            raise ApiError(401, "this server needs an API key: send Authorization: Bearer KEY", "missing_api_key")
+        if not secrets.compare_digest(credentials.credentials.encode(), api_key.encode()):
+            raise ApiError(401, "the API key is not valid for this server", "invalid_api_key")
+
+    return check
+
+
+def _check_model(name: str, config: ServeConfig) -> None:
+    if name != config.model_name:
+        raise ApiError(
+            404,
+            f"the model {name!r} does not exist here; this server has {config.model_name!r}",
+            "model_not_found",
+            "model",
+        )
+
+
+def _page_file(name: str) -> str:
+    return resources.files("llava_lite.serve").joinpath("page", name).read_text(encoding="utf-8")

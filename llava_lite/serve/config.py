@@ -1,0 +1,43 @@
+"""What an operator decides about a server: who may call it, where images may come from, and every limit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+API_KEY_ENV = "LLAVA_LITE_API_KEY"
+
+
+@dataclass
+class ServeConfig:
+    model_name: str
+    api_key: str | None = None  # None: no key asked for
+    # Local image files are read only under this folder; None refuses every local path.
+    image_root: Path | None = None
+    allow_remote_images: bool = False
+    remote_image_timeout: float = 10.0  # seconds for a whole remote download, connect to last byte
+    # Request limits.
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 25_000_000
+    max_images: int = 4
+    max_prompt_tokens: int = 4096
+    max_tokens_limit: int = 1024  # the most `max_tokens` a request may ask for
+    default_max_tokens: int = 256  # when the request names none
+    # Load: generations at once, requests waiting beyond those, requests answered in one batch.
+    concurrency: int = 2
+    queue_depth: int = 64
+    max_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_image_bytes", "max_image_pixels", "max_prompt_tokens", "concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 1")
+        if self.max_images < 0 or self.queue_depth < 0:
+            raise ValueError("max-images and queue-depth must be >= 0")
+        if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
+            raise ValueError("default-max-tokens must be between 1 and max-tokens-limit")
+        if self.max_batch_size < 1:
+            raise ValueError("max-batch-size must be at least 1")
+        if self.image_root is not None and not Path(self.image_root).is_dir():
+            raise ValueError(f"--image-root {self.image_root} is not a folder")

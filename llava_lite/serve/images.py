@@ -1,0 +1,157 @@
+"""Images named in requests - `data:` URIs, local files under the operator's image root, remote URLs when the
+operator allows them - read into RGB images within the server's byte and pixel limits."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import httpx
+from PIL import Image, UnidentifiedImageError
+from starlette.concurrency import run_in_threadpool
+
+from llava_lite.data.errors import BadRecordError
+from llava_lite.data.images import resolve_image_path
+from llava_lite.serve.errors import ApiError
+
+FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+MEDIA_TYPES = {*FORMATS.values(), "image/jpg"}
+
+
+@dataclass
+class ImageLimits:
+    max_bytes: int
+    max_pixels: int
+    root: Path | None = None  # local files only under here; None: no local files
+    allow_remote: bool = False
+    remote_timeout: float = 10.0
+
+
+async def load_request_image(url: str, limits: ImageLimits, param: str) -> Image.Image:
+    """The image an `image_url.url` names; ApiError (400 or 413) for anything refused or unreadable."""
+    scheme = urlparse(url).scheme.lower() if "://" in url or url.startswith("data:") else ""
+    if scheme == "data":
+        data = _from_data_uri(url, limits, param)
+    elif scheme in ("", "file"):
+        data = await run_in_threadpool(_from_local_file, url, limits, param)
+    elif scheme in ("http", "https"):
+        data = await _from_remote(url, limits, param)
+    else:
+        raise ApiError(
+            400, f"image URLs may be data:, file: or http(s): URLs, not {scheme}:", "invalid_image_url", param
+        )
+    return await run_in_threadpool(decode_image, data, limits, param)
+
+
+def decode_image(data: bytes, limits: ImageLimits, param: str) -> Image.Image:
+    """Bytes to RGB, refusing what is not PNG, JPEG or WebP and what has more pixels than allowed (checked
+    from the header, before the pixels are decoded)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own pixel limit decides
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise ApiError(413, "the image has more pixels than this server accepts", "image_too_large", param) from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise ApiError(400, "the image data is not a PNG, JPEG or WebP image", "invalid_image", param) from None
+    if image.format not in FORMATS:
+        raise ApiError(400, f"{image.format} images are not accepted; send PNG, JPEG or WebP", "invalid_image", param)
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise ApiError(
+            413, f"the image has {width}x{height} pixels; the limit is {limits.max_pixels}", "image_too_large", param
+        )
+    try:
+        image.load()
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError):
+        raise ApiError(400, "the image data is truncated or corrupt", "invalid_image", param) from None
+
+
+def _from_data_uri(url: str, limits: ImageLimits, param: str) -> bytes:
+    header, comma, payload = url.partition(",")
+    media_type, *options = header[len("data:") :].split(";")
+    if not comma or "base64" not in options:
+        raise ApiError(400, "a data URI image must be base64: data:image/png;base64,...", "invalid_image_url", param)
+    if media_type.lower() not in MEDIA_TYPES:
+        raise ApiError(
+            400, f"data URI type {media_type or '(none)'} is not image/png, jpeg or webp", "invalid_image", param
+        )
+    payload = "".join(payload.split())
+    if len(payload) * 3 // 4 > limits.max_bytes:  # refuse before decoding, not after allocating it
+        raise ApiError(413, f"the image is larger than {limits.max_bytes} bytes", "image_too_large", param)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "the data URI's base64 does not decode", "invalid_base64", param) from None
+
+
+def _from_local_file(url: str, limits: ImageLimits, param: str) -> bytes:
+    if limits.root is None:
+        raise ApiError(
+            400,
+            "local image files are not served here (the server has no --image-root)",
+            "local_images_disabled",
+            param,
+        )
+    parsed = urlparse(url)
+    if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+        raise ApiError(400, "file: URLs must name a local path", "invalid_image_url", param)
+    name = unquote(parsed.path) if parsed.scheme == "file" else url
+    try:
+        path = resolve_image_path(limits.root, name, "request")
+    except BadRecordError:
+        raise ApiError(
+            400, f"image path {name!r} is outside the server's image root", "image_outside_root", param
+        ) from None
+    if not path.is_file():
+        raise ApiError(400, f"image {name!r} does not exist under the image root", "image_not_found", param)
+    if path.stat().st_size > limits.max_bytes:
+        raise ApiError(413, f"the image is larger than {limits.max_bytes} bytes", "image_too_large", param)
+    return path.read_bytes()
+
+
+async def _from_remote(url: str, limits: ImageLimits, param: str) -> bytes:
+    if not limits.allow_remote:
+        raise ApiError(
+            400,
+            "remote image URLs are not fetched here (the server runs without --allow-remote-images); "
+            "send the image as a data: URI",
+            "remote_images_disabled",
+            param,
+        )
+    try:
+        return await asyncio.wait_for(_download(url, limits, param), limits.remote_timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(
+            400, f"the image took longer than {limits.remote_timeout:g} s to download", "image_fetch_timeout", param
+        ) from None
+    except httpx.HTTPError as err:
+        raise ApiError(
+            400, f"the image could not be downloaded ({type(err).__name__})", "image_fetch_failed", param
+        ) from None
+
+
+async def _download(url: str, limits: ImageLimits, param: str) -> bytes:
+    too_large = ApiError(413, f"the image is larger than {limits.max_bytes} bytes", "image_too_large", param)
+    async with (
+        httpx.AsyncClient(follow_redirects=True, max_redirects=3, timeout=limits.remote_timeout) as client,
+        client.stream("GET", url) as response,
+    ):
+        if response.status_code != 200:
+            raise ApiError(400, f"fetching the image answered HTTP {response.status_code}", "image_fetch_failed", param)
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limits.max_bytes:
+            raise too_large
+        data = bytearray()
+        async for chunk in response.aiter_bytes():
+            data += chunk
+            if len(data) > limits.max_bytes:  # a missing or lying Content-Length stops here
+                raise too_large
+        return bytes(data)

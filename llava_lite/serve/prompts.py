@@ -1,0 +1,136 @@
+"""An OpenAI chat request as the generator's input: the conversation with `<image>` placeholders, its images and
+sampling settings - every request limit checked on the way, the cheap checks before any image is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from llava_lite.data.conversation import Conversation, Message
+from llava_lite.data.errors import BadRecordError
+from llava_lite.inference.generator import Generator, SamplingSettings
+from llava_lite.serve.config import ServeConfig
+from llava_lite.serve.errors import ApiError
+from llava_lite.serve.images import ImageLimits, load_request_image
+from llava_lite.serve.schemas import ChatCompletionRequest, ChatMessage, ImagePart, TextPart
+
+
+@dataclass
+class Prompt:
+    conversation: Conversation
+    images: list[Image.Image]
+    settings: SamplingSettings
+    prompt_tokens: int
+
+
+@dataclass
+class _ImageRef:
+    url: str
+    param: str  # where in the request it sits, for error messages
+
+
+async def build_prompt(request: ChatCompletionRequest, config: ServeConfig, generator: Generator) -> Prompt:
+    settings = sampling_settings(request, config)
+    conversation, refs = to_conversation(request.messages, generator.model.config.image_token)
+    if len(refs) > config.max_images:
+        raise ApiError(
+            400, f"{len(refs)} images; this server takes at most {config.max_images}", "too_many_images", "messages"
+        )
+    prompt_tokens = await run_in_threadpool(count_prompt_tokens, generator, conversation, len(refs))
+    _check_length(prompt_tokens, settings.max_new_tokens, config, generator)
+    limits = ImageLimits(
+        config.max_image_bytes,
+        config.max_image_pixels,
+        config.image_root,
+        config.allow_remote_images,
+        config.remote_image_timeout,
+    )
+    images = [await load_request_image(ref.url, limits, ref.param) for ref in refs]
+    return Prompt(conversation, images, settings, prompt_tokens)
+
+
+def sampling_settings(request: ChatCompletionRequest, config: ServeConfig) -> SamplingSettings:
+    """Greedy unless the request asks for a temperature: answers are reproducible, as with `llava-lite chat`."""
+    max_tokens = request.max_completion_tokens or request.max_tokens or config.default_max_tokens
+    if max_tokens > config.max_tokens_limit:
+        param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        raise ApiError(
+            400, f"{param} is {max_tokens}; this server allows at most {config.max_tokens_limit}", "max_tokens", param
+        )
+    return SamplingSettings(
+        max_new_tokens=max_tokens,
+        temperature=request.temperature or 0.0,
+        top_p=request.top_p if request.top_p is not None else 1.0,
+        seed=request.seed,
+        stop=request.stop_strings(),
+    )
+
+
+def to_conversation(messages: list[ChatMessage], image_token: str) -> tuple[Conversation, list[_ImageRef]]:
+    """Leading system (or developer) messages become one system message; each user message's images go
+    before its text, one placeholder each - LLaVA's training layout, whatever order the parts came in."""
+    converted: list[Message] = []
+    refs: list[_ImageRef] = []
+    for index, message in enumerate(messages):
+        param = f"messages[{index}].content"
+        texts, images = _split_parts(message, param)
+        if any(image_token in text for text in texts):
+            raise ApiError(
+                400, f"text may not contain {image_token}; send images as image_url parts", "invalid_content", param
+            )
+        if images and message.role != "user":
+            raise ApiError(400, f"only user messages may carry images, not {message.role}", "invalid_content", param)
+        role = "system" if message.role in ("system", "developer") else message.role
+        text = "\n".join(texts)
+        if role == "system" and converted and converted[-1].role == "system":
+            converted[-1] = Message("system", f"{converted[-1].content}\n\n{text}")
+            continue
+        if images:
+            text = "\n".join([image_token] * len(images) + ([text] if text else []))
+        converted.append(Message(role, text))
+        refs.extend(images)
+    if converted[-1].role != "user":
+        raise ApiError(400, "the last message must be the user's", "invalid_messages", "messages")
+    return Conversation(converted, source="request"), refs
+
+
+def count_prompt_tokens(generator: Generator, conversation: Conversation, images: int) -> int:
+    """Tokens the prompt takes, image tokens included; the chat template's refusals become 400s."""
+    placeheld = Conversation(conversation.messages, [f"image {i}" for i in range(images)], source="request")
+    try:
+        return len(generator.processor.encode(placeheld, add_generation_prompt=True).input_ids)
+    except BadRecordError as err:
+        raise ApiError(400, str(err).removeprefix("request: "), "invalid_messages", "messages") from None
+
+
+def _split_parts(message: ChatMessage, param: str) -> tuple[list[str], list[_ImageRef]]:
+    if message.content is None or isinstance(message.content, str):
+        return [message.content or ""], []
+    texts, images = [], []
+    for number, part in enumerate(message.content):
+        if isinstance(part, TextPart):
+            texts.append(part.text)
+        elif isinstance(part, ImagePart):
+            images.append(_ImageRef(part.image_url.url, f"{param}[{number}].image_url"))
+    return texts, images
+
+
+def _check_length(prompt_tokens: int, max_new_tokens: int, config: ServeConfig, generator: Generator) -> None:
+    if prompt_tokens > config.max_prompt_tokens:
+        raise ApiError(
+            400,
+            f"the prompt is {prompt_tokens} tokens; this server takes at most {config.max_prompt_tokens}",
+            "context_length_exceeded",
+            "messages",
+        )
+    context = getattr(generator.model.base_language_model.config, "max_position_embeddings", None)
+    if context and prompt_tokens + max_new_tokens > context:
+        raise ApiError(
+            400,
+            f"the prompt ({prompt_tokens} tokens) and max_tokens ({max_new_tokens}) exceed the model's context "
+            f"of {context} tokens",
+            "context_length_exceeded",
+            "messages",
+        )

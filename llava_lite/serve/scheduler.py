@@ -1,0 +1,243 @@
+"""The bounded queue in front of the generator.
+
+At most `concurrency` generations run at once, each on its own worker thread; at most `queue_depth` requests
+wait for one, and the next is refused at once (`QueueFull`, a 503) rather than left hanging. Waiting plain
+requests with the same sampling settings are answered in one left-padded batch. A stream holds its slot
+until its generation has really ended - to the last token, or cancelled because the reader went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import Counter, deque
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from llava_lite.data.conversation import Conversation
+from llava_lite.inference.generator import Completion, Generator, SamplingSettings
+
+logger = logging.getLogger("llava_lite.serve")
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass(eq=False)  # a job is itself: two identical requests are still two jobs in the line
+class _Job:
+    conversation: Conversation
+    images: list[Image.Image]
+    settings: SamplingSettings
+    stream: bool
+    granted: asyncio.Future  # plain jobs: the Completion; streams: None once a slot is theirs
+
+
+@dataclass
+class Stats:
+    running: int = 0
+    waiting: int = 0
+    counts: Counter = field(default_factory=Counter)  # served, failed, cancelled, rejected, batches
+
+
+class Scheduler:
+    def __init__(self, generator: Generator, concurrency: int, queue_depth: int, max_batch_size: int) -> None:
+        self.generator = generator
+        self.concurrency = concurrency
+        self.queue_depth = queue_depth
+        self.max_batch_size = max_batch_size
+        self._waiting: deque[_Job] = deque()
+        self._running = 0
+        self._counts: Counter = Counter()
+        # One thread per slot: the pool's size is the concurrency bound itself.
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="generate")
+
+    def stats(self) -> Stats:
+        return Stats(self._running, len(self._waiting), Counter(self._counts))
+
+    def check_room(self) -> None:
+        """QueueFull unless a request arriving now would be taken (run, or put in line)."""
+        if self._running >= self.concurrency and len(self._waiting) >= self.queue_depth:
+            self._counts["rejected"] += 1
+            raise QueueFull(
+                f"the server is busy ({self._running} answering, {len(self._waiting)} waiting); try again shortly"
+            )
+
+    async def complete(
+        self, conversation: Conversation, images: list[Image.Image], settings: SamplingSettings
+    ) -> Completion:
+        job = self._enqueue(conversation, images, settings, stream=False)
+        try:
+            return await job.granted
+        except asyncio.CancelledError:
+            self._withdraw(job)  # still waiting: leave the line; already running: its batch finishes regardless
+            raise
+
+    def stream(self, conversation: Conversation, images: list[Image.Image], settings: SamplingSettings) -> StreamTicket:
+        """A place in line for a streamed answer, taken now (or QueueFull now); iterate it for the pieces."""
+        return StreamTicket(self, self._enqueue(conversation, images, settings, stream=True))
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ----- the line -------------------------------------------------------------------------------------------
+    def _enqueue(
+        self, conversation: Conversation, images: list[Image.Image], settings: SamplingSettings, stream: bool
+    ) -> _Job:
+        self.check_room()
+        job = _Job(conversation, images, settings, stream, asyncio.get_running_loop().create_future())
+        self._waiting.append(job)
+        self._dispatch()
+        return job
+
+    def _withdraw(self, job: _Job) -> bool:
+        """Take a job out of the line if it is still waiting there (its client left)."""
+        if job not in self._waiting:
+            return False
+        self._waiting.remove(job)
+        self._counts["cancelled"] += 1
+        return True
+
+    def _dispatch(self) -> None:
+        while self._running < self.concurrency and self._waiting:
+            job = self._waiting.popleft()
+            self._running += 1
+            if job.stream:
+                job.granted.set_result(None)  # the ticket runs it, and releases the slot when it ends
+            else:
+                batch = [job, *self._take_compatible(job)]
+                asyncio.get_running_loop().create_task(self._answer(batch))
+
+    def _take_compatible(self, first: _Job) -> list[_Job]:
+        """Waiting plain jobs that can share `first`'s batch: the generator takes one settings per batch."""
+        taken = []
+        for job in list(self._waiting):
+            if len(taken) + 1 >= self.max_batch_size:
+                break
+            if not job.stream and job.settings == first.settings:
+                self._waiting.remove(job)
+                taken.append(job)
+        return taken
+
+    def _release(self) -> None:
+        self._running -= 1
+        self._dispatch()
+
+    # ----- running ---------------------------------------------------------------------------------------
+    async def _answer(self, batch: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._counts["batches"] += 1
+            try:
+                completions = await loop.run_in_executor(self._pool, self._complete_batch, batch)
+            except Exception as err:
+                if len(batch) == 1:
+                    raise
+                # One bad request must not fail the others it was batched with: answer each on its own.
+                logger.warning(
+                    "a batch of %d failed (%s: %s); answering one by one", len(batch), type(err).__name__, err
+                )
+                completions = []
+                for job in batch:
+                    try:
+                        completions.extend(await loop.run_in_executor(self._pool, self._complete_batch, [job]))
+                    except Exception as single:
+                        completions.append(single)
+        except Exception as err:
+            completions = [err]
+        finally:
+            self._release()
+        for job, outcome in zip(batch, completions):
+            if job.granted.done():
+                continue  # its client gave up
+            if isinstance(outcome, Exception):
+                self._counts["failed"] += 1
+                job.granted.set_exception(outcome)
+            else:
+                self._counts["served"] += 1
+                job.granted.set_result(outcome)
+
+    def _complete_batch(self, batch: list[_Job]) -> list[Completion]:
+        return self.generator.complete(
+            [job.conversation for job in batch], [job.images for job in batch], batch[0].settings
+        )
+
+
+_END = object()
+
+
+class StreamTicket:
+    """`async for piece in ticket` waits for a slot, then yields the answer's text as it is generated;
+    `completion` holds the counts afterwards. `aclose` - which whoever took the ticket must call, however the
+    stream ends - gives up the place in line or cancels the generation (noticed at its next piece of text)."""
+
+    def __init__(self, scheduler: Scheduler, job: _Job) -> None:
+        self._scheduler = scheduler
+        self._job = job
+        self._stop = threading.Event()
+        self._pump: asyncio.Future | None = None
+        self._closed = False
+        self.completion: Completion | None = None
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._pieces()
+
+    async def aclose(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        self._stop.set()
+        if self._closed or self._pump is not None:
+            return  # a running generation gives its slot back itself, when its thread is done
+        self._closed = True
+        if not self._scheduler._withdraw(self._job):
+            self._scheduler._release()  # granted a slot, never started: give it back now
+
+    async def _pieces(self) -> AsyncIterator[str]:
+        try:
+            await self._job.granted
+            if self._stop.is_set():
+                return
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue = asyncio.Queue()
+            self._pump = loop.run_in_executor(self._scheduler._pool, self._run, loop, queue)
+            self._pump.add_done_callback(self._ended)
+            while (item := await queue.get()) is not _END:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            self._close()
+
+    def _ended(self, pump: asyncio.Future) -> None:
+        """On the event loop, once the generation thread is done: count how it ended, give the slot back."""
+        outcome = "failed" if pump.cancelled() or pump.exception() else pump.result()
+        self._scheduler._counts[outcome] += 1
+        self._scheduler._release()
+
+    def _run(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> str:
+        """On a worker thread: run the generator's stream, hand pieces to the event loop, stop when told."""
+        answer = self._scheduler.generator.stream(self._job.conversation, self._job.images, self._job.settings)
+        pieces = iter(answer)
+        try:
+            for piece in pieces:
+                if self._stop.is_set():
+                    return "cancelled"
+                _put(loop, queue, piece)
+            self.completion = answer.completion
+            return "served"
+        except Exception as err:
+            _put(loop, queue, err)
+            return "failed"
+        finally:
+            pieces.close()  # closing the generator's stream early cancels generation and joins its thread
+            _put(loop, queue, _END)
+
+
+def _put(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item: object) -> None:
+    if not loop.is_closed():  # the server may be shutting down under a running generation
+        loop.call_soon_threadsafe(queue.put_nowait, item)
