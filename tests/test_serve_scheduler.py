@@ -157,3 +157,20 @@ def test_a_stream_read_to_the_end_has_its_completion():
         assert scheduler.stats().counts["served"] == 1
 
     asyncio.run(run())
+
+
+def test_a_stream_that_fails_to_start_reaches_the_client_as_an_error():
+    class Broken(StandIn):
+        def stream(self, conversation, images, settings) -> StreamedAnswer:
+            raise ValueError("the prompt cannot be encoded")
+
+    async def run() -> None:
+        scheduler = Scheduler(Broken(), concurrency=1, queue_depth=0, max_batch_size=1)
+        ticket = scheduler.stream(ask("s"), [], SamplingSettings())
+        with pytest.raises(ValueError, match="cannot be encoded"):
+            await asyncio.wait_for(ticket.__aiter__().__anext__(), timeout=30)
+        await ticket.aclose()
+        await _settled(lambda: scheduler.stats().running == 0)
+        assert scheduler.stats().counts["failed"] == 1
+
+    asyncio.run(run())

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, TrainerCallback
 
@@ -29,7 +30,8 @@ from llava_lite.train.run import run_training
 
 
 class PeakMemory:
-    """Peak CUDA allocation, or on a CPU the peak rise of the process's resident memory (sampled)."""
+    """Peak CUDA allocation during training; on a CPU the process's peak resident memory, which is why each
+    side runs in a process of its own (imports and data included, the same for both)."""
 
     def __init__(self) -> None:
         self.cuda = torch.cuda.is_available()
@@ -37,31 +39,17 @@ class PeakMemory:
     def __enter__(self) -> PeakMemory:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-        else:
-            self.start = psutil.Process().memory_info().rss
-            self.peak = self.start
-            self.running = True
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
         return self
-
-    def _sample(self) -> None:
-        process = psutil.Process()
-        while self.running:
-            self.peak = max(self.peak, process.memory_info().rss)
-            time.sleep(0.005)
 
     def __exit__(self, *exc) -> None:
         if self.cuda:
             self.peak = torch.cuda.max_memory_allocated()
         else:
-            self.running = False
-            self.thread.join()
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     @property
     def mib(self) -> float:
-        return (self.peak - self.start) / 2**20
+        return self.peak / 2**20
 
 
 class Tokens(TrainerCallback):
@@ -205,6 +193,14 @@ def summary(counter: Tokens, memory: PeakMemory) -> dict:
     }
 
 
+def run_side(side: str, args) -> dict:
+    torch.manual_seed(0)
+    lm = model_sizes(args.hidden, args.layers)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = shapes.build_dataset(Path(tmp) / "data", max(64, args.batch_size * 8), 1, 1, seed=0)
+        return baseline(data, args, lm) if side == "baseline" else ours(data, Path(tmp) / "run", args, lm)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40, help="timed steps for each (after one warm-up step)")
@@ -212,23 +208,32 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256, help="LM width")
     parser.add_argument("--layers", type=int, default=4, help="LM layers")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    parser.add_argument("--side", choices=["ours", "baseline"], help=argparse.SUPPRESS)  # one side, in a child
     args = parser.parse_args()
-    torch.manual_seed(0)
-    lm = model_sizes(args.hidden, args.layers)
-    with tempfile.TemporaryDirectory() as tmp:
-        data = shapes.build_dataset(Path(tmp) / "data", max(64, args.batch_size * 8), 1, 1, seed=0)
-        results = {"baseline": baseline(data, args, lm), "ours": ours(data, Path(tmp) / "run", args, lm)}
+    if args.side:
+        print("RESULT " + json.dumps(run_side(args.side, args)))
+        return
+    results = {}
+    for side in ("baseline", "ours"):
+        child = subprocess.run(
+            [sys.executable, __file__, "--side", side, "--steps", str(args.steps), "--batch-size",
+             str(args.batch_size), "--hidden", str(args.hidden), "--layers", str(args.layers)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        line = next(x for x in child.stdout.splitlines() if x.startswith("RESULT "))
+        results[side] = json.loads(line.removeprefix("RESULT "))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    memory = "peak CUDA memory (MiB)" if torch.cuda.is_available() else "peak process RSS (MiB)"
     print(f"device: {device}; {args.steps} timed steps of {args.batch_size} samples; LM {args.hidden}x{args.layers}")
-    print(f"{'':<22}{'ours':>12}{'baseline':>12}{'ratio':>9}")
+    print(f"{'':<24}{'ours':>12}{'baseline':>12}{'ratio':>9}")
     for key, label in (
         ("samples_per_s", "samples/s"),
         ("tokens_per_s", "non-pad tokens/s"),
         ("padding_fraction", "padding fraction"),
-        ("peak_memory_mib", "peak memory (MiB)"),
+        ("peak_memory_mib", memory),
     ):
         a, b = results["ours"][key], results["baseline"][key]
-        print(f"{label:<22}{a:>12.3f}{b:>12.3f}{(a / b if b else float('nan')):>9.2f}")
+        print(f"{label:<24}{a:>12.3f}{b:>12.3f}{(a / b if b else float('nan')):>9.2f}")
     if args.json:
         print(json.dumps(results))
 

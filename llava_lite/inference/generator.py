@@ -40,10 +40,12 @@ class Completion:
 class StreamedAnswer:
     """Iterate for the answer's text pieces; afterwards `completion` holds the whole answer and its counts."""
 
-    def __init__(self, pieces: Iterator[str], finish: Callable[[str], Completion], counter: Callable[[], int]) -> None:
+    def __init__(
+        self, pieces: Iterator[str], finish: Callable[[str], Completion], counter: Callable[[], int] | None = None
+    ) -> None:
         self._pieces = pieces
         self._finish = finish
-        self._counter = counter
+        self._counter = counter or (lambda: 0)
         self.completion: Completion | None = None
 
     @property

@@ -221,9 +221,11 @@ class StreamTicket:
 
     def _run(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> str:
         """On a worker thread: run the generator's stream, hand pieces to the event loop, stop when told."""
-        answer = self._scheduler.generator.stream(self._job.conversation, self._job.images, self._job.settings)
-        pieces = iter(answer)
+        pieces = None
         try:
+            # Inside the try: a stream that fails to start (a bad prompt) must still reach the client as an error.
+            answer = self._scheduler.generator.stream(self._job.conversation, self._job.images, self._job.settings)
+            pieces = iter(answer)
             for piece in pieces:
                 if self._stop.is_set():
                     return "cancelled"
@@ -234,7 +236,8 @@ class StreamTicket:
             _put(loop, queue, err)
             return "failed"
         finally:
-            pieces.close()  # closing the generator's stream early cancels generation and joins its thread
+            if pieces is not None:
+                pieces.close()  # closing the generator's stream early cancels generation and joins its thread
             _put(loop, queue, _END)
 
 
