@@ -126,7 +126,8 @@ def ours(data: dict, out: Path, args, lm: dict) -> dict:
 
 
 def baseline(data: dict, args, lm: dict) -> dict:
-    """transformers' own Llava model and a hand loop: AdamW, the same batches, the tower frozen."""
+    """transformers' own Llava model and a hand loop: AdamW, gradient clipping at 1.0 as in the recipe, the same
+    batches, the tower frozen."""
     from llava_lite.data.config import DataConfig, DataSource
     from llava_lite.data.dataset import build_dataset
     from llava_lite.model.llava import LlavaLiteModel
@@ -176,6 +177,7 @@ def baseline(data: dict, args, lm: dict) -> dict:
             with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
                 loss = model(**inputs, pixel_values=batch["pixel_values"].to(device)).loss
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as the recipe (and LLaVA) clips
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
