@@ -155,6 +155,17 @@ def iter_rows(source: DataSource) -> Iterator[tuple[str, Any]]:
             yield f"{source.path} record {index}", row
 
 
+def json_object_line(line: str, where: str) -> dict:
+    """One JSONL line that must be an object; anything else is a bad record named by `where`."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise BadRecordError(where, "malformed", f"not valid JSON ({err.msg})") from None
+    if not isinstance(row, dict):
+        raise BadRecordError(where, "malformed", "each line must be a JSON object")
+    return row
+
+
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -17,7 +17,6 @@ leaving one human out. With a single reference this is exact match after normali
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from collections import defaultdict
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from llava_lite.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message
 from llava_lite.data.errors import BadRecordError
+from llava_lite.data.formats import json_object_line
 from llava_lite.data.images import load_image, resolve_image_path
 
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
@@ -206,12 +206,7 @@ def read_questions(path: str | Path, limit: int | None = None) -> list[Question]
 
 
 def _question(line: str, where: str) -> Question:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise BadRecordError(where, "malformed", f"not valid JSON ({err.msg})") from None
-    if not isinstance(row, dict):
-        raise BadRecordError(where, "malformed", "each line must be a JSON object")
+    row = json_object_line(line, where)
     text = row.get("question", row.get("text"))
     if not isinstance(text, str) or not text.strip():
         raise BadRecordError(where, "malformed", "needs a string `question` (or `text`)")

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from llava_lite.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message
 from llava_lite.data.errors import BadRecordError
-from llava_lite.data.formats import parse_record
+from llava_lite.data.formats import json_object_line, parse_record
 from llava_lite.data.images import load_image, resolve_image_path
 from llava_lite.inference.generator import Generator, SamplingSettings
 
@@ -105,12 +105,7 @@ def _requests(lines: list[str], path: Path, folder: Path, done: set[str], report
 
 def parse_request(line: str, where: str, folder: Path) -> Request:
     """`{"id", "image"?, "prompt"}` or `{"id", "messages", "images"?}`: the prompt and its loaded images."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise BadRecordError(where, "malformed", f"not valid JSON ({err.msg})") from None
-    if not isinstance(row, dict):
-        raise BadRecordError(where, "malformed", "each line must be a JSON object")
+    row = json_object_line(line, where)
     request_id = str(row.get("id", where.rsplit(" ", 1)[-1]))
     if "messages" in row:
         conversation = _conversation_from_messages(row, where)

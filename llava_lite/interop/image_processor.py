@@ -20,21 +20,8 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import PILImageResampling
 
 from llava_lite.interop.open_clip_to_hf import NotConvertible
+from llava_lite.model.vision.hf_tower import PROCESSOR_SETTINGS
 
-# Settings LlavaImageProcessor shares with the CLIP and SigLIP processors.
-_SHARED = (
-    "do_resize",
-    "size",
-    "resample",
-    "do_center_crop",
-    "crop_size",
-    "do_rescale",
-    "rescale_factor",
-    "do_normalize",
-    "image_mean",
-    "image_std",
-    "do_convert_rgb",
-)
 _RESAMPLING = {"bicubic": PILImageResampling.BICUBIC, "bilinear": PILImageResampling.BILINEAR}
 
 
@@ -47,7 +34,7 @@ def export_image_processor(tower, pad_to_square: bool) -> BaseImageProcessor:
     if not pad_to_square:
         return processor
     settings = json.loads(processor.to_json_string())
-    shared = {key: settings[key] for key in _SHARED if key in settings}
+    shared = {key: settings[key] for key in PROCESSOR_SETTINGS if key in settings}
     shared.setdefault("do_center_crop", False)  # SigLIP resizes straight to the square and never crops
     return LlavaImageProcessor(**shared, do_pad=True)
 

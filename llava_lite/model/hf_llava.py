@@ -37,24 +37,11 @@ from llava_lite.model.config import (
 )
 from llava_lite.model.projector import Projector
 from llava_lite.model.vision import build_vision_tower
+from llava_lite.model.vision.hf_tower import PROCESSOR_SETTINGS
 
 logger = logging.getLogger(__name__)
 
 _TOWER_TYPES = {"clip_vision_model": "hf_clip", "siglip_vision_model": "hf_siglip"}
-# Image processor settings our transformers towers take (LlavaImageProcessor's `do_pad` becomes image_aspect).
-_PROCESSOR_KEYS = (
-    "do_resize",
-    "size",
-    "resample",
-    "do_center_crop",
-    "crop_size",
-    "do_rescale",
-    "rescale_factor",
-    "do_normalize",
-    "image_mean",
-    "image_std",
-    "do_convert_rgb",
-)
 
 
 def is_hf_llava_folder(folder: str | Path) -> bool:
@@ -150,7 +137,7 @@ def _tower_config(folder: Path, hf_config: LlavaConfig, image_processor) -> Visi
     return VisionTowerConfig(
         type=tower_type,
         model_config=model_config,
-        preprocess={key: settings[key] for key in _PROCESSOR_KEYS if key in settings},
+        preprocess={key: settings[key] for key in PROCESSOR_SETTINGS if key in settings},
         feature_layer=layer,
         # SigLIP has no CLS token: `full` keeps every patch, which is our `drop` (nothing to drop).
         cls_token="keep" if strategy == "full" and tower_type == "hf_clip" else "drop",

@@ -19,6 +19,21 @@ from transformers import (
 from llava_lite.model.config import VisionTowerConfig
 from llava_lite.model.vision.base import VisionTower, hidden_state_index
 
+# Image-processor settings the CLIP and SigLIP processors share with transformers' LlavaImageProcessor.
+PROCESSOR_SETTINGS = (
+    "do_resize",
+    "size",
+    "resample",
+    "do_center_crop",
+    "crop_size",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+)
+
 # type -> (model class, its vision config class, image processor class)
 _FAMILIES = {
     "hf_clip": (CLIPVisionModel, CLIPVisionConfig, CLIPImageProcessor),
