@@ -72,3 +72,26 @@ def test_bad_config_key_is_one_line_naming_it(tmp_path, capsys):
     recipe.write_text("data:\n  sources: []\n  max_lenght: 4\n")
     assert main(["inspect-data", str(recipe)]) == 2
     assert "max_lenght" in capsys.readouterr().err
+
+
+def test_serve_api_key_comes_from_the_flag_before_the_environment(tmp_path, monkeypatch):
+    from llava_lite.cli import build_parser
+    from llava_lite.commands.serve import serve_config
+    from llava_lite.serve.config import API_KEY_ENV
+
+    def key(*flags):
+        return serve_config(build_parser().parse_args(["serve", "--model", str(tmp_path), *flags])).api_key
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert key() is None
+    assert key("--api-key", "from-flag") == "from-flag"
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert key() == "from-env"
+    assert key("--api-key", "from-flag") == "from-flag"
+
+
+def test_serve_with_an_image_root_that_is_not_a_folder_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "no-such-folder"
+    assert main(["serve", "--model", str(tmp_path), "--image-root", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"llava-lite serve: error: --image-root {missing} is not a folder"

@@ -142,3 +142,23 @@ def test_judge_keeps_only_records_scored_at_or_above_the_threshold(tmp_path):
         ("img1-conversation", "low_judge_score"),
         ("img3-conversation", "low_judge_score"),
     ]
+
+
+def test_retry_after_is_read_as_seconds_milliseconds_or_an_http_date():
+    import email.utils
+    import time
+
+    import httpx
+
+    from llava_lite.datagen.backends.openai import _retry_after
+
+    def wait(**headers):
+        return _retry_after(httpx.Response(429, headers=headers))
+
+    assert wait(**{"retry-after": "7"}) == 7.0
+    assert wait(**{"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    in_a_minute = email.utils.formatdate(time.time() + 60, usegmt=True)
+    assert 55 <= wait(**{"retry-after": in_a_minute}) <= 60
+    assert wait(**{"retry-after": email.utils.formatdate(time.time() - 60, usegmt=True)}) == 0.0
+    assert wait(**{"retry-after": "soon"}) is None
+    assert wait() is None

@@ -99,13 +99,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from llava_lite.inference.generator import Generator
-    from llava_lite.serve.app import create_app
-
-    config = ServeConfig(
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The server's settings from the command line; the key from --api-key, else from the environment."""
+    return ServeConfig(
         model_name=args.served_model_name or Path(args.model).resolve().name,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         image_root=args.image_root.resolve() if args.image_root else None,
@@ -122,6 +118,15 @@ def run(args: argparse.Namespace) -> int:
         queue_depth=args.queue_depth,
         max_batch_size=args.max_batch_size,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from llava_lite.inference.generator import Generator
+    from llava_lite.serve.app import create_app
+
+    config = serve_config(args)
     generator = Generator.from_folder(args.model, args.device, args.dtype)
     app = create_app(generator, config)
     log = logging.getLogger("llava_lite.serve")

@@ -10,6 +10,8 @@ sized to match. The API key comes from an environment variable, never from the c
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import json
 import os
 import random
@@ -122,6 +124,7 @@ class OpenAIBackend:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds the server asked us to wait: `retry-after-ms`, or `Retry-After` as seconds or as an HTTP date."""
     for header, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
         value = response.headers.get(header)
         if value is None:
@@ -129,7 +132,15 @@ def _retry_after(response: httpx.Response) -> float | None:
         try:
             return max(float(value) / scale, 0.0)
         except ValueError:
-            pass  # an HTTP date: rare from model servers; fall back to backoff
+            pass
+        if header == "retry-after":
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                continue  # neither a number nor a date: fall back to backoff
+            if when.tzinfo is None:  # RFC 9110 dates are GMT; a zone-less one is read as such
+                when = when.replace(tzinfo=datetime.timezone.utc)
+            return max((when - datetime.datetime.now(datetime.timezone.utc)).total_seconds(), 0.0)
     return None
 
 
