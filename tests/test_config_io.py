@@ -62,3 +62,11 @@ def test_naming_a_real_language_model_replaces_the_presets_random_one():
 def test_model_config_without_a_tower_source_is_refused():
     with pytest.raises(ConfigError, match="vision tower needs `name` or `model_config`"):
         from_dict(ModelConfig, {"vision_tower": {}, "language_model": {"name": "x"}}, "model")
+
+
+def test_warmup_ratio_of_one_or_more_is_refused_not_read_as_steps():
+    from llava_lite.train.config import TrainingSettings
+
+    assert from_dict(TrainingSettings, {"warmup_ratio": 0.5}, "train").warmup_ratio == 0.5
+    with pytest.raises(ConfigError, match=r"train: warmup_ratio must be in \[0, 1\), got 3"):
+        from_dict(TrainingSettings, {"warmup_ratio": 3}, "train")

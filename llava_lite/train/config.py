@@ -65,6 +65,11 @@ class TrainingSettings:
     report_to: list[str] | str = "auto"
     num_workers: int = 0
 
+    def __post_init__(self) -> None:
+        # transformers reads a warmup of 1 or more as a number of steps, so a ratio must stay below 1.
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
 
 @dataclass
 class TrainConfig:
