@@ -56,8 +56,12 @@ def read_source(
     return conversations, skipped
 
 
-def parse_record(row: Any, where: str, roles: dict[str, str] | None = None) -> Conversation:
-    """One raw record (LLaVA `conversations` or `messages`) to a Conversation; image paths left as given."""
+def parse_record(
+    row: Any, where: str, roles: dict[str, str] | None = None, require_answer: bool = True
+) -> Conversation:
+    """One raw record (LLaVA `conversations` or `messages`) to a Conversation; image paths left as given.
+
+    A training record needs an assistant answer; a prompt to answer (`require_answer=False`) may end on the user."""
     roles = roles or DEFAULT_ROLES
     if not isinstance(row, dict):
         raise BadRecordError(where, "malformed", f"a record must be an object, got {type(row).__name__}")
@@ -73,7 +77,7 @@ def parse_record(row: Any, where: str, roles: dict[str, str] | None = None) -> C
         check_roles(messages, where)
     except TemplateError as err:
         raise BadRecordError(where, "malformed", str(err).removeprefix(f"{where}: ")) from None
-    if not any(m.role == "assistant" and m.content.strip() for m in messages):
+    if require_answer and not any(m.role == "assistant" and m.content.strip() for m in messages):
         raise BadRecordError(where, "malformed", "no assistant message to train on")
     empty = [n for n, m in enumerate(messages, 1) if m.role == "assistant" and not m.content.strip()]
     if empty:
@@ -146,7 +150,7 @@ def iter_rows(source: DataSource) -> Iterator[tuple[str, Any]]:
     path = Path(source.path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl" and path.is_file():
-        yield from _jsonl_rows(path)
+        yield from jsonl_rows(path)
     elif suffix == ".json" and path.is_file():
         yield from _json_rows(path)
     else:
@@ -166,6 +170,19 @@ def json_object_line(line: str, where: str) -> dict:
     return row
 
 
+def read_json_objects(path: str | Path, what: str = "data") -> Iterator[tuple[str, dict]]:
+    """Each non-blank line of a JSONL file as (`FILE line N`, object); a line that is not an object is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such {what} file")
+    for where, row in jsonl_rows(path):
+        if isinstance(row, BadRecordError):
+            raise row
+        if not isinstance(row, dict):
+            raise BadRecordError(where, "malformed", "each line must be a JSON object")
+        yield where, row
+
+
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -177,7 +194,8 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path} record {index}", row
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+def jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(`FILE line N`, value) per non-blank line; a line that is not JSON comes as its BadRecordError."""
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():

@@ -108,7 +108,7 @@ def parse_request(line: str, where: str, folder: Path) -> Request:
     row = json_object_line(line, where)
     request_id = str(row.get("id", where.rsplit(" ", 1)[-1]))
     if "messages" in row:
-        conversation = _conversation_from_messages(row, where)
+        conversation = parse_record(row, where, require_answer=False)
     elif isinstance(row.get("prompt"), str):
         conversation = _conversation_from_prompt(row)
     else:
@@ -136,12 +136,6 @@ def _conversation_from_prompt(row: dict) -> Conversation:
     return Conversation([*messages, Message("user", prompt)], images)
 
 
-def _conversation_from_messages(row: dict, where: str) -> Conversation:
-    # A conversation ending on the user's turn: parse it with a placeholder answer, then drop that answer.
-    closed = {**row, "messages": [*row["messages"], {"role": "assistant", "content": "-"}]}
-    conversation = parse_record(closed, where)
-    conversation.messages = conversation.messages[:-1]
-    return conversation
 
 
 def _answered_ids(partial: Path, finished: Path | None) -> set[str]:
