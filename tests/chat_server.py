@@ -101,11 +101,19 @@ def _handler(state: ChatServer):
             with state.lock:
                 state.in_flight += 1
                 state.max_in_flight = max(state.max_in_flight, state.in_flight)
+            self.counted = True
             try:
                 self._serve()
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client gave up (a timeout): nothing to do
             finally:
+                self._finished()
+
+        def _finished(self) -> None:
+            """The request stops counting as in flight before its reply is written: a client that has the reply
+            may send its next request (on a new connection) before this handler returns."""
+            if self.counted:
+                self.counted = False
                 with state.lock:
                     state.in_flight -= 1
 
@@ -160,6 +168,7 @@ def _handler(state: ChatServer):
             self._send_raw(status, json.dumps(data).encode(), "application/json", extra)
 
         def _send_raw(self, status: int, payload: bytes, content_type: str, headers: dict | None = None) -> None:
+            self._finished()
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(payload)))

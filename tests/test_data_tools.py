@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import fixture_path
+from conftest import ROOT, fixture_path
 
 from llava_lite.cli import main
 from llava_lite.data.mix import allocate
@@ -96,6 +98,59 @@ def test_allocation_is_within_one_record_of_every_share():
         counts = allocate(ratios, total)
         assert sum(counts) == total
         assert all(abs(c - total * r / sum(ratios)) < 1 for c, r in zip(counts, ratios))
+
+
+@pytest.mark.parametrize(
+    "content, extra, message",
+    [
+        ('{not json\n[1, 2]\n{"conversations": []}\n', [], "no readable records (skipped: malformed 3)"),
+        ("", ["--total", "10", "--with-replacement"], "no readable records (it is empty)"),
+    ],
+)
+def test_a_source_without_readable_records_is_one_line_error_naming_it(
+    tmp_path, sources, capsys, content, extra, message
+):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(content)
+    out = tmp_path / "mix.json"
+    assert main(["data", "mix", f"{sources[0]}:0.5", f"{broken}:0.5", *extra, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{broken}: {message}" in err and err.count("\n") == 1
+    assert not out.exists()
+    assert main(["data", "stats", str(broken)]) == 2  # the same reader: nothing to describe is an error too
+    assert f"{broken}: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message", [(["--with-replacement"], "--with-replacement needs --total"), (["--total", "0"], "positive")]
+)
+def test_mix_arguments_are_checked_before_any_source_is_read(tmp_path, capsys, extra, message):
+    missing = tmp_path / "missing.jsonl"
+    assert main(["data", "mix", f"{missing}:1", *extra, "--out", str(tmp_path / "o.json")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "no such data file" not in err
+
+
+def test_reading_a_source_shows_progress_on_a_terminal(tmp_path, sources, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["data", "mix", f"{sources[0]}:1", "--total", "10", "--out", str(tmp_path / "o.json")]) == 0
+    assert f"reading {sources[0]}" in capsys.readouterr().err
+
+
+def test_stats_loads_its_tokenizer_before_reading_the_data(tmp_path, capsys):
+    tokenizer = tmp_path / "no-tokenizer"
+    assert main(["data", "stats", str(tmp_path / "missing.jsonl"), "--tokenizer", str(tokenizer)]) == 2
+    err = capsys.readouterr().err
+    assert str(tokenizer) in err and "no such data file" not in err
+
+
+def test_data_and_datagen_commands_import_no_model_code():
+    """`llava-lite --help` imports every command module: torch and transformers load only when a command runs."""
+    modules = "llava_lite.commands.data, llava_lite.commands.datagen"
+    code = f"import sys, {modules}; print(sorted({{'torch', 'transformers'}} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("spec", ["nocolon.jsonl", "a.jsonl:-1", "a.jsonl:zero"])

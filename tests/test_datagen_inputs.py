@@ -102,6 +102,27 @@ def test_caps_boxes_records_with_pixels_bad_lines_and_missing_images(tmp_path):
     assert build_context(images[0]) == "A cat.\n\ncat: [0.250, 0.250, 0.750, 0.750]"
     assert report.problems == {"box_outside_image": 1, "missing_image": 1, "bad_record": 2}
     assert report.examples["bad_record"].endswith("caps.jsonl line 3: a record needs an `image` file name")
+    path.write_text("{broken\n")  # a line that is not JSON is reported by line, with the parser's reason
+    _, report = load_annotations([str(path)])
+    assert report.lines() == [
+        f"bad_record: 1 (first: {path} line 1: not valid JSON (Expecting property name enclosed in double quotes))"
+    ]
+
+
+def test_images_past_the_limit_are_not_checked(tmp_path):
+    (tmp_path / "images").mkdir()
+    for name in ("a.jpg", "c.jpg"):
+        (tmp_path / "images" / name).write_bytes(b"")
+    path = tmp_path / "caps.jsonl"
+    path.write_text(
+        "".join(json.dumps({"image": n, "captions": ["A cat."]}) + "\n" for n in ("a.jpg", "b.jpg", "c.jpg"))
+    )
+    images, report = load_annotations([str(path)], images_dir=str(tmp_path / "images"), limit=1)
+    assert [image.image for image in images] == ["a.jpg"]
+    assert report.images_listed == 3 and not report.problems  # b.jpg, past the limit, was never looked for
+    images, report = load_annotations([str(path)], images_dir=str(tmp_path / "images"), limit=2)
+    assert [image.image for image in images] == ["a.jpg", "c.jpg"]
+    assert report.problems == {"missing_image": 1}
 
 
 @pytest.mark.parametrize("content", ["{not json", '"a string"', '{"images": 3, "annotations": []}'])

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from chat_server import ChatServer, write_scenes
 
 from llava_lite.cli import main
+from llava_lite.datagen.backends import openai
 from llava_lite.datagen.backends.openai import OpenAIBackend
 from llava_lite.datagen.inputs import load_annotations
 from llava_lite.datagen.pipeline import Generator, build_tasks, finish
@@ -56,11 +59,18 @@ def generate(annotations: str, out: Path, server: ChatServer, concurrency: int =
     return backend, summary
 
 
-def test_every_record_ends_as_exactly_one_output_or_one_reject_under_faults(tmp_path):
+def test_every_record_ends_as_exactly_one_output_or_one_reject_under_faults(tmp_path, monkeypatch):
+    waits = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        time.sleep(seconds)
+
+    monkeypatch.setattr(openai, "time", SimpleNamespace(sleep=sleep))  # the backend's waits between retries
     annotations = write_scenes(tmp_path / "scenes.jsonl", 16)
     out = tmp_path / "out.jsonl"
     with ChatServer(faults=FAULTS) as server:
-        backend, summary = generate(annotations, out, server)
+        _, summary = generate(annotations, out, server)
     records, rejects = read_jsonl(out), read_jsonl(tmp_path / "rejects.jsonl")
     kept = [record["id"] for record in records]
     rejected = [reject["id"] for reject in rejects]
@@ -69,7 +79,8 @@ def test_every_record_ends_as_exactly_one_output_or_one_reject_under_faults(tmp_
     assert {reject["id"]: reject["reason"] for reject in rejects} == EXPECTED_REJECTS
     # 429 once, 500 once + 2 for the record that fails, one timeout, one unreadable body, one dropped connection.
     assert summary.retries == {"429": 1, "5xx": 3, "timeout": 1, "bad_body": 1, "connection": 1}
-    assert ("429", 1.0) in backend.waits  # the server's Retry-After, not the 0.01 s backoff
+    assert len(waits) == 7 and 1.0 in waits  # one wait per retry; the 429's is the server's Retry-After
+    assert sorted(waits)[-2] < 0.05  # the others the 0.01 s backoff, doubled at most once, with jitter
     assert summary.failed == 1
     assert summary.tokens["completion_tokens"] == 20 * 15  # the final reply of every record but the failed one
     assert records[0]["metadata"] == {
@@ -142,6 +153,23 @@ def test_judge_keeps_only_records_scored_at_or_above_the_threshold(tmp_path):
         ("img1-conversation", "low_judge_score"),
         ("img3-conversation", "low_judge_score"),
     ]
+
+
+def test_the_command_closes_the_generating_and_the_judging_backend(tmp_path, monkeypatch):
+    closed = []
+    close = OpenAIBackend.close
+
+    def recording_close(self) -> None:
+        closed.append(self.model)
+        close(self)
+
+    monkeypatch.setattr(OpenAIBackend, "close", recording_close)
+    annotations = write_scenes(tmp_path / "scenes.jsonl", 2)
+    with ChatServer() as server:
+        argv = ["datagen", "--annotations", annotations, "--backend", "openai", "--base-url", server.url]
+        argv += ["--model", "m", "--kinds", "conversation", "--judge", "--judge-model", "j"]
+        assert main([*argv, "--out", str(tmp_path / "out.jsonl")]) == 0
+    assert sorted(closed) == ["j", "m"]
 
 
 def test_retry_after_is_read_as_seconds_milliseconds_or_an_http_date():

@@ -204,6 +204,20 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys, extra, message):
     assert err.count("\n") == 0 and message in err
 
 
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--limit", "0"), ("--limit", "-1"), ("--batch-size", "0"), ("--concurrency", "0"), ("--max-tokens", "0"),
+     ("--max-consecutive-failures", "0"), ("--max-retries", "-1"), ("--limit", "two"), ("--dtype", "bf16")],
+)  # fmt: skip
+def test_bad_option_values_are_refused_by_flag_before_anything_is_read(tmp_path, capsys, flag, value):
+    missing = str(tmp_path / "missing.jsonl")  # never opened: the flag is checked first
+    with pytest.raises(SystemExit) as exited:
+        main(["datagen", "--annotations", missing, "--out", str(tmp_path / "o.json"), flag, value])
+    assert exited.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"llava-lite datagen: error: argument {flag}: ") and repr(value) in last
+
+
 def test_a_prompts_folder_replaces_the_built_in_prompt_of_its_kinds(tmp_path):
     from llava_lite.datagen.prompts import load_prompts
 
@@ -219,7 +233,7 @@ def test_a_prompts_folder_replaces_the_built_in_prompt_of_its_kinds(tmp_path):
         {"role": "assistant", "content": "Question: What?\nAnswer: A cat."},
         {"role": "user", "content": "A dog."},
     ]
-    assert prompts["detail"].origin == "built-in" and len(prompts["detail"].questions) >= 5
+    assert prompts["detail"] == load_prompts(["detail"])["detail"] and len(prompts["detail"].questions) >= 5
     (folder / "detail.yaml").write_text("examples: []\n")
     with pytest.raises(ValueError, match=r"detail\.yaml \(detail prompts\): needs a `system` message"):
         load_prompts(["detail"], str(folder))

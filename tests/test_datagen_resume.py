@@ -93,6 +93,30 @@ def test_a_journal_from_other_settings_is_not_resumed(tmp_path):
         Journal.open(path, {"model": "b", "seed": 0})
 
 
+def test_a_journal_with_other_settings_is_refused_before_the_backend_is_built(tmp_path, monkeypatch, capsys):
+    annotations = write_scenes(tmp_path / "scenes.jsonl", 2)
+    out = tmp_path / "out.jsonl"
+    Journal.open(out.with_name("out.jsonl.journal"), {"model": "another"}).close()
+
+    def no_backend(*args):
+        raise AssertionError("the backend (for hf: minutes of loading) was built before the journal was checked")
+
+    monkeypatch.setattr("llava_lite.commands.datagen._backend", no_backend)
+    assert main(["datagen", "--annotations", annotations, "--out", str(out)]) == 2
+    assert "left by a run with other settings" in capsys.readouterr().err
+
+
+def test_a_backend_that_cannot_start_leaves_no_journal_to_refuse_the_corrected_command(tmp_path, capsys):
+    annotations = write_scenes(tmp_path / "scenes.jsonl", 2)
+    out = tmp_path / "out.jsonl"
+    with ChatServer() as server:
+        argv = ["datagen", "--annotations", annotations, "--backend", "openai", "--base-url", server.url]
+        assert main([*argv, "--out", str(out)]) == 2
+        assert "needs --model" in capsys.readouterr().err
+        assert not out.with_name("out.jsonl.journal").exists()
+        assert main([*argv, "--model", "m", "--out", str(out)]) == 0  # no --overwrite needed
+
+
 def test_a_finished_output_is_not_overwritten_without_asking(tmp_path, capsys):
     annotations = write_scenes(tmp_path / "scenes.jsonl", 2)
     out = tmp_path / "out.json"

@@ -6,10 +6,6 @@ import argparse
 import json
 import sys
 
-from llava_lite.data.mix import largest_total, mix, parse_spec, read_records
-from llava_lite.data.stats import describe, plot, table
-from llava_lite.data.writing import write_records
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -61,14 +57,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_mix(args: argparse.Namespace) -> int:
+    from llava_lite.data.mix import largest_total, mix, parse_spec, read_records
+    from llava_lite.data.writing import write_records
+
+    if args.total is not None and args.total <= 0:
+        raise ValueError("--total must be positive")
+    if args.total is None and args.with_replacement:
+        raise ValueError("sampling --with-replacement needs --total")
     sources = [parse_spec(spec) for spec in args.sources]
     for source in sources:
         source.records, source.skipped = read_records(source.path)
-    if args.total is not None and args.total <= 0:
-        raise ValueError("--total must be positive")
-    if args.total is None and not args.with_replacement:
-        print(f"no --total: the largest mix without repeats is {largest_total(sources)} records")
-    records, counts = mix(sources, args.total, args.with_replacement, args.seed, args.curriculum)
+    total = args.total
+    if total is None:
+        total = largest_total(sources)
+        print(f"no --total: the largest mix without repeats is {total} records")
+    records, counts = mix(sources, total, args.with_replacement, args.seed, args.curriculum)
     write_records(args.out, records)
     ratio_sum = sum(s.ratio for s in sources)
     for source, count in zip(sources, counts):
@@ -82,12 +85,13 @@ def run_mix(args: argparse.Namespace) -> int:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
+    from llava_lite.data.mix import read_records
+    from llava_lite.data.stats import describe, plot, table
+    from llava_lite.model.config import LanguageModelConfig
+    from llava_lite.model.language_model import load_tokenizer
 
-    from llava_lite.model.tiny_tokenizer import TINY_TOKENIZER_DIR
-
+    tokenizer = load_tokenizer(LanguageModelConfig(name=args.tokenizer))  # first: a bad path fails before the read
     records, skipped = read_records(args.path)
-    tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR) if args.tokenizer == "tiny" else args.tokenizer)
     stats = describe([(r.raw, r.conversation) for r in records], tokenizer, skipped)
     if args.json:
         json.dump(stats.as_dict(), sys.stdout, indent=1)

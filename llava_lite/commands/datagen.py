@@ -12,7 +12,7 @@ from pathlib import Path
 from llava_lite.datagen.backends import BACKENDS, Backend
 from llava_lite.datagen.filters import DEFAULT_BOUNDS
 from llava_lite.datagen.inputs import InputReport, load_annotations
-from llava_lite.datagen.pipeline import Generator, Judge, Settings, build_tasks, finish
+from llava_lite.datagen.pipeline import Generator, Judge, Settings, build_tasks, finish, pending_tasks
 from llava_lite.datagen.prompts import JUDGE, KINDS, fingerprint, load_prompts
 from llava_lite.datagen.writer import Journal
 
@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inputs.add_argument(
         "--images-dir", default=None, help="check every image exists here (image paths are relative to it)"
     )
-    inputs.add_argument("--limit", type=int, default=None, help="use only the first N usable images")
+    inputs.add_argument("--limit", type=_at_least(1), default=None, help="use only the first N usable images")
 
     what = parser.add_argument_group("what to generate")
     what.add_argument(
@@ -71,20 +71,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     backend.add_argument("--model", default=None, help="openai: the served model name; hf: a local model folder")
     backend.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="openai: the API base URL")
     backend.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: environment variable with the key")
-    backend.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight at once (default: 8)")
+    backend.add_argument(
+        "--concurrency", type=_at_least(1), default=8, help="openai: requests in flight at once (default: 8)"
+    )
     backend.add_argument("--timeout", type=float, default=120.0, help="openai: seconds to wait for a reply")
     backend.add_argument(
-        "--max-retries", type=int, default=5, help="openai: retries on 429, 5xx, timeouts (default: 5)"
+        "--max-retries", type=_at_least(0), default=5, help="openai: retries on 429, 5xx, timeouts (default: 5)"
     )
     backend.add_argument("--backoff", type=float, default=1.0, help="openai: first retry wait in seconds, then doubled")
-    backend.add_argument("--batch-size", type=int, default=8, help="hf: prompts generated together (default: 8)")
+    backend.add_argument(
+        "--batch-size", type=_at_least(1), default=8, help="hf: prompts generated together (default: 8)"
+    )
     backend.add_argument("--device", default=None, help="hf: cuda, cpu, ... (default: cuda when there is one)")
-    backend.add_argument("--dtype", default="auto", help="hf: auto, bfloat16, float16, float32")
+    backend.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="hf: weights dtype"
+    )
     backend.add_argument("--trust-remote-code", action="store_true", help="hf: run the model folder's own code")
     backend.add_argument(
         "--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default 0.7)"
     )
-    backend.add_argument("--max-tokens", type=int, default=1024, help="longest reply in tokens")
+    backend.add_argument("--max-tokens", type=_at_least(1), default=1024, help="longest reply in tokens")
 
     checks = parser.add_argument_group("filters")
     checks.add_argument("--min-answer-words", type=int, default=None, help="shortest answer kept (default per kind)")
@@ -96,7 +102,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     checks.add_argument("--judge-model", default=None, help="model for --judge (default: --model)")
     checks.add_argument("--judge-threshold", type=float, default=7.0, help="lowest judge score kept, of 10 (default 7)")
     checks.add_argument(
-        "--max-consecutive-failures", type=int, default=20, help="stop when the backend fails this often in a row"
+        "--max-consecutive-failures",
+        type=_at_least(1),
+        default=20,
+        help="stop when the backend fails this often in a row",
     )
     parser.set_defaults(run=run)
 
@@ -119,29 +128,39 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("no usable image in the annotations (the problems are listed above)")
     prompts = load_prompts([*kinds, *([JUDGE] if args.judge else [])], args.prompts)
     settings = Settings(_bounds(args, kinds), args.max_consecutive_failures)
-    backend = _backend(args, args.model, report)
-    judge = None
-    if args.judge:
-        judge_backend = backend if args.judge_model in (None, args.model) else _backend(args, args.judge_model, report)
-        judge = Judge(judge_backend, prompts[JUDGE], args.judge_threshold)
-    run_settings = _run_settings(args, kinds, prompts, settings, backend)
-    journal = Journal.open(journal_path, run_settings, fresh=args.overwrite)
-    tasks = build_tasks(images, kinds, prompts, args.seed)
+    # The journal before the backend: one left with other settings is refused before a model loads for minutes.
+    journal = Journal.open(journal_path, _run_settings(args, kinds, prompts, settings), fresh=args.overwrite)
+    backends: list[Backend] = []
     try:
-        resumed = sum(journal.entries.get(t.key, {}).get("status") in ("ok", "rejected") for t in tasks)
+        backend = _backend(args, args.model, report)
+        backends.append(backend)
+        judge = None
+        if args.judge:
+            judge_backend = backend
+            if args.judge_model not in (None, args.model):
+                judge_backend = _backend(args, args.judge_model, report)
+                backends.append(judge_backend)
+            judge = Judge(judge_backend, prompts[JUDGE], args.judge_threshold)
+        tasks = build_tasks(images, kinds, prompts, args.seed)
+        resumed = len(tasks) - len(pending_tasks(tasks, journal))
         if resumed:
             print(f"resuming: {resumed} of {len(tasks)} tasks already done in {journal_path}", file=sys.stderr)
         Generator(backend, prompts, journal, settings, judge).run(tasks, progress=sys.stderr.isatty())
         summary = finish(tasks, journal, out, rejects, args.near_duplicate)
     except KeyboardInterrupt:
-        journal.close()
-        print(f"datagen: stopped; {journal_path} keeps what was done - run the same command to resume", file=sys.stderr)
-        raise
-    except BaseException:
-        journal.close()
+        if journal.entries:
+            print(
+                f"datagen: stopped; {journal_path} keeps what was done - run the same command to resume",
+                file=sys.stderr,
+            )
         raise
     finally:
-        backend.close()
+        for each in backends:
+            each.close()
+        if journal.entries:
+            journal.close()  # kept for a rerun to resume (finish() removes it once every task succeeded)
+        else:
+            journal.remove()  # nothing in it: a rerun with other settings need not pass --overwrite
     print(f"wrote {out} and {rejects}")
     for line in summary.lines():
         print(line)
@@ -206,15 +225,15 @@ def _backend(args: argparse.Namespace, model: str | None, report: InputReport) -
     )
 
 
-def _run_settings(args, kinds, prompts, settings: Settings, backend: Backend) -> dict:
+def _run_settings(args, kinds, prompts, settings: Settings) -> dict:
     """What decides the records: a journal left by a run with other values is not resumed."""
     data = {
         "inputs": [[str(Path(f).resolve()), Path(f).stat().st_size] for f in [*args.annotations, *args.instances]],
         "images_dir": args.images_dir,
         "limit": args.limit,
         "kinds": kinds,
-        "backend": backend.name,
-        "model": backend.model,
+        "backend": args.backend,
+        "model": args.model if args.backend != "template" else None,
         "sampling": [args.temperature, args.max_tokens] if args.backend != "template" else None,
         "seed": args.seed,
         "prompts": fingerprint(prompts),
@@ -222,6 +241,21 @@ def _run_settings(args, kinds, prompts, settings: Settings, backend: Backend) ->
         "judge": [args.judge_model or args.model, args.judge_threshold] if args.judge else None,
     }
     return json.loads(json.dumps(data))  # tuples to lists: equal to what the journal reads back
+
+
+def _at_least(minimum: int):
+    """An argparse type: a whole number of at least `minimum`, else a usage error naming the flag."""
+
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}, got {text!r}")
+        return value
+
+    return whole_number
 
 
 def _print_inputs(report: InputReport, usable: int, images_dir: str | None) -> None:

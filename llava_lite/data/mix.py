@@ -14,6 +14,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from llava_lite.data.config import DataSource
 from llava_lite.data.conversation import Conversation
 from llava_lite.data.errors import BadRecordError
@@ -53,13 +55,19 @@ def read_records(path: str | Path) -> tuple[list[Record], Counter]:
     if not Path(path).exists():
         raise ValueError(f"{path}: no such data file")
     records, skipped = [], Counter()
-    for where, row in iter_rows(DataSource(str(path))):
+    # disable=None: a bar on a terminal only, so piped output and logs stay clean.
+    rows = tqdm(iter_rows(DataSource(str(path))), desc=f"reading {path}", unit=" records", disable=None, leave=False)
+    for where, row in rows:
         try:
             if isinstance(row, BadRecordError):
                 raise row
-            records.append(Record(dict(row), parse_record(row, where)))
+            conversation = parse_record(row, where)  # first: it refuses a row that is not an object
+            records.append(Record(dict(row), conversation))
         except BadRecordError as err:
             skipped[err.reason] += 1
+    if not records:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items()))
+        raise ValueError(f"{path}: no readable records" + (f" (skipped: {reasons})" if reasons else " (it is empty)"))
     return records, skipped
 
 
@@ -84,19 +92,13 @@ def largest_total(sources: list[MixSource]) -> int:
 
 
 def mix(
-    sources: list[MixSource], total: int | None, replacement: bool, seed: int, curriculum: bool = False
+    sources: list[MixSource], total: int, replacement: bool, seed: int, curriculum: bool = False
 ) -> tuple[list[dict], list[int]]:
     """The mixed records and how many came from each source."""
-    if total is None:
-        if replacement:
-            raise ValueError("sampling with replacement needs --total")
-        total = largest_total(sources)
     counts = allocate([s.ratio for s in sources], total)
     rng = random.Random(seed)
     chosen: list[Record] = []
     for source, count in zip(sources, counts):
-        if count and not source.records:
-            raise ValueError(f"{source.path}: no readable records to draw {count} from")
         if replacement:
             chosen += rng.choices(source.records, k=count)
         elif count > len(source.records):

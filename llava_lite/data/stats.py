@@ -72,7 +72,7 @@ def describe(records: list[tuple[dict, Conversation]], tokenizer, skipped: Count
     stats = DatasetStats(records=len(records), skipped=skipped or Counter())
     images: set[str] = set()
     bigrams: Counter = Counter()
-    texts, answer_at = [], []  # every message's text, and which of them are answers, for one batched count
+    texts = []  # every message's text, for one batched count
     for raw, conversation in records:
         images.update(conversation.images)
         stats.with_images += bool(conversation.images)
@@ -81,7 +81,6 @@ def describe(records: list[tuple[dict, Conversation]], tokenizer, skipped: Count
         stats.turns.append(sum(m.role == "assistant" for m in conversation.messages))
         for message in conversation.messages:
             texts.append(_plain(message.content))
-            answer_at.append(message.role == "assistant")
             if message.role == "assistant":
                 words = len(message.content.split())
                 stats.answer_lengths[
@@ -95,9 +94,8 @@ def describe(records: list[tuple[dict, Conversation]], tokenizer, skipped: Count
                     stats.lead_pairs[pair] += 1
                 bigrams.update(zip(words, words[1:]))
     counts = iter(_token_counts(tokenizer, texts))
-    is_answer = iter(answer_at)
     for _, conversation in records:
-        lengths = [(next(counts), next(is_answer)) for _ in conversation.messages]
+        lengths = [(next(counts), m.role == "assistant") for m in conversation.messages]
         stats.tokens.append(sum(n for n, _ in lengths))
         stats.answer_tokens += [n for n, answer in lengths if answer]
     stats.images = len(images)

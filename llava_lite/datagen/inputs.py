@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from llava_lite.data.errors import BadRecordError
 
 # COCO boxes are floats measured by hand; a box may overhang its image by this much and still count as inside.
 EDGE_TOLERANCE_PX = 1.0
@@ -82,10 +85,12 @@ def load_annotations(
         if isinstance(data, dict):
             _read_coco(Path(name), data, images, vocabulary, report)
         else:
-            _read_records(Path(name), data, images, vocabulary, report)
+            _read_records(data, images, vocabulary, report)
     report.images_listed = len(images)
     usable = []
     for image in images.values():
+        if limit is not None and len(usable) >= limit:
+            break  # later images are not used, so not checked: a file check per image is slow on large sets
         if not image.captions and not image.boxes:
             report.add("image_without_annotations", image.image, "no captions and no boxes for this image")
         elif images_dir is not None and not (Path(images_dir) / image.image).is_file():
@@ -93,7 +98,7 @@ def load_annotations(
         else:
             usable.append(image)
     report.vocabulary = sorted(vocabulary)
-    return (usable[:limit] if limit is not None else usable), report
+    return usable, report
 
 
 def build_context(image: ImageAnnotations) -> str:
@@ -107,8 +112,18 @@ def build_context(image: ImageAnnotations) -> str:
 
 def normalise_pixel_box(x: float, y: float, w: float, h: float, width: float, height: float) -> tuple[float, ...]:
     """A COCO pixel box `[x, y, w, h]` as `[x1, y1, x2, y2]` in [0, 1], 3 decimals; a slight overhang is clipped."""
-    corners = (x / width, y / height, (x + w) / width, (y + h) / height)
-    return tuple(round(min(max(value, 0.0), 1.0), 3) for value in corners)
+    return _normalised((x, y, x + w, y + h), width, height)
+
+
+def _normalised(corners: tuple[float, ...], width: float, height: float) -> tuple[float, ...]:
+    """`[x1, y1, x2, y2]` divided by the image size, a slight overhang clipped, 3 decimals."""
+    scale = (width, height, width, height)
+    return tuple(round(min(max(value / size, 0.0), 1.0), 3) for value, size in zip(corners, scale))
+
+
+def _inside(corners: tuple[float, ...], width: float, height: float, tolerance: float) -> bool:
+    x1, y1, x2, y2 = corners
+    return min(x1, y1) >= -tolerance and x2 <= width + tolerance and y2 <= height + tolerance
 
 
 # ----- COCO -------------------------------------------------------------------------------------------------------
@@ -178,8 +193,7 @@ def _add_coco_box(
         return
     width, height = sizes[image_id]
     x, y, w, h = (float(v) for v in bbox)
-    tolerance = EDGE_TOLERANCE_PX
-    if x < -tolerance or y < -tolerance or x + w > width + tolerance or y + h > height + tolerance:
+    if not _inside((x, y, x + w, y + h), width, height, EDGE_TOLERANCE_PX):
         report.add("box_outside_image", where, f"bbox {bbox} leaves the {width:g}x{height:g} image")
         return
     corners = normalise_pixel_box(x, y, w, h, width, height)
@@ -189,10 +203,10 @@ def _add_coco_box(
 # ----- captions-and-boxes records (LLaVA's JSONL, or a JSON list of the same) -------------------------------------
 
 
-def _read_records(path: Path, rows: list, images: dict, vocabulary: set, report: InputReport) -> None:
+def _read_records(rows: Iterable[tuple[str, Any]], images: dict, vocabulary: set, report: InputReport) -> None:
     for where, row in rows:
-        if isinstance(row, _BadLine):
-            report.add("bad_record", where, row.message)
+        if isinstance(row, BadRecordError):
+            report.add("bad_record", where, row.detail)
             continue
         if not isinstance(row, dict) or not isinstance(row.get("image"), str):
             report.add("bad_record", where, "a record needs an `image` file name")
@@ -226,33 +240,27 @@ def _record_box(instance: Any, pixels: tuple[float, float] | None, where: str, r
     if not _four_numbers(bbox) or bbox[2] <= bbox[0] or bbox[3] <= bbox[1]:
         report.add("bad_box", where, f"bbox {bbox!r} is not [x1, y1, x2, y2] with x2 > x1 and y2 > y1")
         return None
-    x1, y1, x2, y2 = (float(v) for v in bbox)
-    if pixels is not None:
-        width, height = pixels
-        limit, scale = EDGE_TOLERANCE_PX, (width, height, width, height)
-    else:
-        limit, scale, width, height = EDGE_TOLERANCE_NORMALISED, (1, 1, 1, 1), 1.0, 1.0
-    if min(x1, y1) < -limit or x2 > width + limit or y2 > height + limit:
+    corners = tuple(float(v) for v in bbox)
+    width, height = pixels or (1.0, 1.0)
+    if not _inside(corners, width, height, EDGE_TOLERANCE_PX if pixels else EDGE_TOLERANCE_NORMALISED):
         report.add("box_outside_image", where, f"bbox {bbox} leaves the image")
         return None
-    corners = tuple(round(min(max(v / s, 0.0), 1.0), 3) for v, s in zip((x1, y1, x2, y2), scale))
-    return Box(instance["category"], *corners, bool(instance.get("crowd", instance.get("iscrowd", False))))
+    crowd = bool(instance.get("crowd", instance.get("iscrowd", False)))
+    return Box(instance["category"], *_normalised(corners, width, height), crowd)
 
 
 # ----- files ------------------------------------------------------------------------------------------------------
 
 
-def _read_file(path: Path) -> dict | list[tuple[str, Any]]:
-    """A COCO dict, or (where, record) pairs; a JSONL line that is not JSON comes back as a `_BadLine`."""
+def _read_file(path: Path) -> dict | Iterable[tuple[str, Any]]:
+    """A COCO dict, or (where, record) pairs; a JSONL line that is not JSON comes as its `BadRecordError`."""
     if not path.is_file():
         raise ValueError(f"{path}: no such annotation file")
     if path.suffix.lower() == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    rows.append((f"{path} line {number}", _json_line(line)))
-        return rows
+        # Imported here: the readers' module loads torch and transformers, which `llava-lite --help` need not wait for.
+        from llava_lite.data.formats import jsonl_rows
+
+        return jsonl_rows(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -262,18 +270,6 @@ def _read_file(path: Path) -> dict | list[tuple[str, Any]]:
     if isinstance(data, dict):
         return data
     raise ValueError(f"{path}: expected a COCO object or a list of records")
-
-
-@dataclass(frozen=True)
-class _BadLine:
-    message: str
-
-
-def _json_line(line: str) -> Any:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as err:
-        return _BadLine(f"not valid JSON ({err.msg})")
 
 
 def _four_numbers(value: Any) -> bool:

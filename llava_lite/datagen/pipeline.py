@@ -63,6 +63,11 @@ def build_tasks(
     return tasks
 
 
+def pending_tasks(tasks: list[Task], journal: Journal) -> list[Task]:
+    """The tasks a run still has to do: those the journal lacks, or has as failed at the backend."""
+    return [task for task in tasks if journal.entries.get(task.key, {}).get("status") not in (OK, REJECTED)]
+
+
 class Generator:
     def __init__(
         self,
@@ -79,9 +84,9 @@ class Generator:
         self.judge = judge
 
     # ----- the run ----------------------------------------------------------------------------------------------
-    def run(self, tasks: list[Task], progress: bool = True) -> int:
-        """Do every task the journal lacks (or has as failed); returns how many were done now."""
-        pending = [task for task in tasks if self.journal.entries.get(task.key, {}).get("status") not in (OK, REJECTED)]
+    def run(self, tasks: list[Task], progress: bool = True) -> None:
+        """Do every task the journal lacks (or has as failed)."""
+        pending = pending_tasks(tasks, self.journal)
         batches = iter(_chunks(pending, self.backend.batch_size))
         failures_in_a_row = 0
         window = 2 * self.backend.concurrency  # enough queued work to keep every worker busy, no more
@@ -109,7 +114,6 @@ class Generator:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
             bar.close()
-        return len(pending)
 
     def _submit(self, pool: ThreadPoolExecutor, batches: Iterator, in_flight: set, window: int) -> None:
         while len(in_flight) < window:

@@ -19,9 +19,8 @@ JOURNAL_VERSION = 1
 
 
 class Journal:
-    def __init__(self, path: Path, settings: dict, entries: dict[str, dict]) -> None:
+    def __init__(self, path: Path, entries: dict[str, dict]) -> None:
         self.path = path
-        self.settings = settings
         self.entries = entries  # task key -> its latest entry
         # Open for the whole run: every finished batch is appended and flushed; `close` ends it.
         self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115
@@ -32,7 +31,7 @@ class Journal:
         path = Path(path)
         if fresh or not path.exists():
             write_lines_atomically(path, [json.dumps({"journal": JOURNAL_VERSION, "settings": settings})])
-            return cls(path, settings, {})
+            return cls(path, {})
         header, entries, good_bytes = _read_journal(path)
         if header.get("journal") != JOURNAL_VERSION or header.get("settings") != settings:
             changed = sorted(
@@ -46,7 +45,7 @@ class Journal:
             )
         with open(path, "r+b") as handle:  # cut off a last line a kill left half written
             handle.truncate(good_bytes)
-        return cls(path, settings, entries)
+        return cls(path, entries)
 
     def append(self, entries: Iterable[dict]) -> None:
         entries = list(entries)

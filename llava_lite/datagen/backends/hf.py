@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llava_lite.data.conversation import Message
 from llava_lite.data.templates import get_template
 from llava_lite.datagen.backends import TRUNCATED, Reply, Request
+from llava_lite.model.language_model import DTYPES
 
 
 class HFBackend:
@@ -42,9 +43,9 @@ class HFBackend:
         self.tokenizer.padding_side = "left"  # generation continues every row from its own last token
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-        self.lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        self.lm = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
         self.lm.to(self.device).eval()
+        self.stops = _stop_ids(self.lm.generation_config.eos_token_id, self.tokenizer.eos_token_id)
         self.template = get_template("auto", self.tokenizer)
         torch.manual_seed(seed)  # sampling is then repeatable for the same batches in the same order
 
@@ -70,8 +71,7 @@ class HFBackend:
         return self.template.render(messages, add_generation_prompt=True).text
 
     def _reply(self, tokens: torch.Tensor, prompt_tokens: int) -> Reply:
-        stops = _stop_ids(self.lm.generation_config.eos_token_id, self.tokenizer.eos_token_id)
-        ended = [i for i, token in enumerate(tokens.tolist()) if token in stops]
+        ended = [i for i, token in enumerate(tokens.tolist()) if token in self.stops]
         length = ended[0] if ended else len(tokens)
         text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True)
         reply = Reply(text=text, prompt_tokens=prompt_tokens, completion_tokens=length + bool(ended))

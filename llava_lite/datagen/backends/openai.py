@@ -1,7 +1,7 @@
 """Any OpenAI-compatible `/chat/completions` endpoint (vLLM, SGLang, Ollama, llama.cpp server, OpenAI), over httpx.
 
 Why httpx and not the `openai` package: the SDK retries inside its own loop, where retries cannot be counted
-by cause or their waits reported, and it would add pydantic-typed responses we do not need. httpx gives the
+by cause, and it would add pydantic-typed responses we do not need. httpx gives the
 connection pool and timeouts; the retry policy here is a few lines we can test: retry 408, 409, 429, 5xx,
 timeouts, dropped connections and unreadable bodies, waiting what `Retry-After` (or `retry-after-ms`) asks,
 else exponential backoff with jitter. Concurrency is bounded by the caller's worker count, and the pool is
@@ -15,7 +15,6 @@ import email.utils
 import json
 import os
 import random
-import threading
 import time
 from collections import Counter
 
@@ -64,8 +63,6 @@ class OpenAIBackend:
             timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
         )
-        self.waits: list[tuple[str, float]] = []  # every wait before a retry, by cause; for the summary and tests
-        self._lock = threading.Lock()
 
     def complete(self, requests: list[Request]) -> list[Reply]:
         return [self._complete_one(request) for request in requests]
@@ -82,14 +79,11 @@ class OpenAIBackend:
             if reply is not None:
                 reply.retries = retries
                 return reply
-            if attempt == self.max_retries:
+            if attempt >= self.max_retries:
                 detail = f"gave up after {attempt} retries; last: {detail}"
                 return Reply(error=BACKEND_ERROR, detail=detail, retries=retries)
-            wait = self._wait(attempt, response)
             retries[cause] += 1
-            with self._lock:
-                self.waits.append((cause, wait))
-            time.sleep(wait)
+            time.sleep(self._wait(attempt, response))
             attempt += 1
 
     def _attempt(self, body: dict) -> tuple[Reply | None, str, str, httpx.Response | None]:

@@ -25,7 +25,6 @@ class PromptSet:
     examples: tuple[tuple[str, str], ...] = ()  # (context, reply) pairs
     questions: tuple[str, ...] = ()  # detail: the user turns a description answers
     request: str = "{context}"  # judge: the user turn, filled with {context} and {dialogue}
-    origin: str = "built-in"
     text: str = field(default="", repr=False)  # the file as read, for the run's fingerprint
 
     def messages(self, context: str) -> list[dict[str, str]]:
@@ -80,6 +79,4 @@ def _parse(kind: str, text: str, origin: str) -> PromptSet:
     request = data.get("request", "{context}")
     if kind == JUDGE and ("{context}" not in request or "{dialogue}" not in request):
         raise ValueError(f"{where}: the judge's `request` must hold {{context}} and {{dialogue}}")
-    return PromptSet(
-        kind, data["system"].strip(), tuple(examples), tuple(q.strip() for q in questions), request, origin, text
-    )
+    return PromptSet(kind, data["system"].strip(), tuple(examples), tuple(q.strip() for q in questions), request, text)
