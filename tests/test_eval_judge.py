@@ -6,13 +6,18 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import pytest
 from conftest import fixture_path, solid_image
 from PIL import Image
 
 from llava_lite.cli import main
+from llava_lite.data.errors import BadRecordError
+from llava_lite.eval.callback import EvaluationCallback
+from llava_lite.eval.config import EvalConfig
 from llava_lite.eval.judge import judge_answers, load_bench, parse_scores, summarize_reviews
+from llava_lite.eval.suite import EvalSuite
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.presets import preset
 
@@ -161,8 +166,9 @@ def test_bench_in_the_wild_is_answered_judged_and_summarised_by_category(tmp_pat
         assert f"[Question]\n{question['text']}\n" in content
         assert f"[Assistant 2]\n{review['answer']}\n" in content
         assert request["model"] == "judge-1" and request["temperature"] == 0.2
-    printed = capsys.readouterr().out
-    assert "bench relative score" in printed and "complex" in printed
+    captured = capsys.readouterr()
+    assert "bench relative score" in captured.out and "complex" in captured.out
+    assert "judge: 100%" in captured.err  # the network-bound part shows its progress
     with Image.open(plot) as image:
         assert image.format == "PNG"
 
@@ -212,3 +218,54 @@ def test_a_bench_folder_without_references_is_an_error_naming_it(tmp_path):
     (tmp_path / "context.jsonl").write_text('{"image": "a.jpg", "caption": "A cat."}\n')
     with pytest.raises(ValueError, match="no reference answers file"):
         load_bench(tmp_path)
+
+
+def test_a_bad_context_line_is_a_one_line_error_naming_its_file_and_line(tmp_path):
+    bench = fixture_path("eval", "llava_bench_coco")
+    good = fixture_path("data", "caps_boxes_coco2014_val_80.jsonl").read_text().splitlines()
+    context = tmp_path / "boxes.jsonl"
+    broken = {"image": "x.jpg", "captions": ["A cat."], "instances": [{"category": "cat"}]}  # a box without bbox
+    context.write_text("\n".join([good[0], json.dumps(broken), *good[1:]]) + "\n")
+    with pytest.raises(ValueError, match=rf"{context}.*{context} line 2 instance 0: bbox None") as caught:
+        load_bench(bench, context)
+    assert "\n" not in str(caught.value)
+    # The In-the-Wild folder's own context file: a line without its caption.
+    for name in ("questions.jsonl", "answers_gpt4.jsonl"):
+        (tmp_path / name).write_text(fixture_path("eval", "llava_bench_wild", name).read_text())
+    (tmp_path / "context.jsonl").write_text('{"image": "001.jpg", "caption": "A view."}\n{"image": "002.jpg"}\n')
+    with pytest.raises(ValueError, match=r"context.jsonl line 2: a context line needs `image` and `caption`"):
+        load_bench(tmp_path)
+
+
+def bench_config(judge_url: str, **settings) -> EvalConfig:
+    return EvalConfig(
+        bench=str(fixture_path("eval", "llava_bench_wild")), judge_base_url=judge_url, judge_model="judge-3", **settings
+    )
+
+
+def test_a_missing_bench_image_is_an_error_naming_the_question_before_anything_is_generated(tmp_path, tiny_model):
+    (tmp_path / "images").mkdir()
+    config = bench_config("http://127.0.0.1:9/v1", bench_images=str(tmp_path / "images"), limit=2)
+    with pytest.raises(BadRecordError, match=r"bench question 0: image .*001.jpg does not exist"):
+        EvalSuite(tiny_model, config)
+
+
+def test_during_training_only_the_main_process_calls_the_judge(tmp_path, tiny_model):
+    questions = rows("eval", "llava_bench_wild", "questions.jsonl")[:2]
+    references = {str(r["question_id"]): r["text"] for r in rows("eval", "llava_bench_wild", "answers_gpt4.jsonl")}
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"question_id": q["question_id"], "text": "ours"}) + "\n" for q in questions))
+    categories = {references[str(q["question_id"])]: q["category"] for q in questions}
+    with JudgeServer(categories) as judge:
+        config = bench_config(judge.url, bench_answers=str(answers), limit=2, every_steps=1)
+        logged: list[dict] = []
+        trainer = SimpleNamespace(model=tiny_model, log=logged.append)
+        callback = EvaluationCallback(config, trainer)
+        control = SimpleNamespace(should_log=False)
+        for step, main_process in ((1, False), (2, True)):
+            state = SimpleNamespace(global_step=step, is_world_process_zero=main_process)
+            callback.on_step_end(None, state, control, model=tiny_model)
+            if not main_process:
+                assert judge.requests == [] and logged == [{}]
+    assert len(judge.requests) == 2
+    assert logged[1]["bench_relative"] == pytest.approx(100 * (6 + 4) / (8 + 8))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -14,8 +15,12 @@ from conftest import image_conversation, solid_image, text_conversation
 from torch import nn
 
 from llava_lite.cli import main
+from llava_lite.config_io import ConfigError, from_dict
 from llava_lite.data.errors import BadRecordError
-from llava_lite.eval.perplexity import response_perplexity, text_perplexity, text_windows
+from llava_lite.eval.config import EvalConfig
+from llava_lite.eval.perplexity import read_conversations, response_perplexity, text_perplexity, text_windows
+from llava_lite.eval.report import read_training_log
+from llava_lite.eval.suite import EvalSuite
 from llava_lite.eval.vqa import Question, choice_letter, normalize_answer, read_questions, vqa_accuracy
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.presets import preset
@@ -201,3 +206,83 @@ def test_eval_command_without_anything_to_do_says_so_in_one_line(tmp_path, capsy
     assert "nothing to evaluate" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path), "--bench", str(tmp_path)]) == 2
     assert "--judge-base-url" in capsys.readouterr().err
+
+
+def instruct_records(folder, images: list[str]) -> str:
+    """A JSONL of held-out records, one per image name, in `folder`."""
+    records = [
+        {
+            "messages": [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "Red."}],
+            "images": [image],
+        }
+        for image in images
+    ]
+    path = folder / "held_out.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_only_the_images_of_records_within_the_limit_are_looked_for(tmp_path):
+    solid_image(tmp_path / "red.png", (255, 0, 0))
+    path = instruct_records(tmp_path, ["red.png", "red.png", "gone.png"])
+    assert len(read_conversations(path, limit=2)) == 2
+    with pytest.raises(BadRecordError, match=r"held_out.jsonl line 3: image .*gone.png does not exist"):
+        read_conversations(path)
+
+
+def test_a_suite_reads_its_data_once_and_scores_the_base_lm_once(tmp_path):
+    torch.manual_seed(0)
+    model = LlavaLiteModel.from_config(preset("tiny"))
+    solid_image(tmp_path / "red.png", (255, 0, 0))
+    model.language_model.save_pretrained(tmp_path / "base")
+    (tmp_path / "plain.txt").write_text("The boats rocked slowly on the water of the quiet harbour. " * 6)
+    (tmp_path / "q.jsonl").write_text(json.dumps({"image": "red.png", "question": "Colour?", "answer": "red"}) + "\n")
+    config = EvalConfig(
+        instruct=instruct_records(tmp_path, ["red.png", "red.png"]),
+        text=str(tmp_path / "plain.txt"),
+        base_lm=str(tmp_path / "base"),
+        text_window=16,
+        vqa=str(tmp_path / "q.jsonl"),
+        vqa_max_new_tokens=2,
+    )
+    suite = EvalSuite(model, config, progress=False)
+    first = suite.run(model)
+    # Nothing is read again from here on: data files, text and base LM may all go (the images are loaded per batch).
+    for name in ("held_out.jsonl", "plain.txt", "q.jsonl"):
+        (tmp_path / name).unlink()
+    shutil.rmtree(tmp_path / "base")
+    with torch.no_grad():
+        model.language_model.lm_head.weight.mul_(2)  # "training" changes the tuned model, not the base LM
+    second = suite.run(model)
+    assert second["text_perplexity"]["base"] == first["text_perplexity"]["base"] is not None
+    assert second["text_perplexity"]["base_source"] == str(tmp_path / "base")
+    assert second["text_perplexity"]["tuned"] != first["text_perplexity"]["tuned"]
+    assert second["response_perplexity"]["perplexity"] != first["response_perplexity"]["perplexity"]
+    assert second["response_perplexity"]["records"] == 2 and second["vqa"]["count"] == 1
+
+
+def test_the_training_log_is_read_from_the_newest_numbered_checkpoint(tmp_path):
+    for name, step in (("checkpoint-2", 2), ("checkpoint-10", 10), ("checkpoint-foo", 99)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": step}]}))
+    assert read_training_log(tmp_path) == [{"step": 10}]
+
+
+def test_eval_settings_are_named_as_configs_and_flags_name_them(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"^eval: text_window \(--text-window\) must be at least 2, got 1$"):
+        from_dict(EvalConfig, {"text": "t.txt", "text_window": 1}, "eval")
+    assert main(["eval", "--model", str(tmp_path), "--text", "t.txt", "--batch-size", "0"]) == 2
+    assert "error: batch_size (--batch-size) must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_eval_command_shows_progress_of_the_perplexities_and_prints_json(tmp_path, capsys):
+    LlavaLiteModel.from_config(preset("tiny")).save_pretrained(tmp_path / "run")
+    solid_image(tmp_path / "red.png", (255, 0, 0))
+    (tmp_path / "plain.txt").write_text("The boats rocked slowly on the water of the quiet harbour. " * 6)
+    instruct = instruct_records(tmp_path, ["red.png"])
+    args = ["eval", "--model", str(tmp_path / "run"), "--instruct", instruct, "--text", str(tmp_path / "plain.txt")]
+    assert main([*args, "--text-window", "16", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "response perplexity: 100%" in captured.err and "text perplexity: 100%" in captured.err
+    printed = json.loads(captured.out)
+    assert printed["model"] == str(tmp_path / "run") and printed["response_perplexity"]["records"] == 1

@@ -17,6 +17,7 @@ from transformers import (
     SiglipImageProcessor,
     SiglipVisionConfig,
 )
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from llava_lite.config_io import from_dict
 from llava_lite.interop.hf_export import export_hf_llava
@@ -143,3 +144,11 @@ def test_siglip_with_every_patch_round_trips(tmp_path):
     export_hf_llava(model, tmp_path / "again")
     original, again = state_of(tmp_path / "hf"), state_of(tmp_path / "again")
     assert all(torch.equal(original[name], again[name]) for name in original)
+
+
+def test_a_folder_whose_tokenizer_is_not_fast_is_refused_with_the_reason(tmp_path, monkeypatch):
+    write_hf_llava(tmp_path / "hf")
+    # transformers 5 builds fast tokenizers wherever it can; a Python-only one (no offset mappings) is faked here.
+    monkeypatch.setattr(TokenizersBackend, "is_fast", property(lambda self: False))
+    with pytest.raises(ValueError, match="needs a fast tokenizer"):
+        LlavaLiteModel.from_pretrained(tmp_path / "hf")

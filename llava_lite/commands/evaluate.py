@@ -56,32 +56,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def eval_config(args: argparse.Namespace):
     from llava_lite.eval.config import EvalConfig
 
-    try:
-        return EvalConfig(
-            instruct=args.instruct,
-            image_folder=args.image_folder,
-            text=args.text,
-            base_lm=args.base_lm,
-            text_window=args.text_window,
-            vqa=args.vqa,
-            vqa_image_folder=args.vqa_image_folder,
-            bench=args.bench,
-            bench_images=args.bench_images,
-            bench_context=args.bench_context,
-            bench_answers=args.bench_answers,
-            bench_max_new_tokens=args.max_new_tokens,
-            judge_base_url=args.judge_base_url,
-            judge_model=args.judge_model,
-            judge_api_key_env=args.judge_api_key_env,
-            judge_concurrency=args.judge_concurrency,
-            judge_temperature=args.judge_temperature,
-            batch_size=args.batch_size,
-            limit=args.limit,
-        )
-    except ValueError as err:
-        raise ConfigError(
-            str(err).replace("judge_base_url", "--judge-base-url").replace("judge_model", "--judge-model")
-        ) from None
+    return EvalConfig(
+        instruct=args.instruct,
+        image_folder=args.image_folder,
+        text=args.text,
+        base_lm=args.base_lm,
+        text_window=args.text_window,
+        vqa=args.vqa,
+        vqa_image_folder=args.vqa_image_folder,
+        bench=args.bench,
+        bench_images=args.bench_images,
+        bench_context=args.bench_context,
+        bench_answers=args.bench_answers,
+        bench_max_new_tokens=args.max_new_tokens,
+        judge_base_url=args.judge_base_url,
+        judge_model=args.judge_model,
+        judge_api_key_env=args.judge_api_key_env,
+        judge_concurrency=args.judge_concurrency,
+        judge_temperature=args.judge_temperature,
+        batch_size=args.batch_size,
+        limit=args.limit,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,15 +92,15 @@ def run(args: argparse.Namespace) -> int:
         from llava_lite.eval.suite import run_suite
         from llava_lite.inference.generator import Generator
 
-        model = Generator.from_folder(args.model, args.device, args.dtype).model
-        results = {"model": args.model, **run_suite(model, config)}
+        generator = Generator.from_folder(args.model, args.device, args.dtype)
+        results = {"model": args.model, **run_suite(generator.model, config, generator=generator)}
     log = report.read_training_log(args.training_log) if args.training_log else None
     if args.out:
         report.write_results(args.out, results)
     if args.plot:
         report.plot(args.plot, results, log)
     if args.json:
-        print(json.dumps({k: v for k, v in results.items()}, indent=2, ensure_ascii=False))
+        print(json.dumps(results, indent=2, ensure_ascii=False))
     elif results:
         print(report.table(results))
     for path in (args.out, args.plot):

@@ -1,23 +1,21 @@
 """Evaluation during training: a `TrainerCallback` that runs the configured evaluations every N steps and logs
 their numbers through the Trainer, so they sit beside the losses in `trainer_state.json`, TensorBoard or W&B.
 
-Every process runs the evaluation (a sharded model needs all ranks in every forward); only the main one logs.
-The model goes back to training mode afterwards.
+The data is read, checked and tokenised once, when the callback is made, so a bad file stops the run before
+training starts. Every process runs the evaluation (a sharded model needs all ranks in every forward); only the
+main one calls the bench's judge (a paid service) and logs. The model goes back to training mode afterwards.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from transformers import TrainerCallback
 
 from llava_lite.eval.config import EvalConfig
-from llava_lite.eval.suite import run_suite
+from llava_lite.eval.suite import EvalSuite
 
 logger = logging.getLogger(__name__)
-
-TRAINER_STATE_FILE = "trainer_state.json"
 
 
 def scalar_metrics(results: dict) -> dict[str, float]:
@@ -47,25 +45,23 @@ class EvaluationCallback(TrainerCallback):
             raise ValueError("eval: give instruct, text, vqa or bench to evaluate during training")
         self.config = config
         self.trainer = trainer
+        self.suite = EvalSuite(trainer.model, config, progress=False)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.config.every_steps == 0:
             # Logging resets the Trainer's `should_log`, which would drop this step's loss; keep the flag.
             should_log = control.should_log
-            self._evaluate(model)
+            self._evaluate(model, state)
             control.should_log = should_log
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        # The last step gets its numbers too when it is not a multiple of every_steps; the whole log then
-        # goes beside the final model (checkpoints hold it only up to their own step).
+        # The last step gets its numbers too when it is not a multiple of every_steps.
         if state.global_step % self.config.every_steps != 0:
-            self._evaluate(model)
-        if state.is_world_process_zero:
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            state.save_to_json(str(Path(args.output_dir) / TRAINER_STATE_FILE))
+            self._evaluate(model, state)
 
-    def _evaluate(self, model) -> None:
+    def _evaluate(self, model, state) -> None:
         model = model if model is not None else self.trainer.model
-        metrics = scalar_metrics(run_suite(model, self.config, progress=False))
-        logger.info("step %d: %s", self.trainer.state.global_step, metrics)
+        results = self.suite.run(model, call_judge=state.is_world_process_zero)
+        metrics = scalar_metrics(results)
+        logger.info("step %d: %s", state.global_step, metrics)
         self.trainer.log(metrics)

@@ -40,10 +40,16 @@ class EvalConfig:
     every_steps: int = 0
 
     def __post_init__(self) -> None:
+        # Messages name the setting as a config file does and as the `eval` command's flag does.
         if self.bench and not (self.judge_base_url and self.judge_model):
-            raise ValueError("a bench needs judge_base_url and judge_model (the judge server and its model name)")
-        if self.batch_size < 1 or self.text_window < 2 or (self.limit is not None and self.limit < 1):
-            raise ValueError("batch_size and limit must be at least 1, text_window at least 2")
+            raise ValueError(
+                "a bench needs judge_base_url and judge_model (--judge-base-url, --judge-model): "
+                "the judge server and its model name"
+            )
+        for name, least in (("batch_size", 1), ("limit", 1), ("text_window", 2)):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be at least {least}, got {value}")
         if self.every_steps < 0:
             raise ValueError("every_steps must be 0 (never) or more")
 

@@ -14,16 +14,19 @@ scores, reference first; a reply without one is counted as failed and left out o
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from llava_lite.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message
+from llava_lite.data.formats import read_json_objects
 from llava_lite.datagen.backends import Request
 from llava_lite.datagen.backends.openai import OpenAIBackend
+from llava_lite.datagen.inputs import build_context, load_annotations
 
 QUESTION_FILES = ("questions.jsonl", "qa90_questions.jsonl")
 REFERENCE_FILES = ("answers_gpt4.jsonl", "qa90_gpt4_answer.jsonl")
@@ -56,50 +59,60 @@ class BenchItem:
     has_boxes: bool
 
     def conversation(self) -> Conversation:
-        return Conversation([Message("user", f"{IMAGE_PLACEHOLDER}\n{self.question}")], [self.image], self.question_id)
+        message = Message("user", f"{IMAGE_PLACEHOLDER}\n{self.question}")
+        return Conversation([message], [self.image], self.question_id, f"bench question {self.question_id}")
 
 
 def load_bench(folder: str | Path, context_file: str | Path | None = None, limit: int | None = None) -> list[BenchItem]:
     """The bench's questions with their references and contexts; anything missing is an error naming it."""
     folder = Path(folder)
     questions_path = _one_of(folder, QUESTION_FILES, "questions")
+    references_path = _one_of(folder, REFERENCE_FILES, "reference answers")
     references = {
-        str(r.get("question_id")): r
-        for r in _rows(_one_of(folder, REFERENCE_FILES, "reference answers"))
-        if "text" in r
+        str(row.get("question_id")): row["text"]
+        for _, row in read_json_objects(references_path, "reference answers")
+        if "text" in row
     }
-    context_path = (
-        Path(context_file) if context_file else _one_of(folder, CONTEXT_FILES, "context (or --bench-context)")
-    )
-    contexts = {row.get("image"): row for row in _rows(context_path)}
+    if context_file:
+        context_path = Path(context_file)
+        contexts = boxes_contexts(context_path)
+    else:
+        context_path = _one_of(folder, CONTEXT_FILES, "context (or --bench-context)")
+        contexts = caption_contexts(context_path)
     items = []
-    for row in _rows(questions_path):
-        where = f"{questions_path} question {row.get('question_id')}"
+    for where, row in read_json_objects(questions_path, "questions"):
         missing = [key for key in ("question_id", "image", "text", "category") if key not in row]
         if missing:
             raise ValueError(f"{where}: lacks {', '.join(missing)}")
         qid = str(row["question_id"])
         if qid not in references:
-            raise ValueError(f"{where}: no reference answer for it in {folder}")
-        if row.get("image") not in contexts:
-            raise ValueError(f"{where}: no context for image {row.get('image')} in {context_path}")
-        context, has_boxes = describe_context(contexts[row["image"]])
-        items.append(
-            BenchItem(qid, row["image"], row["text"], row["category"], references[qid]["text"], context, has_boxes)
-        )
+            raise ValueError(f"{where}: no reference answer for question {qid} in {references_path}")
+        if row["image"] not in contexts:
+            raise ValueError(f"{where}: no context for image {row['image']} in {context_path}")
+        context, has_boxes = contexts[row["image"]]
+        items.append(BenchItem(qid, row["image"], row["text"], row["category"], references[qid], context, has_boxes))
         if limit and len(items) == limit:
             break
     return items
 
 
-def describe_context(row: dict) -> tuple[str, bool]:
-    """The words the judge gets instead of the image: a caption, or captions and one line per object box."""
-    if "caption" in row:
-        return row["caption"], False
-    lines = list(row.get("captions", []))
-    boxes = row.get("instances", [])
-    lines += [f"{box['category']}: [{', '.join(f'{v:.3f}' for v in box['bbox'])}]" for box in boxes]
-    return "\n".join(lines), bool(boxes)
+def caption_contexts(path: Path) -> dict[str, tuple[str, bool]]:
+    """In-the-Wild's `context.jsonl`: image -> (its caption, False: no boxes)."""
+    contexts = {}
+    for where, row in read_json_objects(path, "context"):
+        if not isinstance(row.get("image"), str) or not isinstance(row.get("caption"), str):
+            raise ValueError(f"{where}: a context line needs `image` and `caption` strings")
+        contexts[row["image"]] = (row["caption"], False)
+    return contexts
+
+
+def boxes_contexts(path: Path) -> dict[str, tuple[str, bool]]:
+    """A captions-and-boxes file (COCO's): image -> (its captions and one `category: [x1, y1, x2, y2]` line per
+    box, whether it has boxes), as data generation shows them; any unusable line is an error."""
+    images, report = load_annotations([str(path)])
+    if report.problems:
+        raise ValueError(f"{path}: unusable context ({'; '.join(report.lines())})")
+    return {image.image: (build_context(image), bool(image.boxes)) for image in images}
 
 
 def judge_messages(item: BenchItem, answer: str) -> list[dict[str, str]]:
@@ -129,19 +142,10 @@ def judge_answers(
     api_key_env: str = "OPENAI_API_KEY",
     concurrency: int = 4,
     temperature: float = 0.2,
-    max_tokens: int = 1024,
-    max_retries: int = 5,
+    progress: bool = False,
 ) -> list[dict]:
     """One review per item: the judge's text and the two scores (None when the judge gave none)."""
-    backend = OpenAIBackend(
-        base_url,
-        model,
-        api_key_env=api_key_env,
-        concurrency=concurrency,
-        temperature=temperature,
-        max_tokens=max_tokens,
-        max_retries=max_retries,
-    )
+    backend = OpenAIBackend(base_url, model, api_key_env=api_key_env, concurrency=concurrency, temperature=temperature)
 
     def review(pair: tuple[BenchItem, str]) -> dict:
         item, answer = pair
@@ -159,7 +163,8 @@ def judge_answers(
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-            return list(pool.map(review, zip(items, answers)))
+            reviews = pool.map(review, zip(items, answers))
+            return list(tqdm(reviews, desc="judge", unit="answer", total=len(items), disable=not progress))
     finally:
         backend.close()
 
@@ -201,22 +206,3 @@ def _one_of(folder: Path, names: tuple[str, ...], what: str) -> Path:
         if (folder / name).is_file():
             return folder / name
     raise ValueError(f"{folder}: no {what} file ({' or '.join(names)})")
-
-
-def _rows(path: Path) -> list[dict]:
-    rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {number}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path} line {number}: each line must be a JSON object")
-        rows.append(row)
-    return rows

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from llava_lite.data.collator import Collator
 from llava_lite.data.config import DataSource
 from llava_lite.data.dataset import ConversationDataset
+from llava_lite.data.errors import BadRecordError
 from llava_lite.data.formats import read_source
 from llava_lite.data.masking import IGNORE_INDEX
 
@@ -58,14 +60,23 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
 
 
 def read_conversations(path: str | Path, image_folder: str | Path | None = None, limit: int | None = None) -> list:
-    """Held-out records in any format the training readers take; a bad record stops with its file and number."""
+    """Held-out records in any format the training readers take; a bad record stops with its file and number.
+
+    Only the images of the first `limit` records are looked for."""
     source = DataSource(path=str(path), image_folder=str(image_folder) if image_folder else None)
-    conversations, _ = read_source(source, on_bad_record="error")
-    return conversations[:limit] if limit else conversations
+    conversations, _ = read_source(source, on_bad_record="error", check_images_exist=False)
+    conversations = conversations[:limit] if limit else conversations
+    for conversation in conversations:
+        missing = next((image for image in conversation.images if not Path(image).is_file()), None)
+        if missing:
+            raise BadRecordError(conversation.source, "missing_image", f"image {missing} does not exist")
+    return conversations
 
 
 @torch.no_grad()
-def response_perplexity(model, conversations: list, batch_size: int = 8, max_length: int | None = None) -> Perplexity:
+def response_perplexity(
+    model, conversations: list, batch_size: int = 8, max_length: int | None = None, progress: bool = False
+) -> Perplexity:
     """Perplexity of the assistant tokens of `conversations` under `model` (a LlavaLiteModel)."""
     if not conversations:
         raise ValueError("no held-out conversations to score")
@@ -75,8 +86,9 @@ def response_perplexity(model, conversations: list, batch_size: int = 8, max_len
     )
     collator = Collator(model.tokenizer.pad_token_id, "right")
     nll, tokens = 0.0, 0
-    with _eval_mode(model):
-        for start in range(0, len(dataset), batch_size):
+    with eval_mode(model):
+        batches = range(0, len(dataset), batch_size)
+        for start in tqdm(batches, desc="response perplexity", unit="batch", disable=not progress):
             batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             labels = batch.pop("labels")
             batch.pop("skipped_records", None)
@@ -100,7 +112,9 @@ def text_windows(tokenizer, text: str, window: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def text_perplexity(language_model, windows: list[list[int]], batch_size: int = 4, pad_token_id: int = 0) -> Perplexity:
+def text_perplexity(
+    language_model, windows: list[list[int]], batch_size: int = 4, pad_token_id: int = 0, progress: bool = False
+) -> Perplexity:
     """Perplexity of every window's tokens after its first, under a transformers causal LM."""
     if not windows:
         raise ValueError("the text gives no window of two or more tokens to score")
@@ -108,27 +122,23 @@ def text_perplexity(language_model, windows: list[list[int]], batch_size: int = 
     if max(max(w) for w in windows) >= rows:
         raise ValueError(f"the text holds token ids beyond this LM's {rows} embedding rows (added tokens?)")
     device = next(language_model.parameters()).device
+    collator = Collator(pad_token_id, "right")
     nll, tokens = 0.0, 0
-    with _eval_mode(language_model):
-        for start in range(0, len(windows), batch_size):
-            chunk = windows[start : start + batch_size]
-            length = max(len(w) for w in chunk)
-            ids = torch.full((len(chunk), length), pad_token_id, dtype=torch.long)
-            labels = torch.full((len(chunk), length), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(chunk), length), dtype=torch.long)
-            for row, window in enumerate(chunk):
-                ids[row, : len(window)] = torch.tensor(window)
-                labels[row, : len(window)] = torch.tensor(window)
-                mask[row, : len(window)] = 1
-            logits = language_model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            batch_nll, batch_tokens = token_nll(logits, labels.to(device))
+    with eval_mode(language_model):
+        batches = range(0, len(windows), batch_size)
+        for start in tqdm(batches, desc="text perplexity", unit="batch", disable=not progress):
+            ids = [torch.tensor(window) for window in windows[start : start + batch_size]]
+            batch = collator([{"input_ids": w, "labels": w} for w in ids])
+            mask = batch["attention_mask"].to(device)
+            logits = language_model(input_ids=batch["input_ids"].to(device), attention_mask=mask).logits
+            batch_nll, batch_tokens = token_nll(logits, batch["labels"].to(device))
             nll += batch_nll
             tokens += batch_tokens
     return Perplexity.from_sums(nll, tokens, len(windows))
 
 
 @contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module):
+def eval_mode(module: torch.nn.Module):
     """Evaluate without dropout, then hand the module back in the mode it came in (training calls this too)."""
     was_training = module.training
     module.eval()

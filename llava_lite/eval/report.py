@@ -53,9 +53,12 @@ def table(results: dict) -> str:
 def read_training_log(run: str | Path) -> list[dict]:
     """The Trainer's log history of a run: its `trainer_state.json`, or that of its newest checkpoint."""
     run = Path(run)
-    candidates = [run / "trainer_state.json"] + sorted(
-        run.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1]), reverse=True
-    )
+    checkpoints = {
+        int(path.parent.name.removeprefix("checkpoint-")): path
+        for path in run.glob("checkpoint-*/trainer_state.json")
+        if path.parent.name.removeprefix("checkpoint-").isdigit()  # the Trainer's own: checkpoint-STEP
+    }
+    candidates = [run / "trainer_state.json"] + [checkpoints[step] for step in sorted(checkpoints, reverse=True)]
     for path in candidates:
         if path.is_file():
             try:

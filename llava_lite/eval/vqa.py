@@ -25,8 +25,7 @@ from pathlib import Path
 
 from llava_lite.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message
 from llava_lite.data.errors import BadRecordError
-from llava_lite.data.formats import json_object_line
-from llava_lite.data.images import load_image, resolve_image_path
+from llava_lite.data.formats import read_json_objects
 
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."
@@ -170,7 +169,8 @@ class Question:
         return f"{IMAGE_PLACEHOLDER}\n{text}" if self.image else text
 
     def conversation(self) -> Conversation:
-        return Conversation([Message("user", self.prompt)], [self.image] if self.image else [], self.id)
+        images = [self.image] if self.image else []
+        return Conversation([Message("user", self.prompt)], images, self.id, f"question {self.id}")
 
     def score(self, prediction: str) -> float:
         if not self.choices:
@@ -189,15 +189,9 @@ class Question:
 
 
 def read_questions(path: str | Path, limit: int | None = None) -> list[Question]:
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such question file") from None
     questions = []
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            questions.append(_question(line, f"{path} line {number}"))
+    for where, row in read_json_objects(path, "question"):
+        questions.append(_question(row, where))
         if limit and len(questions) == limit:
             break
     if not questions:
@@ -205,8 +199,7 @@ def read_questions(path: str | Path, limit: int | None = None) -> list[Question]
     return questions
 
 
-def _question(line: str, where: str) -> Question:
-    row = json_object_line(line, where)
+def _question(row: dict, where: str) -> Question:
     text = row.get("question", row.get("text"))
     if not isinstance(text, str) or not text.strip():
         raise BadRecordError(where, "malformed", "needs a string `question` (or `text`)")
@@ -232,14 +225,6 @@ def _question(line: str, where: str) -> Question:
     if choices:
         question.correct_letter()  # a reference that names no option is an error now, not a zero later
     return question
-
-
-def load_question_images(questions: list[Question], folder: str | Path) -> list[list]:
-    """Each question's image (inside `folder`), loaded; a missing one is an error naming the question."""
-    return [
-        [load_image(resolve_image_path(folder, q.image, f"question {q.id}"), f"question {q.id}")] if q.image else []
-        for q in questions
-    ]
 
 
 def summarize(questions: list[Question], predictions: list[str]) -> dict:

@@ -13,14 +13,12 @@
 
 from __future__ import annotations
 
-import json
-
 from transformers import LlavaImageProcessor
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import PILImageResampling
 
 from llava_lite.interop.open_clip_to_hf import NotConvertible
-from llava_lite.model.vision.hf_tower import PROCESSOR_SETTINGS
+from llava_lite.model.vision.hf_tower import processor_settings
 
 _RESAMPLING = {"bicubic": PILImageResampling.BICUBIC, "bilinear": PILImageResampling.BILINEAR}
 
@@ -33,8 +31,7 @@ def export_image_processor(tower, pad_to_square: bool) -> BaseImageProcessor:
     processor = tower.processor
     if not pad_to_square:
         return processor
-    settings = json.loads(processor.to_json_string())
-    shared = {key: settings[key] for key in PROCESSOR_SETTINGS if key in settings}
+    shared = processor_settings(processor)
     shared.setdefault("do_center_crop", False)  # SigLIP resizes straight to the square and never crops
     return LlavaImageProcessor(**shared, do_pad=True)
 

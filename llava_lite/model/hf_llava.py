@@ -2,7 +2,8 @@
 
 `LlavaLiteModel.from_pretrained` takes such a folder as it takes a run folder, so `init_from: PATH` in a
 training config, and `--model PATH` for chat, generate and eval, accept it too. transformers reads the
-weights (whatever key layout the folder uses); they are then moved, not copied, into our parts:
+weights (whatever key layout the folder uses); the vision model and the language model are then moved, not
+copied, into our parts, in the folder's dtype (the small projector is copied into a float32 one):
 - the CLIP or SigLIP vision model becomes an `hf_clip` / `hf_siglip` tower with the same architecture and
   image processor settings (`do_pad` becomes `image_aspect: pad`), `vision_feature_layer` its
   `feature_layer`, and the `default` select strategy `cls_token: drop`, `full` `keep`;
@@ -23,7 +24,6 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoProcessor,
-    AutoTokenizer,
     LlavaConfig,
     LlavaForConditionalGeneration,
 )
@@ -37,7 +37,7 @@ from llava_lite.model.config import (
 )
 from llava_lite.model.projector import Projector
 from llava_lite.model.vision import build_vision_tower
-from llava_lite.model.vision.hf_tower import PROCESSOR_SETTINGS
+from llava_lite.model.vision.hf_tower import processor_settings
 
 logger = logging.getLogger(__name__)
 
@@ -63,16 +63,19 @@ def load_hf_llava(folder: str | Path):
     folder = Path(folder)
     hf_model = LlavaForConditionalGeneration.from_pretrained(folder, dtype="auto")
     hf_config: LlavaConfig = hf_model.config
+    # One load gives the tokenizer, the image processor and the processor's chat template and image token.
     processor = AutoProcessor.from_pretrained(folder)
     image_processor = getattr(processor, "image_processor", None)
     if image_processor is None:
         raise ValueError(f"{folder}: no image processor (preprocessor_config.json) beside the model")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = processor.tokenizer
+    if not tokenizer.is_fast:
+        raise ValueError(f"{folder}: llava_lite needs a fast tokenizer (tokenizer.json) for offset mappings")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # as load_tokenizer does: padding is masked everywhere
     if not getattr(tokenizer, "chat_template", None) and getattr(processor, "chat_template", None):
         tokenizer.chat_template = processor.chat_template
     _warn_if_template_needs_parts(folder, tokenizer)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     image_token = getattr(processor, "image_token", None) or "<image>"
     if tokenizer.convert_tokens_to_ids(image_token) != hf_config.image_token_id:
         raise ValueError(
@@ -81,8 +84,7 @@ def load_hf_llava(folder: str | Path):
         )
 
     tower_config = _tower_config(folder, hf_config, image_processor)
-    tower = build_vision_tower(tower_config)
-    tower.model.load_state_dict(hf_model.model.vision_tower.state_dict(), strict=True)
+    tower = _tower(tower_config, hf_model.model.vision_tower)
     language_model = _causal_lm(hf_model)
     projector_type, projector = _projector(folder, hf_model)
     text_config = hf_config.text_config.to_diff_dict()
@@ -130,19 +132,32 @@ def _tower_config(folder: Path, hf_config: LlavaConfig, image_processor) -> Visi
             f"{folder}: the `default` select strategy drops SigLIP's first patch (it has no CLS token); "
             "llava_lite keeps every patch of a SigLIP tower"
         )
-    settings = json.loads(image_processor.to_json_string())
     model_config = vision.to_diff_dict()
     for key in ("model_type", "transformers_version"):
         model_config.pop(key, None)
     return VisionTowerConfig(
         type=tower_type,
         model_config=model_config,
-        preprocess={key: settings[key] for key in PROCESSOR_SETTINGS if key in settings},
+        preprocess=processor_settings(image_processor),
         feature_layer=layer,
         # SigLIP has no CLS token: `full` keeps every patch, which is our `drop` (nothing to drop).
         cls_token="keep" if strategy == "full" and tower_type == "hf_clip" else "drop",
-        image_aspect="pad" if settings.get("do_pad") else "crop",
+        image_aspect="pad" if getattr(image_processor, "do_pad", False) else "crop",
     )
+
+
+def _tower(tower_config: VisionTowerConfig, loaded: torch.nn.Module):
+    """Our tower around the loaded vision model itself: built on the meta device, so nothing is initialised, and
+    handed the loaded module (non-persistent buffers included), so nothing is copied."""
+    with torch.device("meta"):
+        tower = build_vision_tower(tower_config)
+    if type(loaded) is not type(tower.model):
+        raise ValueError(
+            f"the vision tower is a {type(loaded).__name__}, not the {type(tower.model).__name__} expected"
+        )
+    tower.model = loaded
+    tower.freeze_if_configured()
+    return tower
 
 
 def _projector(folder: Path, hf_model: LlavaForConditionalGeneration) -> tuple[str, Projector]:

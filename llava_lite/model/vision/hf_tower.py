@@ -34,6 +34,13 @@ PROCESSOR_SETTINGS = (
     "do_convert_rgb",
 )
 
+
+def processor_settings(processor) -> dict:
+    """Those of `PROCESSOR_SETTINGS` an image processor has, as plain JSON values."""
+    settings = json.loads(processor.to_json_string())
+    return {key: settings[key] for key in PROCESSOR_SETTINGS if key in settings}
+
+
 # type -> (model class, its vision config class, image processor class)
 _FAMILIES = {
     "hf_clip": (CLIPVisionModel, CLIPVisionConfig, CLIPImageProcessor),
