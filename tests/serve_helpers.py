@@ -25,6 +25,7 @@ from PIL import Image
 
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.presets import preset
+from llava_lite.serve.config import API_KEY_ENV
 
 API_KEY = "test-key-0123"
 MODEL_NAME = "tiny-run"
@@ -85,7 +86,7 @@ class ServerProcess:
         self.log_path = log_path
         command = [sys.executable, "-m", "llava_lite", "serve", "--model", str(model), "--port", str(self.port)]
         command += ["--served-model-name", MODEL_NAME, *args]
-        env = {**os.environ, "LLAVA_LITE_API_KEY": api_key or ""}
+        env = {**os.environ, API_KEY_ENV: api_key or ""}
         self._log = open(log_path, "w")  # noqa: SIM115 - open for the life of the process
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self._ready = False

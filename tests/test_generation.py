@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 from conftest import fixture_path
 from PIL import Image
 
 from llava_lite.data.conversation import Conversation, Message
-from llava_lite.inference.generator import Generator, SamplingSettings
+from llava_lite.inference.generator import Generator, SamplingSettings, stop_token_ids
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.presets import preset
 
@@ -67,21 +70,50 @@ def test_batched_left_padded_generation_equals_one_by_one(generator, images):
 
 
 def test_stream_gives_the_same_answer_as_a_whole_completion(generator, images):
-    conversation, image_list = prompts(images)[0]
-    whole = generator.complete([conversation], [image_list], GREEDY)[0]
-    stream = generator.stream(conversation, image_list, GREEDY)
-    pieces = list(stream)
-    assert "".join(pieces).strip() == whole.text
-    assert stream.completion.completion_tokens == whole.completion_tokens
-    assert stream.completion.finish_reason == whole.finish_reason
+    for conversation, image_list in prompts(images):
+        whole = generator.complete([conversation], [image_list], GREEDY)[0]
+        stream = generator.stream(conversation, image_list, GREEDY)
+        pieces = list(stream)
+        assert pieces and "".join(pieces) == stream.completion.text == whole.text
+        assert stream.completion.completion_tokens == whole.completion_tokens
+        assert stream.completion.finish_reason == whole.finish_reason
+
+
+def test_stream_leaves_out_whitespace_around_the_answer_as_a_completion_does(generator, images):
+    conversation, image_list = prompts(images)[1]
+    free = generator.complete([conversation], [image_list], GREEDY)[0].text
+    stop = free.split(" ")[1]
+    assert free[: free.index(stop)].endswith(" ")  # the text before the stop string ends in a space
+    settings = SamplingSettings(max_new_tokens=12, stop=[stop])
+    whole = generator.complete([conversation], [image_list], settings)[0]
+    stream = generator.stream(conversation, image_list, settings)
+    assert "".join(stream) == whole.text == free[: free.index(stop)].strip()
+
+
+def test_an_answer_of_only_whitespace_streams_nothing(images):
+    model = LlavaLiteModel.from_config(preset("tiny"))
+    [newline] = model.tokenizer("\n", add_special_tokens=False)["input_ids"]
+    generator = Generator(always_next(model, newline))
+    conversation, image_list = prompts(images)[1]
+    settings = SamplingSettings(max_new_tokens=6)
+    whole = generator.complete([conversation], [image_list], settings)[0]
+    assert whole.token_ids == [newline] * 6 and whole.text == ""
+    stream = generator.stream(conversation, image_list, settings)
+    assert list(stream) == [] and stream.completion.text == ""
+
+
+def always_next(model: LlavaLiteModel, token: int) -> LlavaLiteModel:
+    """The model with `token` the likeliest next token after anything, whatever its random weights."""
+    head = model.language_model.get_output_embeddings()
+    bias = torch.zeros(head.weight.shape[0])
+    bias[token] = 1e4
+    head.register_forward_hook(lambda module, args, logits: logits + bias.to(logits))
+    return model
 
 
 def test_answer_ends_at_the_end_of_turn_token(images):
     model = LlavaLiteModel.from_config(preset("tiny"))
-    end = model.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    with torch.no_grad():  # make <|im_end|> the likeliest next token after anything
-        model.language_model.lm_head.weight[end] *= 0
-        model.language_model.lm_head.weight[end] += model.language_model.model.norm.weight * 50
+    always_next(model, model.tokenizer.convert_tokens_to_ids("<|im_end|>"))
     completion = Generator(model).complete([prompts(images)[1][0]], [[]], SamplingSettings(max_new_tokens=20))[0]
     assert completion.finish_reason == "stop"
     assert completion.completion_tokens == 1 and completion.text == ""
@@ -102,7 +134,7 @@ def test_stop_string_ends_the_answer_before_it(generator, images):
     cut = generator.complete([conversation], [image_list], SamplingSettings(max_new_tokens=12, stop=[stop]))[0]
     assert cut.text == free[: free.index(stop)].strip() and cut.finish_reason == "stop"
     streamed = generator.stream(conversation, image_list, SamplingSettings(max_new_tokens=12, stop=[stop]))
-    assert "".join(streamed).strip() == cut.text
+    assert "".join(streamed) == cut.text
 
 
 def test_sampling_is_reproducible_for_a_seed_and_varies_across_seeds(generator, images):
@@ -116,10 +148,28 @@ def test_sampling_is_reproducible_for_a_seed_and_varies_across_seeds(generator, 
     assert len({sample(1), sample(2), sample(3)}) > 1
 
 
-def test_closing_a_stream_early_stops_generation(generator, images):
+@pytest.fixture(scope="module")
+def endless() -> Generator:
+    """A model that never ends an answer by itself: its end-of-text and end-of-turn logits are 0, never the
+    largest with these random weights."""
+    torch.manual_seed(0)
+    model = LlavaLiteModel.from_config(preset("tiny", language_model={"model_config": {"tie_word_embeddings": False}}))
+    with torch.no_grad():
+        for token in stop_token_ids(model):
+            model.language_model.get_output_embeddings().weight[token] = 0
+    return Generator(model)
+
+
+@pytest.mark.parametrize("how", ["answer", "iterator"])
+def test_closing_a_stream_early_stops_generation_at_once(endless, images, how):
     conversation, image_list = prompts(images)[1]
-    stream = generator.stream(conversation, image_list, SamplingSettings(max_new_tokens=5000, temperature=1.0, seed=0))
+    before = set(threading.enumerate())
+    stream = endless.stream(conversation, image_list, SamplingSettings(max_new_tokens=5000))
     pieces = iter(stream)
     next(pieces)
-    pieces.close()  # a client that went away: generation is cancelled and its thread has ended
-    assert stream.generated_tokens < 500
+    # A client that went away: the generation is cancelled and its thread has ended when `close` returns.
+    (stream if how == "answer" else pieces).close()
+    assert set(threading.enumerate()) <= before
+    generated = stream.generated_tokens
+    time.sleep(0.2)
+    assert stream.generated_tokens == generated < 500

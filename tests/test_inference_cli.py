@@ -14,8 +14,9 @@ import torch
 from conftest import ROOT, fixture_path
 from PIL import Image
 
+from llava_lite.cli import main
 from llava_lite.data.conversation import Conversation, Message
-from llava_lite.inference.batch import generate_file
+from llava_lite.inference.batch import generate_file, parse_request
 from llava_lite.inference.generator import Generator, SamplingSettings
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.presets import preset
@@ -58,7 +59,7 @@ def test_chat_prompt_answers_once_like_the_generator(run_folder, generator):
         [[Image.open(image).convert("RGB")]],
         SamplingSettings(max_new_tokens=10),
     )[0]
-    assert expected and result.stdout.strip() == expected
+    assert expected and result.stdout == expected + "\n"  # the streamed pieces, as the answer: no whitespace around
 
 
 def test_interactive_chat_keeps_history_changes_image_and_resets(run_folder):
@@ -146,3 +147,60 @@ def test_chat_with_a_missing_model_folder_is_one_line(tmp_path):
     result = cli("chat", "--model", str(tmp_path / "none"), "--prompt", "hi")
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "llava_lite_config.json" in result.stderr
+
+
+def one_line_error(capsys, argv: list[str], *fragments: str) -> None:
+    """`llava-lite ARGV` ends with exit status 2 and one error line holding every fragment."""
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and error.startswith(f"llava-lite {argv[0]}: error: ")
+    for fragment in fragments:
+        assert fragment in error
+
+
+def test_generate_checks_its_paths_before_loading_the_model(tmp_path, capsys):
+    # The model folder does not exist: an error about it would mean the model was loaded first.
+    questions = write_questions(tmp_path / "q.jsonl", [{"id": "0", "prompt": "Q"}])
+    (tmp_path / "done.jsonl").write_text("")
+    command = ["generate", "--model", str(tmp_path / "no-model"), "--input", str(questions)]
+    one_line_error(capsys, [*command[:3], "--input", str(tmp_path / "none.jsonl"), "--output", "o"], "none.jsonl")
+    one_line_error(capsys, [*command, "--output", str(tmp_path / "done.jsonl")], "done.jsonl exists", "--resume")
+    one_line_error(capsys, [*command, "--output", str(tmp_path / "no-dir" / "a.jsonl")], "no-dir")
+    no_images = ["--output", str(tmp_path / "a.jsonl"), "--image-folder", str(tmp_path / "no-images")]
+    one_line_error(capsys, [*command, *no_images], "no-images")
+
+
+def test_chat_checks_its_image_before_loading_the_model(tmp_path, capsys):
+    chat = ["chat", "--model", str(tmp_path / "no-model"), "--prompt", "hi", "--image", str(tmp_path / "gone.png")]
+    one_line_error(capsys, chat, "gone.png", "does not exist")
+
+
+@pytest.mark.parametrize("bad_line", ['{"answer": "no id"}', "not json", "[1, 2]"])
+def test_generate_names_a_bad_line_of_earlier_answers(generator, tmp_path, bad_line):
+    questions = write_questions(tmp_path / "q.jsonl", [{"id": "0", "prompt": "Q"}, {"id": "1", "prompt": "R"}])
+    out = tmp_path / "answers.jsonl"
+    partial = tmp_path / "answers.jsonl.partial"
+    partial.write_text(json.dumps({"id": "0", "answer": "kept"}) + "\n" + bad_line + "\n")
+    with pytest.raises(ValueError, match=r"answers\.jsonl\.partial line 2: ") as error:
+        generate_file(generator, questions, out, SamplingSettings(max_new_tokens=2))
+    assert "\n" not in str(error.value)
+    out.write_text(bad_line + "\n")  # a finished output being resumed
+    partial.unlink()
+    with pytest.raises(ValueError, match=r"answers\.jsonl line 1: "):
+        generate_file(generator, questions, out, SamplingSettings(max_new_tokens=2), resume=True)
+
+
+def test_prompt_lines_put_each_image_on_a_line_before_the_text(image_folder):
+    line = json.dumps({"id": "x", "image": ["a.jpg", "b.jpg"], "prompt": "What differs?"})
+    request = parse_request(line, "q.jsonl line 1", image_folder)
+    assert request.conversation.messages[-1].content == "<image>\n<image>\nWhat differs?"
+    assert len(request.images) == 2
+
+
+def test_answering_command_modules_import_no_model_code():
+    # `llava-lite --help` builds every command's parser; torch and transformers load only when one runs.
+    modules = "llava_lite.commands.chat, llava_lite.commands.generate, llava_lite.commands.serve"
+    code = f"import sys, {modules}; print(sorted({{'torch', 'transformers'}} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

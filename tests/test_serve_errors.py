@@ -6,11 +6,15 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 
 import httpx
 import pytest
 from PIL import Image
 from serve_helpers import MAX_TOKENS_LIMIT, MODEL_NAME, image_question, png_data_uri, shared_server
+
+from llava_lite.cli import build_parser, main
+from llava_lite.commands.serve import serve_config
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +148,50 @@ def test_chunked_body_over_the_limit_gets_413(server):
         timeout=60,
     )
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+
+# ----- bad settings: refused when the server starts, before the model loads ------------------------------
+
+
+def settings(*flags: str):
+    return serve_config(build_parser().parse_args(["serve", "--model", "run", *flags]))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--concurrency", "0"], "--concurrency must be at least 1, not 0"),
+        (["--max-batch-size", "0"], "--max-batch-size must be at least 1, not 0"),
+        (["--max-tokens-limit", "0"], "--max-tokens-limit must be at least 1, not 0"),
+        (["--max-body-bytes", "-5"], "--max-body-bytes must be at least 1, not -5"),
+        (["--max-images", "-1"], "--max-images must be 0 or more, not -1"),
+        (["--queue-depth", "-1"], "--queue-depth must be 0 or more, not -1"),
+        (["--default-max-tokens", "300", "--max-tokens-limit", "100"], "--max-tokens-limit (100), not 300"),
+        (["--remote-image-timeout", "0"], "--remote-image-timeout must be more than 0 seconds"),
+        (["--remote-image-timeout", "-2"], "--remote-image-timeout must be more than 0 seconds"),
+        (["--remote-image-timeout", "nan"], "--remote-image-timeout must be more than 0 seconds"),
+    ],
+)
+def test_bad_server_settings_name_their_option(flags, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        settings(*flags)
+
+
+def test_good_server_settings_pass():
+    config = settings("--max-images", "0", "--queue-depth", "0", "--remote-image-timeout", "0.5")
+    assert (config.max_images, config.queue_depth, config.remote_image_timeout) == (0, 0, 0.5)
+
+
+def test_bad_server_settings_end_in_one_line_before_the_model_loads(tmp_path, capsys):
+    # The model folder does not exist: an error about it would mean the model was loaded first.
+    assert main(["serve", "--model", str(tmp_path / "none"), "--concurrency", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "llava-lite serve: error: --concurrency must be at least 1, not 0"
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_a_port_outside_0_to_65535_is_refused_by_the_parser(port, capsys):
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["serve", "--model", "run", "--port", port])
+    assert exited.value.code == 2
+    assert f"argument --port: {port} is not a port number (0-65535)" in capsys.readouterr().err
+    assert build_parser().parse_args(["serve", "--model", "run", "--port", "0"]).port == 0

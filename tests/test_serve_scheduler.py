@@ -24,6 +24,7 @@ class StandIn:
         self.gate = threading.Event()
         self.batches: list[list[str]] = []
         self.stream_closed = threading.Event()
+        self.answers: list[StreamedAnswer] = []
 
     def complete(self, conversations, images, settings) -> list[Completion]:
         self.gate.wait(DEADLINE)
@@ -44,7 +45,9 @@ class StandIn:
             finally:
                 self.stream_closed.set()
 
-        return StreamedAnswer(pieces(), lambda text: Completion(text, 3, 10_000, "length"))
+        answer = StreamedAnswer(pieces(), lambda text: Completion(text, 3, 10_000, "length"))
+        self.answers.append(answer)  # held, so that only closing it - not the garbage collector - ends its pieces
+        return answer
 
 
 def ask(text: str) -> Conversation:
@@ -145,7 +148,7 @@ def test_a_stream_left_early_stops_generating_and_gives_its_slot_back():
 def test_a_stream_read_to_the_end_has_its_completion():
     class Short(StandIn):
         def stream(self, conversation, images, settings) -> StreamedAnswer:
-            return StreamedAnswer(iter(["a", "b"]), lambda text: Completion(text, 3, 2, "stop"))
+            return StreamedAnswer((piece for piece in "ab"), lambda text: Completion(text, 3, 2, "stop"))
 
     async def run() -> None:
         scheduler = Scheduler(Short(), concurrency=1, queue_depth=0, max_batch_size=1)

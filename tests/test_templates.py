@@ -206,3 +206,19 @@ def test_roles_out_of_order_are_refused(real_tokenizers):
 def test_unknown_template_name_is_refused(real_tokenizers):
     with pytest.raises(TemplateError, match="unknown chat template"):
         get_template("vicuna_v9", real_tokenizers["qwen2.5"])
+
+
+@pytest.mark.parametrize(
+    ("template_name", "visible"),
+    [("chatml", ""), ("llama2", ""), ("xml", "</assistant>"), ("json", '"}'), ("tokenizer", "")],
+)
+def test_visible_end_of_turn_is_what_decoding_without_special_tokens_leaves(real_tokenizers, template_name, visible):
+    tokenizer = prepared(real_tokenizers["qwen2.5"], template_name)
+    template = get_template(template_name, tokenizer)
+    assert template.visible_end_of_turn == visible
+    question = [Message("user", "What is this?")]
+    prompt = template.render(question, add_generation_prompt=True).text
+    said = template.render([*question, Message("assistant", "A red bus.")]).text[len(prompt) :]
+    decoded = tokenizer.decode(tokenizer(said, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
+    assert decoded.strip().endswith(visible)
+    assert template.answer_from(decoded) == "A red bus."

@@ -29,8 +29,11 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
+from llava_lite.serve.config import API_KEY_ENV, ServeConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 REQUEST_TIMEOUT = 300.0
+SERVER_DEFAULTS = ServeConfig(model_name="bench")
 
 
 @dataclass
@@ -84,9 +87,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=4, help="requests per client (default: 4)")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per answer (default: 32)")
     parser.add_argument("--modes", nargs="+", choices=["stream", "plain"], default=["stream", "plain"])
-    parser.add_argument("--concurrency", type=int, default=2, help="server: generations at once (default: 2)")
-    parser.add_argument("--queue-depth", type=int, default=64, help="server: requests waiting (default: 64)")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="server: batch size (default: 8)")
+    server = SERVER_DEFAULTS
+    parser.add_argument(
+        "--concurrency", type=int, default=server.concurrency, help="server: generations at once (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--queue-depth", type=int, default=server.queue_depth, help="server: requests waiting (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, default=server.max_batch_size, help="server: batch size (default: %(default)s)"
+    )
     args = parser.parse_args()
     if min(args.clients, args.requests, args.max_tokens) < 1:
         parser.error("--clients, --requests and --max-tokens must be at least 1")
@@ -117,9 +127,8 @@ def start_server(model: Path, port: int, args: argparse.Namespace, log: Path) ->
     command = [sys.executable, "-m", "llava_lite", "serve", "--model", str(model), "--port", str(port)]
     command += ["--served-model-name", "bench", "--concurrency", str(args.concurrency)]
     command += ["--queue-depth", str(args.queue_depth), "--max-batch-size", str(args.max_batch_size)]
-    command += ["--max-tokens-limit", str(max(args.max_tokens, 1))]
-    command += ["--default-max-tokens", str(max(args.max_tokens, 1))]
-    env = {key: value for key, value in os.environ.items() if key != "LLAVA_LITE_API_KEY"}
+    command += ["--max-tokens-limit", str(args.max_tokens), "--default-max-tokens", str(args.max_tokens)]
+    env = {key: value for key, value in os.environ.items() if key != API_KEY_ENV}
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 

@@ -1,23 +1,30 @@
-"""Sampling options shared by `chat` and `generate`."""
+"""Options shared by the commands that answer with a trained model: `chat`, `generate` and `serve`."""
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from llava_lite.inference.generator import SamplingSettings
+if TYPE_CHECKING:  # torch and transformers load at run time, not for `llava-lite --help`
+    from llava_lite.inference.generator import SamplingSettings
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a trained run folder (what `llava-lite train` saved)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) answers greedily; >0 samples")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1.0)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="weights dtype")
 
 
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) answers greedily; >0 samples")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1.0)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+
+
 def sampling_settings(args: argparse.Namespace) -> SamplingSettings:
+    from llava_lite.inference.generator import SamplingSettings
+
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llava_lite.commands._generation_args import add_sampling_arguments, sampling_settings
+from llava_lite.commands._generation_args import add_model_arguments, add_sampling_arguments, sampling_settings
 
 HELP = "Commands: /image PATH shows a new image, /reset starts over, /quit leaves (or Ctrl-D)."
 
@@ -16,6 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="chat with a trained model about an image",
         description=f"Multi-turn chat with streamed answers. {HELP} With --prompt, print one answer and exit.",
     )
+    add_model_arguments(parser)
     add_sampling_arguments(parser)
     parser.add_argument("--image", default=None, help="an image to talk about")
     parser.add_argument("--prompt", default=None, help="ask this once, print the answer, exit")
@@ -24,13 +25,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from llava_lite.data.images import load_image
     from llava_lite.inference.chat import ChatSession
     from llava_lite.inference.generator import Generator
 
     settings = sampling_settings(args)
+    image = load_image(args.image, "--image") if args.image else None  # a bad image fails before the model loads
     session = ChatSession(Generator.from_folder(args.model, args.device, args.dtype), settings, args.system)
-    if args.image:
-        session.set_image(args.image)
+    session.pending_image = image
     if args.prompt is not None:
         _print_stream(session.ask(args.prompt))
         return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llava_lite.commands._generation_args import add_sampling_arguments, sampling_settings
+from llava_lite.commands._generation_args import add_model_arguments, add_sampling_arguments, sampling_settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,6 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "reported and skipped. Images resolve inside --image-folder (default: the input file's folder)."
         ),
     )
+    add_model_arguments(parser)
     add_sampling_arguments(parser)
     parser.add_argument("--input", required=True, metavar="IN.jsonl")
     parser.add_argument("--output", required=True, metavar="OUT.jsonl")
@@ -30,12 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llava_lite.inference.batch import generate_file
+    from llava_lite.inference.batch import check_paths, generate_file
     from llava_lite.inference.generator import Generator
 
     settings = sampling_settings(args)
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
+    check_paths(args.input, args.output, args.image_folder, args.overwrite, args.resume)  # before the model loads
     generator = Generator.from_folder(args.model, args.device, args.dtype)
     report = generate_file(
         generator,

@@ -7,9 +7,26 @@ import logging
 import os
 from pathlib import Path
 
+from llava_lite.commands._generation_args import add_model_arguments
 from llava_lite.serve.config import API_KEY_ENV, ServeConfig
 
 DEFAULTS = ServeConfig(model_name="-")
+
+# Whole-number limits as (ServeConfig field, help): each is an option `--field-name` with the config's default.
+IMAGE_LIMITS = [
+    ("max_images", "images per request"),
+    ("max_image_bytes", "bytes per image"),
+    ("max_image_pixels", "width x height per image"),
+]
+REQUEST_LIMITS = [
+    ("max_body_bytes", "request body size"),
+    ("max_prompt_tokens", "prompt tokens, image tokens included"),
+    ("max_tokens_limit", "the most max_tokens a request may ask for"),
+    ("default_max_tokens", "max_tokens when a request names none"),
+    ("concurrency", "generations running at once"),
+    ("queue_depth", "requests waiting beyond those; more get 503 at once"),
+    ("max_batch_size", "waiting requests with the same settings answered in one batch"),
+]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,12 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "GET /health, and a chat page at /. Binds 127.0.0.1 unless told otherwise."
         ),
     )
-    parser.add_argument("--model", required=True, help="a trained run folder (what `llava-lite train` saved)")
+    add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
     parser.add_argument("--served-model-name", default=None, help="the model id clients use (default: folder name)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="weights dtype")
     parser.add_argument(
         "--api-key",
         default=None,
@@ -43,59 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULTS.remote_image_timeout,
         help="seconds a remote image may take to download (default: %(default)s)",
     )
-    images.add_argument(
-        "--max-images", type=int, default=DEFAULTS.max_images, help="images per request (default: %(default)s)"
-    )
-    images.add_argument(
-        "--max-image-bytes", type=int, default=DEFAULTS.max_image_bytes, help="bytes per image (default: %(default)s)"
-    )
-    images.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=DEFAULTS.max_image_pixels,
-        help="width x height per image (default: %(default)s)",
-    )
-
-    limits = parser.add_argument_group("request limits and load")
-    limits.add_argument(
-        "--max-body-bytes", type=int, default=DEFAULTS.max_body_bytes, help="request body size (default: %(default)s)"
-    )
-    limits.add_argument(
-        "--max-prompt-tokens",
-        type=int,
-        default=DEFAULTS.max_prompt_tokens,
-        help="prompt tokens, image tokens included (default: %(default)s)",
-    )
-    limits.add_argument(
-        "--max-tokens-limit",
-        type=int,
-        default=DEFAULTS.max_tokens_limit,
-        help="the most max_tokens a request may ask for (default: %(default)s)",
-    )
-    limits.add_argument(
-        "--default-max-tokens",
-        type=int,
-        default=DEFAULTS.default_max_tokens,
-        help="max_tokens when a request names none (default: %(default)s)",
-    )
-    limits.add_argument(
-        "--concurrency",
-        type=int,
-        default=DEFAULTS.concurrency,
-        help="generations running at once (default: %(default)s)",
-    )
-    limits.add_argument(
-        "--queue-depth",
-        type=int,
-        default=DEFAULTS.queue_depth,
-        help="requests waiting beyond those; more get 503 at once (default: %(default)s)",
-    )
-    limits.add_argument(
-        "--max-batch-size",
-        type=int,
-        default=DEFAULTS.max_batch_size,
-        help="waiting requests with the same settings answered in one batch (default: %(default)s)",
-    )
+    _add_limits(images, IMAGE_LIMITS)
+    _add_limits(parser.add_argument_group("request limits and load"), REQUEST_LIMITS)
     parser.set_defaults(run=run)
 
 
@@ -107,17 +71,20 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         image_root=args.image_root.resolve() if args.image_root else None,
         allow_remote_images=args.allow_remote_images,
         remote_image_timeout=args.remote_image_timeout,
-        max_body_bytes=args.max_body_bytes,
-        max_image_bytes=args.max_image_bytes,
-        max_image_pixels=args.max_image_pixels,
-        max_images=args.max_images,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_tokens_limit=args.max_tokens_limit,
-        default_max_tokens=args.default_max_tokens,
-        concurrency=args.concurrency,
-        queue_depth=args.queue_depth,
-        max_batch_size=args.max_batch_size,
+        **{field: getattr(args, field) for field, _ in IMAGE_LIMITS + REQUEST_LIMITS},
     )
+
+
+def _add_limits(group: argparse._ArgumentGroup, limits: list[tuple[str, str]]) -> None:
+    for field, text in limits:
+        flag = f"--{field.replace('_', '-')}"
+        group.add_argument(flag, type=int, default=getattr(DEFAULTS, field), help=f"{text} (default: %(default)s)")
+
+
+def _port(text: str) -> int:
+    if not (text.isdigit() and int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"{text} is not a port number (0-65535)")
+    return int(text)
 
 
 def run(args: argparse.Namespace) -> int:

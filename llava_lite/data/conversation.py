@@ -10,6 +10,12 @@ ROLES = ("system", "user", "assistant")
 IMAGE_PLACEHOLDER = "<image>"
 
 
+def images_first(text: str, images: int, placeholder: str = IMAGE_PLACEHOLDER) -> str:
+    """`text` after its images' placeholders, each on a line of its own: LLaVA's layout, so that prompts written
+    at inference look like the records a model was trained on."""
+    return "\n".join([placeholder] * images + ([text] if text else []))
+
+
 @dataclass(frozen=True)
 class Message:
     role: Role

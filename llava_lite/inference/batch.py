@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from llava_lite.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message
+from llava_lite.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message, images_first
 from llava_lite.data.errors import BadRecordError
 from llava_lite.data.formats import json_object_line, parse_record
 from llava_lite.data.images import load_image, resolve_image_path
@@ -51,12 +51,11 @@ def generate_file(
     overwrite: bool = False,
     resume: bool = False,
 ) -> BatchReport:
+    check_paths(input_path, output_path, image_folder, overwrite, resume)
     input_path, output_path = Path(input_path), Path(output_path)
     partial = output_path.with_name(output_path.name + ".partial")
     if overwrite:
         partial.unlink(missing_ok=True)
-    elif output_path.exists() and not resume:
-        raise FileExistsError(f"{output_path} exists; use --resume to answer what is missing, or --overwrite")
     report = BatchReport()
     done = _answered_ids(partial, output_path if resume else None)
     report.already_done = len(done)
@@ -76,6 +75,24 @@ def generate_file(
         bar.update(bar.total - bar.n)
     os.replace(partial, output_path)
     return report
+
+
+def check_paths(
+    input_path: str | Path,
+    output_path: str | Path,
+    image_folder: str | Path | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+) -> None:
+    """What `generate_file` would refuse, found before a model is loaded for it."""
+    if not Path(input_path).is_file():
+        raise FileNotFoundError(f"the input {input_path} does not exist")
+    if image_folder is not None and not Path(image_folder).is_dir():
+        raise FileNotFoundError(f"the image folder {image_folder} does not exist")
+    if not Path(output_path).parent.is_dir():
+        raise FileNotFoundError(f"the folder of the output {output_path} does not exist")
+    if Path(output_path).exists() and not (overwrite or resume):
+        raise FileExistsError(f"{output_path} exists; use --resume to answer what is missing, or --overwrite")
 
 
 def _answer(generator: Generator, batch: list[Request], settings: SamplingSettings, out, report) -> None:
@@ -130,12 +147,10 @@ def _conversation_from_prompt(row: dict) -> Conversation:
     images = row.get("image") or []
     images = [images] if isinstance(images, str) else list(images)
     prompt = row["prompt"]
-    if images and IMAGE_PLACEHOLDER not in prompt:
-        prompt = IMAGE_PLACEHOLDER * len(images) + "\n" + prompt  # LLaVA's convention: images before the text
+    if IMAGE_PLACEHOLDER not in prompt:
+        prompt = images_first(prompt, len(images))
     messages = [Message("system", row["system"])] if isinstance(row.get("system"), str) else []
     return Conversation([*messages, Message("user", prompt)], images)
-
-
 
 
 def _answered_ids(partial: Path, finished: Path | None) -> set[str]:
@@ -147,11 +162,28 @@ def _answered_ids(partial: Path, finished: Path | None) -> set[str]:
         if text and not text.endswith("\n"):
             text = text[: text.rfind("\n") + 1]
             partial.write_text(text, encoding="utf-8")
-        done.update(json.loads(line)["id"] for line in text.splitlines() if line.strip())
+        done.update(answer_id for answer_id, _ in _answer_lines(partial, text))
     if finished is not None and finished.exists():
-        lines = [line for line in finished.read_text(encoding="utf-8").splitlines() if line.strip()]
-        new = [line for line in lines if json.loads(line)["id"] not in done]
+        new = [
+            (answer_id, line)
+            for answer_id, line in _answer_lines(finished, finished.read_text(encoding="utf-8"))
+            if answer_id not in done
+        ]
         with open(partial, "a", encoding="utf-8") as handle:
-            handle.writelines(line + "\n" for line in new)
-        done.update(json.loads(line)["id"] for line in new)
+            handle.writelines(line + "\n" for _, line in new)
+        done.update(answer_id for answer_id, _ in new)
     return done
+
+
+def _answer_lines(path: Path, text: str) -> list[tuple[str, str]]:
+    """(id, line) for each line of answers written earlier; a line that is not one is an error naming it."""
+    answers = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        row = json_object_line(line, where)
+        if "id" not in row:
+            raise BadRecordError(where, "malformed", "an answer without an `id`; fix the line, or use --overwrite")
+        answers.append((str(row["id"]), line))
+    return answers

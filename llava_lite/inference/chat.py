@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from llava_lite.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message
+from llava_lite.data.conversation import Conversation, Message, images_first
 from llava_lite.data.images import load_image
 from llava_lite.inference.generator import Generator, SamplingSettings
 
@@ -31,14 +31,10 @@ class ChatSession:
     def ask(self, text: str) -> Iterator[str]:
         """Stream the answer to `text`; the full answer joins the history when the stream ends."""
         if self.pending_image is not None:
-            text = f"{IMAGE_PLACEHOLDER}\n{text}"
+            text = images_first(text, 1, self.generator.model.config.image_token)
             self.images.append(self.pending_image)
             self.pending_image = None
         self.messages.append(Message("user", text))
-        conversation = Conversation(list(self.messages))
-        pieces = []
-        for piece in self.generator.stream(conversation, list(self.images), self.settings):
-            pieces.append(piece)
-            yield piece
-        answer = self.generator.model.template.answer_from("".join(pieces))
-        self.messages.append(Message("assistant", answer or " "))
+        answer = self.generator.stream(Conversation(list(self.messages)), list(self.images), self.settings)
+        yield from answer  # closing this generator early closes the answer's too, which ends the generation
+        self.messages.append(Message("assistant", answer.completion.text or " "))

@@ -15,6 +15,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from llava_lite.data.collator import Collator
 from llava_lite.data.conversation import Conversation
+from llava_lite.data.processor import EncodedConversation
 from llava_lite.model.llava import LlavaLiteModel
 
 
@@ -38,7 +39,8 @@ class Completion:
 
 
 class StreamedAnswer:
-    """Iterate for the answer's text pieces; afterwards `completion` holds the whole answer and its counts."""
+    """Iterate for the answer's text pieces; afterwards `completion` holds the whole answer and its counts.
+    A reader that stops early calls `close`, which ends the generation (`pieces` is a generator)."""
 
     def __init__(
         self, pieces: Iterator[str], finish: Callable[[str], Completion], counter: Callable[[], int] | None = None
@@ -55,10 +57,18 @@ class StreamedAnswer:
 
     def __iter__(self) -> Iterator[str]:
         shown = []
-        for piece in self._pieces:
-            shown.append(piece)
-            yield piece
+        try:
+            for piece in self._pieces:
+                shown.append(piece)
+                yield piece
+        finally:
+            self.close()
         self.completion = self._finish("".join(shown))
+
+    def close(self) -> None:
+        """Stop now: cancel the generation and wait for its thread, rather than leave that to the garbage collector
+        (which is when a reader's abandoned iterator would be closed)."""
+        self._pieces.close()
 
 
 class Generator:
@@ -96,7 +106,8 @@ class Generator:
     def stream(
         self, conversation: Conversation, images: list[Image.Image], settings: SamplingSettings
     ) -> StreamedAnswer:
-        """The answer in pieces as they are generated; no end-of-turn marker or stop string is shown."""
+        """The answer in pieces as they are generated, joining to what `complete` answers: no end-of-turn marker
+        or stop string, and no whitespace around the answer."""
         batch = self._batch([conversation], [images])
         streamer = _CountingStreamer(self.model.tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancel = _Cancel()
@@ -107,12 +118,12 @@ class Generator:
             "stopping_criteria": StoppingCriteriaList([cancel]),
         }
         worker = threading.Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
-        markers = [m for m in (self._visible_marker(), *settings.stop) if m]
+        markers = [m for m in (self.model.template.visible_end_of_turn, *settings.stop) if m]
 
         def pieces() -> Iterator[str]:
             worker.start()
             try:
-                yield from _hold_back_markers(streamer, markers)
+                yield from _trimmed(_hold_back_markers(streamer, markers))
             finally:
                 # Stopped early (a stop string, or the reader went away): end generation, free the thread.
                 if not streamer.ended:
@@ -132,12 +143,19 @@ class Generator:
 
         return StreamedAnswer(pieces(), finish, lambda: streamer.generated)
 
+    def encode_prompt(self, conversation: Conversation, images: int) -> EncodedConversation:
+        """The prompt's tokens, image tokens included, for `images` images (the processor only counts them);
+        BadRecordError, named after `conversation.source`, for what the chat template refuses."""
+        placeheld = Conversation(
+            conversation.messages, [f"image {i}" for i in range(images)], source=conversation.source
+        )
+        return self.processor.encode(placeheld, add_generation_prompt=True)
+
     # ----- internals ----------------------------------------------------------------------------------
     def _batch(self, conversations: list[Conversation], images: list[list[Image.Image]]) -> dict:
         samples = []
         for conversation, conversation_images in zip(conversations, images):
-            conversation = Conversation(conversation.messages, [f"image {i}" for i in range(len(conversation_images))])
-            encoded = self.processor.encode(conversation, add_generation_prompt=True)
+            encoded = self.encode_prompt(conversation, len(conversation_images))
             pixel_values = (
                 torch.stack([self.images(image) for image in conversation_images]) if conversation_images else None
             )
@@ -154,12 +172,6 @@ class Generator:
         return {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
 
     def _generation_kwargs(self, settings: SamplingSettings) -> dict:
-        kwargs = self._sampling_kwargs(settings)
-        if settings.stop:
-            kwargs.update(stop_strings=list(settings.stop), tokenizer=self.model.tokenizer)
-        return kwargs
-
-    def _sampling_kwargs(self, settings: SamplingSettings) -> dict:
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         sampling = settings.temperature > 0
@@ -174,6 +186,8 @@ class Generator:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
         else:  # a checkpoint's generation_config may carry sampling defaults; greedy means greedy
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        if settings.stop:
+            kwargs.update(stop_strings=list(settings.stop), tokenizer=self.model.tokenizer)
         return kwargs
 
     def _completion(self, ids: torch.Tensor, prompt_tokens: int, settings: SamplingSettings) -> Completion:
@@ -189,13 +203,6 @@ class Generator:
             if stop in text:
                 text, finish = text[: text.index(stop)], "stop"
         return Completion(self.model.template.answer_from(text), prompt_tokens, count, finish, ids)
-
-    def _visible_marker(self) -> str:
-        """The part of the end-of-turn marker that survives decoding without special tokens (e.g. `</assistant>`)."""
-        marker = self.model.template.end_of_turn
-        for token in self.model.tokenizer.all_special_tokens:
-            marker = marker.replace(token, "")
-        return marker.strip()
 
 
 def stop_token_ids(model: LlavaLiteModel) -> list[int]:
@@ -265,6 +272,22 @@ def _hold_back_markers(pieces: Iterator[str], markers: list[str]) -> Iterator[st
             pending = pending[len(pending) - keep :]
     if pending:
         yield pending
+
+
+def _trimmed(pieces: Iterator[str]) -> Iterator[str]:
+    """The pieces without whitespace around the answer, as the chat template's `answer_from` strips it: leading
+    whitespace dropped, whitespace held back until text follows it."""
+    held = ""
+    started = False
+    for piece in pieces:
+        text = held + piece
+        if not started:
+            text = text.lstrip()
+        body = text.rstrip()
+        held = text[len(body) :]
+        if body:
+            started = True
+            yield body
 
 
 def _marker_start_at_end(text: str, marker: str) -> int:

@@ -17,7 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from llava_lite.inference.generator import Generator
 from llava_lite.serve.config import ServeConfig
 from llava_lite.serve.errors import ApiError, install_error_handlers
-from llava_lite.serve.prompts import build_prompt
+from llava_lite.serve.prompts import PromptBuilder
 from llava_lite.serve.scheduler import QueueFull, Scheduler
 from llava_lite.serve.schemas import (
     AssistantMessage,
@@ -35,6 +35,8 @@ PAGE_FILES = {"index.html": "text/html", "chat.js": "text/javascript", "chat.css
 
 def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
     scheduler = Scheduler(generator, config.concurrency, config.queue_depth, config.max_batch_size)
+    prompts = PromptBuilder(generator, config)
+    page_files = {name: _page_file(name) for name in PAGE_FILES}
     created = int(time.time())
 
     @asynccontextmanager
@@ -77,42 +79,35 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=authorised, response_model=None)
     async def chat_completions(body: ChatCompletionRequest) -> ChatCompletion | Response:
         _check_model(body.model, config)
+        # What every chunk of a stream, or the one plain answer, carries.
+        envelope = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": config.model_name}
         try:
             scheduler.check_room()  # refuse before reading any image, not only when queueing
-            prompt = await build_prompt(body, config, generator)
+            prompt = await prompts.build(body)
             if body.stream:
                 ticket = scheduler.stream(prompt.conversation, prompt.images, prompt.settings)
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                events = chat_events(
-                    ticket, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), config.model_name, include_usage
-                )
-                return ClosingStreamingResponse(events)
+                return ClosingStreamingResponse(chat_events(ticket, envelope, include_usage))
             completion = await scheduler.complete(prompt.conversation, prompt.images, prompt.settings)
         except QueueFull as full:
             raise ApiError(503, str(full), "queue_full") from None
         return ChatCompletion(
-            id=f"chatcmpl-{uuid.uuid4().hex}",
-            created=int(time.time()),
-            model=config.model_name,
+            **envelope,
             choices=[Choice(message=AssistantMessage(content=completion.text), finish_reason=completion.finish_reason)],
-            usage=Usage(
-                prompt_tokens=completion.prompt_tokens,
-                completion_tokens=completion.completion_tokens,
-                total_tokens=completion.prompt_tokens + completion.completion_tokens,
-            ),
+            usage=Usage.of(completion),
         )
 
     # The chat page is static files that hold nothing secret; it asks for the API key itself and sends it
     # on its API calls (a browser cannot send a Bearer header when it opens a page).
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse(_page_file("index.html"))
+        return HTMLResponse(page_files["index.html"])
 
     @app.get("/page/{name}", include_in_schema=False)
     async def page_asset(name: str) -> Response:
         if name not in PAGE_FILES:
             raise ApiError(404, f"no page file {name}", "not_found")
-        return Response(_page_file(name), media_type=PAGE_FILES[name])
+        return Response(page_files[name], media_type=PAGE_FILES[name])
 
     return app
 

@@ -30,14 +30,31 @@ class ServeConfig:
     max_batch_size: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_image_bytes", "max_image_pixels", "max_prompt_tokens", "concurrency"):
+        # Messages name the command-line options, which is where these come from.
+        for name in (
+            "max_body_bytes",
+            "max_image_bytes",
+            "max_image_pixels",
+            "max_prompt_tokens",
+            "max_tokens_limit",
+            "concurrency",
+            "max_batch_size",
+        ):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be at least 1")
-        if self.max_images < 0 or self.queue_depth < 0:
-            raise ValueError("max-images and queue-depth must be >= 0")
+                raise ValueError(f"{_flag(name)} must be at least 1, not {getattr(self, name)}")
+        for name in ("max_images", "queue_depth"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{_flag(name)} must be 0 or more, not {getattr(self, name)}")
         if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
-            raise ValueError("default-max-tokens must be between 1 and max-tokens-limit")
-        if self.max_batch_size < 1:
-            raise ValueError("max-batch-size must be at least 1")
+            raise ValueError(
+                f"--default-max-tokens must be between 1 and --max-tokens-limit ({self.max_tokens_limit}), "
+                f"not {self.default_max_tokens}"
+            )
+        if not self.remote_image_timeout > 0:  # NaN too
+            raise ValueError(f"--remote-image-timeout must be more than 0 seconds, not {self.remote_image_timeout}")
         if self.image_root is not None and not Path(self.image_root).is_dir():
             raise ValueError(f"--image-root {self.image_root} is not a folder")
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")

@@ -13,17 +13,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("llava_lite.serve")
 
-# Status -> the `type` OpenAI's API gives errors of that status.
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "invalid_request_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    422: "invalid_request_error",
-    500: "server_error",
-    503: "server_error",
-}
+# Status -> the `type` OpenAI's API gives errors of that status, where it is not `invalid_request_error`.
+ERROR_TYPES = {401: "authentication_error", 500: "server_error", 503: "server_error"}
 
 
 class ApiError(Exception):

@@ -37,7 +37,7 @@ async def load_request_image(url: str, limits: ImageLimits, param: str) -> Image
     """The image an `image_url.url` names; ApiError (400 or 413) for anything refused or unreadable."""
     scheme = urlparse(url).scheme.lower() if "://" in url or url.startswith("data:") else ""
     if scheme == "data":
-        data = _from_data_uri(url, limits, param)
+        data = await run_in_threadpool(_from_data_uri, url, limits, param)  # ~13 MB of base64 to decode
     elif scheme in ("", "file"):
         data = await run_in_threadpool(_from_local_file, url, limits, param)
     elif scheme in ("http", "https"):
@@ -126,7 +126,7 @@ async def _from_remote(url: str, limits: ImageLimits, param: str) -> bytes:
             "remote_images_disabled",
             param,
         )
-    try:
+    try:  # one time limit for the whole download, so that every slow server gets the same error
         return await asyncio.wait_for(_download(url, limits, param), limits.remote_timeout)
     except asyncio.TimeoutError:
         raise ApiError(
@@ -141,7 +141,7 @@ async def _from_remote(url: str, limits: ImageLimits, param: str) -> bytes:
 async def _download(url: str, limits: ImageLimits, param: str) -> bytes:
     too_large = ApiError(413, f"the image is larger than {limits.max_bytes} bytes", "image_too_large", param)
     async with (
-        httpx.AsyncClient(follow_redirects=True, max_redirects=3, timeout=limits.remote_timeout) as client,
+        httpx.AsyncClient(follow_redirects=True, max_redirects=3, timeout=None) as client,  # `wait_for` times it
         client.stream("GET", url) as response,
     ):
         if response.status_code != 200:

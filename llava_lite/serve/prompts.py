@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from llava_lite.data.conversation import Conversation, Message
+from llava_lite.data.conversation import Conversation, Message, images_first
 from llava_lite.data.errors import BadRecordError
 from llava_lite.inference.generator import Generator, SamplingSettings
 from llava_lite.serve.config import ServeConfig
@@ -22,7 +22,6 @@ class Prompt:
     conversation: Conversation
     images: list[Image.Image]
     settings: SamplingSettings
-    prompt_tokens: int
 
 
 @dataclass
@@ -31,24 +30,57 @@ class _ImageRef:
     param: str  # where in the request it sits, for error messages
 
 
-async def build_prompt(request: ChatCompletionRequest, config: ServeConfig, generator: Generator) -> Prompt:
-    settings = sampling_settings(request, config)
-    conversation, refs = to_conversation(request.messages, generator.model.config.image_token)
-    if len(refs) > config.max_images:
-        raise ApiError(
-            400, f"{len(refs)} images; this server takes at most {config.max_images}", "too_many_images", "messages"
+class PromptBuilder:
+    """Made once per server, with the limits every request is held to."""
+
+    def __init__(self, generator: Generator, config: ServeConfig) -> None:
+        self.generator = generator
+        self.config = config
+        self.image_limits = ImageLimits(
+            config.max_image_bytes,
+            config.max_image_pixels,
+            config.image_root,
+            config.allow_remote_images,
+            config.remote_image_timeout,
         )
-    prompt_tokens = await run_in_threadpool(count_prompt_tokens, generator, conversation, len(refs))
-    _check_length(prompt_tokens, settings.max_new_tokens, config, generator)
-    limits = ImageLimits(
-        config.max_image_bytes,
-        config.max_image_pixels,
-        config.image_root,
-        config.allow_remote_images,
-        config.remote_image_timeout,
-    )
-    images = [await load_request_image(ref.url, limits, ref.param) for ref in refs]
-    return Prompt(conversation, images, settings, prompt_tokens)
+        self.context = getattr(generator.model.base_language_model.config, "max_position_embeddings", None)
+
+    async def build(self, request: ChatCompletionRequest) -> Prompt:
+        config = self.config
+        settings = sampling_settings(request, config)
+        conversation, refs = to_conversation(request.messages, self.generator.model.config.image_token)
+        if len(refs) > config.max_images:
+            raise ApiError(
+                400, f"{len(refs)} images; this server takes at most {config.max_images}", "too_many_images", "messages"
+            )
+        prompt_tokens = await run_in_threadpool(self._count_tokens, conversation, len(refs))
+        self._check_length(prompt_tokens, settings.max_new_tokens)
+        images = [await load_request_image(ref.url, self.image_limits, ref.param) for ref in refs]
+        return Prompt(conversation, images, settings)
+
+    def _count_tokens(self, conversation: Conversation, images: int) -> int:
+        """Tokens the prompt takes, image tokens included; the chat template's refusals become 400s."""
+        try:
+            return len(self.generator.encode_prompt(conversation, images).input_ids)
+        except BadRecordError as err:
+            raise ApiError(400, str(err).removeprefix("request: "), "invalid_messages", "messages") from None
+
+    def _check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        if prompt_tokens > self.config.max_prompt_tokens:
+            raise ApiError(
+                400,
+                f"the prompt is {prompt_tokens} tokens; this server takes at most {self.config.max_prompt_tokens}",
+                "context_length_exceeded",
+                "messages",
+            )
+        if self.context and prompt_tokens + max_new_tokens > self.context:
+            raise ApiError(
+                400,
+                f"the prompt ({prompt_tokens} tokens) and max_tokens ({max_new_tokens}) exceed the model's context "
+                f"of {self.context} tokens",
+                "context_length_exceeded",
+                "messages",
+            )
 
 
 def sampling_settings(request: ChatCompletionRequest, config: ServeConfig) -> SamplingSettings:
@@ -87,22 +119,11 @@ def to_conversation(messages: list[ChatMessage], image_token: str) -> tuple[Conv
         if role == "system" and converted and converted[-1].role == "system":
             converted[-1] = Message("system", f"{converted[-1].content}\n\n{text}")
             continue
-        if images:
-            text = "\n".join([image_token] * len(images) + ([text] if text else []))
-        converted.append(Message(role, text))
+        converted.append(Message(role, images_first(text, len(images), image_token)))
         refs.extend(images)
     if converted[-1].role != "user":
         raise ApiError(400, "the last message must be the user's", "invalid_messages", "messages")
     return Conversation(converted, source="request"), refs
-
-
-def count_prompt_tokens(generator: Generator, conversation: Conversation, images: int) -> int:
-    """Tokens the prompt takes, image tokens included; the chat template's refusals become 400s."""
-    placeheld = Conversation(conversation.messages, [f"image {i}" for i in range(images)], source="request")
-    try:
-        return len(generator.processor.encode(placeheld, add_generation_prompt=True).input_ids)
-    except BadRecordError as err:
-        raise ApiError(400, str(err).removeprefix("request: "), "invalid_messages", "messages") from None
 
 
 def _split_parts(message: ChatMessage, param: str) -> tuple[list[str], list[_ImageRef]]:
@@ -115,22 +136,3 @@ def _split_parts(message: ChatMessage, param: str) -> tuple[list[str], list[_Ima
         elif isinstance(part, ImagePart):
             images.append(_ImageRef(part.image_url.url, f"{param}[{number}].image_url"))
     return texts, images
-
-
-def _check_length(prompt_tokens: int, max_new_tokens: int, config: ServeConfig, generator: Generator) -> None:
-    if prompt_tokens > config.max_prompt_tokens:
-        raise ApiError(
-            400,
-            f"the prompt is {prompt_tokens} tokens; this server takes at most {config.max_prompt_tokens}",
-            "context_length_exceeded",
-            "messages",
-        )
-    context = getattr(generator.model.base_language_model.config, "max_position_embeddings", None)
-    if context and prompt_tokens + max_new_tokens > context:
-        raise ApiError(
-            400,
-            f"the prompt ({prompt_tokens} tokens) and max_tokens ({max_new_tokens}) exceed the model's context "
-            f"of {context} tokens",
-            "context_length_exceeded",
-            "messages",
-        )

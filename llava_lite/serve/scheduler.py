@@ -129,29 +129,12 @@ class Scheduler:
 
     # ----- running ---------------------------------------------------------------------------------------
     async def _answer(self, batch: list[_Job]) -> None:
-        loop = asyncio.get_running_loop()
+        self._counts["batches"] += 1
         try:
-            self._counts["batches"] += 1
-            try:
-                completions = await loop.run_in_executor(self._pool, self._complete_batch, batch)
-            except Exception as err:
-                if len(batch) == 1:
-                    raise
-                # One bad request must not fail the others it was batched with: answer each on its own.
-                logger.warning(
-                    "a batch of %d failed (%s: %s); answering one by one", len(batch), type(err).__name__, err
-                )
-                completions = []
-                for job in batch:
-                    try:
-                        completions.extend(await loop.run_in_executor(self._pool, self._complete_batch, [job]))
-                    except Exception as single:
-                        completions.append(single)
-        except Exception as err:
-            completions = [err]
+            outcomes = await self._outcomes(batch)
         finally:
             self._release()
-        for job, outcome in zip(batch, completions):
+        for job, outcome in zip(batch, outcomes):
             if job.granted.done():
                 continue  # its client gave up
             if isinstance(outcome, Exception):
@@ -160,6 +143,20 @@ class Scheduler:
             else:
                 self._counts["served"] += 1
                 job.granted.set_result(outcome)
+
+    async def _outcomes(self, batch: list[_Job]) -> list[Completion | Exception]:
+        """A completion or an error for each job. One bad request must not fail the others it was batched with:
+        a batch that fails is answered again one job at a time."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self._complete_batch, batch)
+        except Exception as err:
+            if len(batch) == 1:
+                return [err]
+            logger.warning("a batch of %d failed (%s: %s); answering one by one", len(batch), type(err).__name__, err)
+        outcomes: list[Completion | Exception] = []
+        for job in batch:
+            outcomes += await self._outcomes([job])
+        return outcomes
 
     def _complete_batch(self, batch: list[_Job]) -> list[Completion]:
         return self.generator.complete(
@@ -221,12 +218,11 @@ class StreamTicket:
 
     def _run(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> str:
         """On a worker thread: run the generator's stream, hand pieces to the event loop, stop when told."""
-        pieces = None
+        answer = None
         try:
             # Inside the try: a stream that fails to start (a bad prompt) must still reach the client as an error.
             answer = self._scheduler.generator.stream(self._job.conversation, self._job.images, self._job.settings)
-            pieces = iter(answer)
-            for piece in pieces:
+            for piece in answer:
                 if self._stop.is_set():
                     return "cancelled"
                 _put(loop, queue, piece)
@@ -236,8 +232,8 @@ class StreamTicket:
             _put(loop, queue, err)
             return "failed"
         finally:
-            if pieces is not None:
-                pieces.close()  # closing the generator's stream early cancels generation and joins its thread
+            if answer is not None:
+                answer.close()  # stopped early: cancels the generation and waits for its thread
             _put(loop, queue, _END)
 
 

@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from llava_lite.inference.generator import Completion
+
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -69,6 +71,13 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, completion: Completion) -> Usage:
+        total = completion.prompt_tokens + completion.completion_tokens
+        return cls(
+            prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens, total_tokens=total
+        )
 
 
 class AssistantMessage(BaseModel):

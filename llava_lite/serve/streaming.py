@@ -33,31 +33,23 @@ class ClosingStreamingResponse(StreamingResponse):
                 await self.body_iterator.aclose()
 
 
-async def chat_events(
-    ticket: StreamTicket, completion_id: str, created: int, model: str, include_usage: bool
-) -> AsyncIterator[str]:
+async def chat_events(ticket: StreamTicket, envelope: dict, include_usage: bool) -> AsyncIterator[str]:
+    """The stream's events; `envelope` holds the `id`, `created` and `model` every chunk carries."""
+
     def event(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
-        chunk = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=choices, usage=usage)
+        chunk = ChatCompletionChunk(**envelope, choices=choices, usage=usage)
         return f"data: {chunk.model_dump_json()}\n\n"
 
     try:
         yield event([ChunkChoice(delta=Delta(role="assistant", content=""))])
-        async for text in _trimmed(ticket):
+        async for text in ticket:
             yield event([ChunkChoice(delta=Delta(content=text))])
         completion = ticket.completion
         if completion is None:
             return  # cancelled: nobody is reading any more
         yield event([ChunkChoice(delta=Delta(), finish_reason=completion.finish_reason)])
         if include_usage:
-            total = completion.prompt_tokens + completion.completion_tokens
-            yield event(
-                [],
-                Usage(
-                    prompt_tokens=completion.prompt_tokens,
-                    completion_tokens=completion.completion_tokens,
-                    total_tokens=total,
-                ),
-            )
+            yield event([], Usage.of(completion))
         yield "data: [DONE]\n\n"
     except Exception as err:
         # Headers are sent: the failure can only be told in the stream, as OpenAI does.
@@ -65,19 +57,3 @@ async def chat_events(
         yield f"data: {json.dumps(error_body(500, 'the server failed to finish this answer', 'internal_error'))}\n\n"
     finally:
         await ticket.aclose()
-
-
-async def _trimmed(pieces: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The pieces without leading or trailing whitespace, so that they join to what a plain request answers
-    (the chat template's `answer_from` strips it); whitespace inside the answer is held until text follows."""
-    held = ""
-    started = False
-    async for piece in pieces:
-        text = held + piece
-        if not started:
-            text = text.lstrip()
-        body = text.rstrip()
-        held = text[len(body) :]
-        if body:
-            started = True
-            yield body

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from transformers import PreTrainedTokenizerBase
+
 from llava_lite.data.conversation import Message
 
 
@@ -27,6 +29,7 @@ class ChatTemplate:
     """Renders messages to text, tracking which characters the assistant said."""
 
     name: str
+    tokenizer: PreTrainedTokenizerBase
     # Tokens the tokenizer must have as single special tokens for this template (added if missing).
     special_tokens: tuple[str, ...] = ()
 
@@ -38,9 +41,20 @@ class ChatTemplate:
         """The text that closes an assistant turn; generation stops when it is produced."""
         raise NotImplementedError
 
+    @property
+    def visible_end_of_turn(self) -> str:
+        """What is left of the end-of-turn marker in text decoded without special tokens: `</assistant>` of
+        `</assistant></s>`, nothing of `<|im_end|>`. Streams hold it back; answers end before it."""
+        marker = self.end_of_turn
+        for token in self.tokenizer.all_special_tokens:
+            marker = marker.replace(token, "")
+        return marker.strip()
+
     def answer_from(self, generated: str) -> str:
         """The answer as a person reads it, from generated text decoded without special tokens."""
-        return generated.strip()
+        text = generated.strip()
+        marker = self.visible_end_of_turn
+        return text.removesuffix(marker).rstrip() if marker else text
 
 
 def check_roles(messages: list[Message], source: str = "conversation") -> None:

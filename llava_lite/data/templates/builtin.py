@@ -110,6 +110,7 @@ class BuiltinTemplate(ChatTemplate):
         if name not in BUILTIN_FORMATS:
             raise TemplateError(f"unknown chat template {name!r}; built-in: {', '.join(BUILTIN_FORMATS)}")
         self.name = name
+        self.tokenizer = tokenizer
         self.format = BUILTIN_FORMATS[name]
         self.special_tokens = self.format.special_tokens
         if tokenizer.eos_token is None:
@@ -172,11 +173,7 @@ class BuiltinTemplate(ChatTemplate):
         return header + self._fill(fmt.assistant_body, content) + self._fill(fmt.assistant_suffix, "")
 
     def answer_from(self, generated: str) -> str:
-        # Plain-text parts of the end marker ("</assistant>", the JSON closing '"}') are not special tokens.
-        marker = self._fill(self.format.assistant_suffix, "").replace(self._eos, "").strip()
-        text = generated.strip()
-        if marker:
-            text = text.removesuffix(marker).rstrip()
+        text = super().answer_from(generated)
         if self.format.json_content:
             try:
                 return json.loads(text + '"')
