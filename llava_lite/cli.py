@@ -50,10 +50,13 @@ def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("llava_lite").setLevel(logging.INFO)
     if not verbose:
+        import huggingface_hub
         import transformers
 
         transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
+        transformers.logging.disable_progress_bar()  # a bar for every load of weights already on disk...
+        if not huggingface_hub.constants.HF_HUB_DISABLE_PROGRESS_BARS:
+            huggingface_hub.utils.enable_progress_bars()  # ...but downloading a 7B model takes minutes: keep its bar
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ import sys
 from conftest import ROOT, fixture_path, solid_image
 
 from llava_lite.cli import main
+from llava_lite.model.llava import LlavaLiteModel
+from llava_lite.model.presets import preset
+from llava_lite.model.vision import VISION_TOWERS
 
 
 def test_module_entry_point_prints_help():
@@ -52,12 +55,81 @@ def test_inspect_data_counts_skipped_records_by_reason(tmp_path, capsys):
     assert "1 usable; skipped: corrupt_image: 1, malformed: 1, missing_image: 1" in out
 
 
-def test_inspect_data_reads_a_recipe_yaml(tmp_path, capsys):
+def recipe_yaml(tmp_path, body: str, recipe: str = "stage2") -> str:
     path = fixture_path("data", "mllm_demo", "mllm_demo.json")
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model:\n  preset: tiny\n  chat_template: vicuna_v1\ndata:\n  sources:\n    - path: {path}\n")
-    assert main(["inspect-data", str(recipe), "--samples", "1", "--color", "never"]) == 0
+    config = tmp_path / "r.yaml"
+    config.write_text(
+        f"recipe: {recipe}\noutput_dir: {tmp_path / 'run'}\n{body}data:\n  sources:\n    - path: {path}\n"
+    )
+    return str(config)
+
+
+def test_inspect_data_reads_a_recipe_yaml(tmp_path, capsys):
+    recipe = recipe_yaml(tmp_path, "model:\n  preset: tiny\n  chat_template: vicuna_v1\n")
+    assert main(["inspect-data", recipe, "--samples", "1", "--color", "never"]) == 0
     assert "ASSISTANT:[[ " in capsys.readouterr().out  # the space after the prompt is the first trained token
+
+
+def test_inspect_data_shows_a_stage1_recipe_in_its_plain_data_template(tmp_path, capsys):
+    recipe = recipe_yaml(tmp_path, "model: tiny\n", recipe="stage1")
+    assert main(["inspect-data", recipe, "--samples", "1", "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert "template: plain" in out and "<|im_start|>" not in out
+
+
+def test_inspect_data_takes_the_model_of_a_recipes_init_from_run(tmp_path, capsys):
+    LlavaLiteModel.from_config(preset("tiny", chat_template="vicuna_v1")).save_pretrained(tmp_path / "stage1")
+    recipe = recipe_yaml(tmp_path, f"init_from: {tmp_path / 'stage1'}\n")
+    assert main(["inspect-data", recipe, "--samples", "1", "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert "template: vicuna_v1" in out and "ASSISTANT:[[ " in out
+
+
+def test_inspect_data_reads_tokens_per_image_without_building_the_tower(monkeypatch, capsys):
+    def no_tower(config):
+        raise AssertionError("inspect-data built the vision tower")
+
+    monkeypatch.setitem(VISION_TOWERS, "open_clip", no_tower)
+    path = fixture_path("data", "mllm_demo", "mllm_demo.json")
+    assert main(["inspect-data", str(path), "--samples", "0", "--color", "never"]) == 0
+    assert "16 tokens per image" in capsys.readouterr().out
+
+
+def test_inspect_data_module_imports_no_model_code():
+    code = "import sys, llava_lite.commands.inspect_data; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_train_with_a_missing_data_file_fails_in_one_line_before_any_model_code_loads(tmp_path):
+    missing = tmp_path / "data" / "missing.json"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"recipe: stage1\nmodel: tiny\noutput_dir: {tmp_path / 'run'}\ndata:\n  sources:\n    - path: {missing}\n"
+    )
+    code = (
+        f"import sys; from llava_lite.cli import main; print(main(['train', {str(recipe)!r}]), 'torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.stdout.strip() == "2 False"
+    assert result.stderr.strip() == f"llava-lite train: error: {missing}: no such data file or folder"
+
+
+def test_a_relative_data_file_that_is_missing_is_not_looked_up_on_the_hub(tmp_path, monkeypatch, capsys):
+    import datasets
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("datasets.load_dataset was asked for a missing local file")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "recipe: stage1\nmodel: tiny\noutput_dir: run\ndata:\n  sources:\n    - path: data/gone.parquet\n"
+    )
+    assert main(["inspect-data", str(recipe)]) == 2
+    assert "data/gone.parquet: no such data file or folder" in capsys.readouterr().err
 
 
 def test_missing_file_is_one_line_and_exit_code_2(tmp_path, capsys):
@@ -69,7 +141,7 @@ def test_missing_file_is_one_line_and_exit_code_2(tmp_path, capsys):
 
 def test_bad_config_key_is_one_line_naming_it(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("data:\n  sources: []\n  max_lenght: 4\n")
+    recipe.write_text("recipe: stage1\nmodel: tiny\noutput_dir: run\ndata:\n  sources: []\n  max_lenght: 4\n")
     assert main(["inspect-data", str(recipe)]) == 2
     assert "max_lenght" in capsys.readouterr().err
 

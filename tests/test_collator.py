@@ -44,8 +44,8 @@ def test_text_only_batch_has_no_pixel_values():
     assert "pixel_values" not in Collator(pad_token_id=0)([sample([1], [1]), sample([2], [2])])
 
 
-def test_skipped_reasons_carried_by_samples_are_counted():
-    collator = Collator(pad_token_id=0)
+def test_skipped_reasons_carried_by_samples_are_counted_in_the_batch():
     first = {**sample([1], [1]), "skipped": ["corrupt_image"]}
-    collator([first, {**sample([2], [2]), "skipped": ["corrupt_image", "too_long"]}])
-    assert collator.skipped == {"corrupt_image": 2, "too_long": 1}
+    batch = Collator(pad_token_id=0)([first, {**sample([2], [2]), "skipped": ["corrupt_image", "too_long"]}])
+    assert batch["skipped_records"] == {"corrupt_image": 2, "too_long": 1}
+    assert "skipped_records" not in Collator(pad_token_id=0)([sample([1], [1])])

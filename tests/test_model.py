@@ -9,13 +9,15 @@ import torch
 import torch.nn.functional as F
 from conftest import image_conversation, text_conversation
 
-from llava_lite.config_io import ConfigError
+from llava_lite.config_io import ConfigError, from_dict
 from llava_lite.data.collator import Collator
 from llava_lite.data.dataset import ConversationDataset
 from llava_lite.data.masking import IGNORE_INDEX
-from llava_lite.model.config import CONFIG_FILE, load_model_config
+from llava_lite.model import saving
+from llava_lite.model.config import CONFIG_FILE, VisionTowerConfig, load_model_config, tokens_per_image_from_config
 from llava_lite.model.llava import LlavaLiteModel
-from llava_lite.model.presets import TINY_LANGUAGE_MODEL, preset
+from llava_lite.model.presets import TINY_HF_CLIP_TOWER, TINY_LANGUAGE_MODEL, TINY_OPEN_CLIP_TOWER, preset
+from llava_lite.model.vision import build_vision_tower
 
 LANGUAGE_MODELS = {
     "llama": TINY_LANGUAGE_MODEL["model_config"],
@@ -215,3 +217,80 @@ def test_no_pickle_files_in_a_saved_folder(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "run")
     suffixes = {p.suffix for p in (tmp_path / "run").rglob("*") if p.is_file()}
     assert suffixes <= {".json", ".safetensors", ".jinja"}
+
+
+def test_a_saved_tokenizer_without_a_pad_token_loads_with_eos_as_pad(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "run")
+    path = tmp_path / "run" / "tokenizer" / "tokenizer_config.json"
+    settings = json.loads(path.read_text())
+    del settings["pad_token"]
+    path.write_text(json.dumps(settings))
+    loaded = LlavaLiteModel.from_pretrained(tmp_path / "run")
+    assert loaded.tokenizer.pad_token == loaded.tokenizer.eos_token is not None
+
+
+def test_quantization_asked_for_at_load_reaches_the_language_model(tiny_model, tmp_path, monkeypatch):
+    # bitsandbytes and a CUDA GPU do the 4-bit loading itself; here: the LM is asked for it.
+    tiny_model.save_pretrained(tmp_path / "run")
+    asked = []
+
+    def build(config):
+        asked.append(config.quantization)
+        raise RuntimeError("stop before loading")
+
+    monkeypatch.setattr(saving, "build_language_model", build)
+    with pytest.raises(RuntimeError, match="stop before loading"):
+        LlavaLiteModel.from_pretrained(tmp_path / "run", quantization="4bit")
+    with pytest.raises(RuntimeError, match="stop before loading"):
+        LlavaLiteModel.from_pretrained(tmp_path / "run")
+    assert asked == ["4bit", "none"]
+
+
+def test_a_transformers_llava_folder_is_refused_when_asked_to_load_quantized(tiny_model, tmp_path):
+    from llava_lite.interop.hf_export import export_hf_llava
+
+    export_hf_llava(tiny_model, tmp_path / "hf")
+    with pytest.raises(ValueError, match="cannot be loaded quantized"):
+        LlavaLiteModel.from_pretrained(tmp_path / "hf", quantization="4bit")
+
+
+def test_saving_a_frozen_lm_with_a_source_never_copies_its_weights(tmp_path, monkeypatch):
+    LlavaLiteModel.from_config(preset("tiny")).save_pretrained(tmp_path / "base")
+    lm = {"name": str(tmp_path / "base" / "language_model"), "tokenizer": "tiny"}
+    model = LlavaLiteModel.from_config(preset("tiny", language_model=lm))
+    model.language_model.requires_grad_(False)
+    copied = []
+    original = saving._part
+    monkeypatch.setattr(saving, "_part", lambda state, prefix: copied.append(prefix) or original(state, prefix))
+    model.save_pretrained(tmp_path / "stage1")
+    assert "language_model." not in copied and "projector." in copied
+    assert not (tmp_path / "stage1" / "language_model").exists()
+
+
+@pytest.mark.parametrize(
+    "tower",
+    [
+        TINY_OPEN_CLIP_TOWER,
+        {**TINY_OPEN_CLIP_TOWER, "cls_token": "keep"},
+        {
+            **TINY_OPEN_CLIP_TOWER,
+            "model_config": {
+                **TINY_OPEN_CLIP_TOWER["model_config"],
+                "vision_cfg": {**TINY_OPEN_CLIP_TOWER["model_config"]["vision_cfg"], "image_size": [32, 48]},
+            },
+        },
+        TINY_HF_CLIP_TOWER,
+        {**TINY_HF_CLIP_TOWER, "cls_token": "keep"},
+        {**TINY_HF_CLIP_TOWER, "type": "hf_siglip"},
+    ],
+)
+def test_tokens_per_image_read_from_the_config_agree_with_the_built_tower(tower):
+    config = from_dict(VisionTowerConfig, tower)
+    assert tokens_per_image_from_config(config) == build_vision_tower(config).num_patches
+
+
+def test_tokens_per_image_of_a_named_hf_tower_come_from_its_config_file(tmp_path):
+    from transformers import CLIPVisionConfig
+
+    CLIPVisionConfig(**TINY_HF_CLIP_TOWER["model_config"]).save_pretrained(tmp_path)  # a config, no weights
+    assert tokens_per_image_from_config(VisionTowerConfig(type="hf_clip", name=str(tmp_path))) == 16

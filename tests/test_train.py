@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -245,11 +247,12 @@ def test_a_save_killed_midway_leaves_the_last_checkpoint_whole(tmp_path, shapes_
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
 
 
-def test_resolved_config_is_saved_beside_every_checkpoint(tmp_path, shapes_data):
+def test_resolved_config_is_saved_beside_every_checkpoint_and_old_ones_rotate_out(tmp_path, shapes_data):
     import yaml
 
-    out = run_training(config(tmp_path, shapes_data, train__max_steps=2, train__save_steps=1))
-    for folder in (out, out / "checkpoint-1", out / "checkpoint-2"):
+    out = run_training(config(tmp_path, shapes_data, train__max_steps=3, train__save_steps=1))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]  # save_total_limit 2
+    for folder in (out, out / "checkpoint-2", out / "checkpoint-3"):
         saved = yaml.safe_load((folder / "train_config.yaml").read_text())
         assert saved["recipe"] == "stage1" and saved["train"]["learning_rate"] == 1e-2
         assert saved["data_template"] == "plain" and saved["finetune"]["method"] == "none"
@@ -269,3 +272,70 @@ def test_stage1_saves_megabytes_not_the_frozen_lm_when_it_has_a_source(tmp_path,
     reloaded = LlavaLiteModel.from_pretrained(out)
     original = LlavaLiteModel.from_pretrained(base)
     assert_all_equal(state(original.language_model), state(reloaded.language_model), "referenced LM")
+
+
+def test_skipped_records_are_counted_once(tmp_path, shapes_data, caplog):
+    images = shutil.copytree(shapes_data["images"], tmp_path / "images")
+    (images / "corrupt.png").write_bytes(b"not an image")
+    records = json.loads(shapes_data["captions"].read_text())
+    records[3]["image"] = "corrupt.png"  # skipped while training
+    records[5]["image"] = "gone.png"  # skipped while the data is read
+    data = tmp_path / "captions.json"
+    data.write_text(json.dumps(records))
+    cfg = config(
+        tmp_path,
+        shapes_data,
+        data__sources=[{"path": str(data), "image_folder": str(images)}],
+        data__on_bad_record="skip",
+        train__max_steps=-1,
+        train__epochs=1,
+    )
+    with caplog.at_level(logging.INFO, logger="llava_lite"):
+        run_training(cfg)
+    saved = [r.getMessage() for r in caplog.records if r.getMessage().startswith("saved ")]
+    assert saved == [f"saved {cfg.output_dir}; skipped records: corrupt_image 1, missing_image 1"]
+
+
+def test_qlora_from_a_saved_run_loads_its_lm_in_4bit(tmp_path, monkeypatch):
+    # The 4-bit loading itself needs bitsandbytes and a CUDA GPU; here: the saved run's LM is asked for it.
+    from llava_lite.model import saving
+
+    LlavaLiteModel.from_config(preset("tiny")).save_pretrained(tmp_path / "stage1")
+    asked = []
+
+    def build(lm_config):
+        asked.append(lm_config.quantization)
+        raise RuntimeError("stop before loading")
+
+    monkeypatch.setattr(saving, "build_language_model", build)
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "recipe": "stage2",
+            "init_from": str(tmp_path / "stage1"),
+            "output_dir": str(tmp_path / "stage2"),
+            "data": {"sources": [{"path": "unused.json"}]},
+            "finetune": {"method": "qlora"},
+        },
+    )
+    with pytest.raises(RuntimeError, match="stop before loading"):
+        build_training_model(resolved(cfg))
+    assert asked == ["4bit"]
+
+
+def test_adapters_train_the_marker_rows_of_the_data_template(tmp_path, shapes_data):
+    cfg = config(tmp_path, shapes_data, "stage2", finetune={"method": "lora", "lora": {"r": 4}}, data_template="chatml")
+    model = build_training_model(resolved(cfg))
+    markers = sorted(model.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>"))
+    assert model.language_model.peft_config["default"].trainable_token_indices == markers
+
+
+def test_a_missing_data_file_is_refused_before_the_model_is_built(tmp_path, shapes_data, monkeypatch):
+    def no_model(config):
+        raise AssertionError("the model was built before the data paths were checked")
+
+    monkeypatch.setattr("llava_lite.train.run.build_training_model", no_model)
+    missing = tmp_path / "held_out.jsonl"
+    cfg = config(tmp_path, shapes_data, eval_data={"sources": [{"path": str(missing)}]})
+    with pytest.raises(ValueError, match=f"^{re.escape(str(missing))}: no such data file or folder$"):
+        run_training(cfg)

@@ -19,12 +19,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, TrainerCallback
+from transformers import LlavaForConditionalGeneration, TrainerCallback
 
 from llava_lite.config_io import from_dict
 from llava_lite.data.collator import Collator
 from llava_lite.demo import shapes
-from llava_lite.model.presets import TINY_HF_CLIP_TOWER
 from llava_lite.train.config import TrainConfig
 from llava_lite.train.run import run_training
 
@@ -125,11 +124,12 @@ def ours(data: dict, out: Path, args, lm: dict) -> dict:
     return summary(counter, memory)
 
 
-def baseline(data: dict, args, lm: dict) -> dict:
+def baseline(data: dict, args, lm: dict, folder: Path) -> dict:
     """transformers' own Llava model and a hand loop: AdamW, gradient clipping at 1.0 as in the recipe, the same
-    batches, the tower frozen."""
+    batches, the tower frozen. The model is ours exported to transformers' format, so both sides train one model."""
     from llava_lite.data.config import DataConfig, DataSource
     from llava_lite.data.dataset import build_dataset
+    from llava_lite.interop.hf_export import export_hf_llava
     from llava_lite.model.llava import LlavaLiteModel
     from llava_lite.model.presets import preset
 
@@ -139,20 +139,11 @@ def baseline(data: dict, args, lm: dict) -> dict:
         ours_model.conversation_processor(2048),
         ours_model.image_preprocessor(),
     )
-    vision = dict(TINY_HF_CLIP_TOWER["model_config"])
-    sizes = {k: v for k, v in lm.items() if k not in ("model_type", "vocab_size")}
-    text = LlamaConfig(**sizes, vocab_size=len(ours_model.tokenizer))
-    config = LlavaConfig(
-        vision_config={"model_type": "clip_vision_model", **vision},
-        text_config=text.to_dict(),
-        image_token_id=ours_model.image_token_id,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
+    export_hf_llava(ours_model, folder)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = LlavaForConditionalGeneration(config).to(device)
+    # fp32 weights under bf16 autocast on a GPU, as the Trainer's bf16 mixed precision trains ours.
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).to(device)
     model.model.vision_tower.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     collator = Collator(ours_model.tokenizer.pad_token_id)
@@ -200,7 +191,9 @@ def run_side(side: str, args) -> dict:
     lm = model_sizes(args.hidden, args.layers)
     with tempfile.TemporaryDirectory() as tmp:
         data = shapes.build_dataset(Path(tmp) / "data", max(64, args.batch_size * 8), 1, 1, seed=0)
-        return baseline(data, args, lm) if side == "baseline" else ours(data, Path(tmp) / "run", args, lm)
+        if side == "baseline":
+            return baseline(data, args, lm, Path(tmp) / "hf")
+        return ours(data, Path(tmp) / "run", args, lm)
 
 
 def main() -> None:

@@ -8,23 +8,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
-from llava_lite.config_io import ConfigError, load_yaml
-from llava_lite.config_io import from_dict as config_from_dict
-from llava_lite.data.config import DataConfig, DataSource
-from llava_lite.data.dataset import load_conversations
-from llava_lite.data.errors import BadRecordError
-from llava_lite.data.images import load_image
-from llava_lite.data.preview import mark_trained
-from llava_lite.data.processor import ConversationProcessor
-from llava_lite.data.templates import get_template
-from llava_lite.model.config import ModelConfig
-from llava_lite.model.llava import prepare_tokenizer
-from llava_lite.model.presets import resolve_model_config
-from llava_lite.model.vision import build_vision_tower
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -33,14 +16,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Render a few samples with the trained (assistant) tokens marked - green on a terminal, [[...]] "
             "otherwise - and report token counts, image-token counts and skipped records by reason. "
-            "TARGET is a recipe YAML (its `model` and `data` sections are used) or a data file."
+            "TARGET is a recipe YAML (its data, rendered as that run trains on it: the model of `init_from` or "
+            "`model`, the `data_template`) or a data file."
         ),
     )
     parser.add_argument("target", metavar="CONFIG_OR_FILE", help="recipe .yaml, or a .json/.jsonl/.parquet data file")
     parser.add_argument(
-        "--model", default=None, help="preset name or saved model folder (default: the config's, or tiny)"
+        "--model",
+        default=None,
+        help="preset name or saved model folder (default: the recipe's model or init_from; tiny for a data file)",
     )
-    parser.add_argument("--template", default=None, help="chat template to use instead of the model's")
+    parser.add_argument(
+        "--template", default=None, help="chat template to use (default: the recipe's data_template, or the model's)"
+    )
     parser.add_argument("--image-folder", default=None, help="folder images resolve in (default: the data file's)")
     parser.add_argument("--max-length", type=int, default=None, help="token limit per sample (default: 2048)")
     parser.add_argument("--samples", type=int, default=3, help="how many samples to print (default: 3)")
@@ -52,10 +40,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model_config, data_config = _configs(args)
+    from tqdm import tqdm
+
+    from llava_lite.data.dataset import load_conversations
+    from llava_lite.data.errors import BadRecordError
+    from llava_lite.data.images import load_image
+    from llava_lite.data.preview import mark_trained
+    from llava_lite.data.processor import ConversationProcessor
+    from llava_lite.data.templates import get_template, template_special_tokens
+    from llava_lite.model.config import tokens_per_image_from_config
+    from llava_lite.model.language_model import add_special_tokens
+    from llava_lite.model.llava import prepare_tokenizer
+
+    model_config, data_config, template_name = _configs(args)
     tokenizer, _ = prepare_tokenizer(model_config)
-    template = get_template(model_config.chat_template, tokenizer)
-    tokens_per_image = build_vision_tower(model_config.vision_tower).num_patches
+    add_special_tokens(tokenizer, list(template_special_tokens(template_name, tokenizer)))  # as training adds them
+    template = get_template(template_name, tokenizer)
+    tokens_per_image = tokens_per_image_from_config(model_config.vision_tower)
+    if tokens_per_image is None:
+        from llava_lite.model.vision import build_vision_tower
+
+        tokens_per_image = build_vision_tower(model_config.vision_tower).num_patches
     processor = ConversationProcessor(
         tokenizer, template, tokens_per_image, model_config.image_token, data_config.max_length, data_config.overflow
     )
@@ -99,28 +104,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configs(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig]:
+def _configs(args: argparse.Namespace):
+    """The model config, the data config and the template the data is rendered with, as training would have them."""
+    from llava_lite.config_io import ConfigError
+    from llava_lite.data.config import DataConfig, DataSource
+    from llava_lite.model.presets import resolve_model_config
+    from llava_lite.train.config import check_data_paths, load_train_config, model_template_override, resolved
+
     target = Path(args.target)
+    data_template = None
     if target.suffix.lower() in (".yaml", ".yml"):
-        recipe = load_yaml(target)
-        if "data" not in recipe:
-            raise ConfigError(f"{target}: no `data` section")
-        data_config = config_from_dict(DataConfig, recipe["data"], f"{target}: data")
-        model_spec = args.model or recipe.get("model") or "tiny"
+        recipe = resolved(load_train_config(target))
+        check_data_paths(recipe)
+        data_config = recipe.data
+        model_config = resolve_model_config(args.model or recipe.init_from or recipe.model)
+        if recipe.init_from and not args.model and model_template_override(recipe):
+            model_config.chat_template = model_template_override(recipe)
+        data_template = recipe.data_template
     else:
         if not target.exists():
             raise ConfigError(f"{target}: no such data file")
         data_config = DataConfig(sources=[DataSource(path=str(target), image_folder=args.image_folder)])
-        model_spec = args.model or "tiny"
-    model_config = resolve_model_config(model_spec)
+        model_config = resolve_model_config(args.model or "tiny")
     if args.template:
         model_config.chat_template = args.template
     if args.max_length is not None:
         data_config.max_length = args.max_length
-    return model_config, data_config
+    return model_config, data_config, args.template or data_template or model_config.chat_template
 
 
 def _print_summary(read, considered, good, skipped, lengths, trained, image_counts, tokens_per_image, template) -> None:
+    import numpy as np
+
     print(f"template: {template.name} (end of turn {template.end_of_turn!r}); {tokens_per_image} tokens per image")
     reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items())) or "none"
     print(f"records: {read} read, {considered} considered, {len(good)} usable; skipped: {reasons}")

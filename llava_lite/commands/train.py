@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from llava_lite.train.config import load_train_config
+from llava_lite.train.config import check_data_paths, load_train_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,9 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    config = load_train_config(args.config, args.overrides)
+    check_data_paths(config)  # before the seconds that importing the training code takes
+
     from llava_lite.train.run import run_training
 
-    config = load_train_config(args.config, args.overrides)
     output = run_training(config)
     print(f"saved the trained model to {output}")
     return 0

@@ -9,7 +9,7 @@ model scatters their features into the image-token slots.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -31,11 +31,9 @@ class Collator:
     # right for training; left for batched generation, so every prompt ends where generation starts.
     padding_side: Literal["right", "left"] = "right"
     pad_to_multiple_of: int | None = None
-    skipped: Counter = field(default_factory=Counter)
 
     def __call__(self, samples: list[dict]) -> dict:
         skipped = Counter(reason for sample in samples for reason in sample.get("skipped", ()))
-        self.skipped.update(skipped)
         rows = self.rows(samples)
         length = max(len(row.input_ids) for row in rows)
         if self.pad_to_multiple_of:

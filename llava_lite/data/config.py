@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
+
+# The data files a source may name; any other path that does not exist may be a hub dataset's name.
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".csv")
 
 
 @dataclass
@@ -19,6 +23,13 @@ class DataSource:
     columns: dict[str, str] = field(default_factory=dict)
     # Extra role names -> user | assistant | system, added to the usual ones (human, gpt, ...).
     roles: dict[str, str] = field(default_factory=dict)
+
+    def check_exists(self) -> None:
+        """A path that can only be local (a data-file suffix, or starting with /, ./, ../, ~) must exist: a typo
+        fails at once instead of being looked up on the hub as a dataset name (which `datasets` retries)."""
+        local = Path(self.path).suffix.lower() in DATA_FILE_SUFFIXES or self.path.startswith(("/", "./", "../", "~"))
+        if local and not Path(self.path).expanduser().exists():
+            raise ValueError(f"{self.path}: no such data file or folder")
 
 
 @dataclass

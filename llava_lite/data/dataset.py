@@ -23,8 +23,9 @@ class ConversationDataset(Dataset):
     """Each item: `input_ids`, `labels` (1-D long tensors), `pixel_values` (`[images, 3, H, W]` or None).
 
     Under `on_bad_record="skip"`, a record that fails when its sample is built (a corrupt image, a sample
-    too long) is passed over for the next good one; the reasons travel with the item as `skipped`
-    (so they are counted even in DataLoader workers) and are also tallied in `self.skipped`.
+    too long) is passed over for the next good one; the reasons travel with the item as `skipped`, so
+    whoever consumes the batches counts them, in DataLoader workers too. `skipped_at_load` holds the
+    records skipped while the data was read.
     """
 
     def __init__(
@@ -39,7 +40,7 @@ class ConversationDataset(Dataset):
         self.processor = processor
         self.image_preprocessor = image_preprocessor
         self.on_bad_record = on_bad_record
-        self.skipped: Counter = Counter(skipped_at_load or {})
+        self.skipped_at_load: Counter = Counter(skipped_at_load or {})
 
     def __len__(self) -> int:
         return len(self.conversations)
@@ -53,7 +54,6 @@ class ConversationDataset(Dataset):
             except BadRecordError as err:
                 if self.on_bad_record == "error":
                     raise
-                self.skipped[err.reason] += 1
                 reasons.append(err.reason)
                 logger.debug("skipped %s", err)
                 continue

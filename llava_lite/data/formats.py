@@ -154,6 +154,7 @@ def iter_rows(source: DataSource) -> Iterator[tuple[str, Any]]:
     elif suffix == ".json" and path.is_file():
         yield from _json_rows(path)
     else:
+        source.check_exists()
         dataset = _load_with_datasets(source)
         for index, row in enumerate(dataset):
             yield f"{source.path} record {index}", row

@@ -122,7 +122,7 @@ def _normal(text: str) -> str:
     return text.strip().lower().rstrip(".")
 
 
-def report(result: DemoResult, image_name: str = "") -> str:
+def report(result: DemoResult) -> str:
     rows = [f"{'question':<10} {'accuracy':>9} {'chance':>8}"]
     for attribute, value in result.accuracy.items():
         rows.append(f"{attribute:<10} {value:>9.0%} {result.chance[attribute]:>8.0%}")

@@ -61,16 +61,21 @@ class LlavaLiteModel(nn.Module):
         return cls(config, vision_tower, projector, language_model, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, trainable_adapters: bool = False) -> LlavaLiteModel:
+    def from_pretrained(
+        cls, folder: str | Path, trainable_adapters: bool = False, quantization: str | None = None
+    ) -> LlavaLiteModel:
         """Load a folder written by `save_pretrained` (see `llava_lite.model.saving` for its layout), or a
-        transformers Llava folder (see `llava_lite.model.hf_llava`)."""
+        transformers Llava folder (see `llava_lite.model.hf_llava`). `quantization` (4bit, 8bit) loads the LM
+        quantized, as QLoRA trains it."""
         from llava_lite.model.hf_llava import is_hf_llava_folder, load_hf_llava
         from llava_lite.model.saving import load_model
 
         if is_hf_llava_folder(folder):
+            if quantization not in (None, "none"):
+                raise ValueError(f"{folder}: a transformers Llava folder cannot be loaded quantized ({quantization})")
             return load_hf_llava(folder)
 
-        return load_model(folder, trainable_adapters)
+        return load_model(folder, trainable_adapters, quantization)
 
     def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """What was trained and what exists nowhere else, as safetensors and JSON; no pickle anywhere."""
@@ -161,7 +166,6 @@ class LlavaLiteModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
-        skipped_records: dict | None = None,  # the collator's bookkeeping of skipped records; not model input
         **kwargs,
     ):
         """`kwargs` reach the LM: `num_items_in_batch` from the Trainer makes the loss a sum over the

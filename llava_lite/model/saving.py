@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from llava_lite.model.config import ModelConfig, load_model_config, save_model_config
-from llava_lite.model.language_model import build_language_model, fit_embeddings
+from llava_lite.model.language_model import build_language_model, fit_embeddings, load_tokenizer
 from llava_lite.model.projector import Projector
 from llava_lite.model.vision import build_vision_tower
 from llava_lite.model.vision.base import WEIGHTS_FILE as TOWER_WEIGHTS
@@ -54,10 +54,12 @@ def save_model(model, folder: str | Path, state_dict: dict[str, torch.Tensor] | 
         tower_config = tower.architecture_config()
 
     lm = model.language_model
-    lm_state = _part(state, "language_model.")
     lm_config = config.language_model
     adapter = None
+    # The LM's weights are copied to the CPU only when some of them are written: a frozen LM with a source
+    # (stage 1 of a named 7B LM) is not copied at all.
     if model.uses_adapters:
+        lm_state = _part(state, "language_model.")
         lm.save_pretrained(folder / ADAPTER_DIR, state_dict=lm_state)
         adapter = ADAPTER_DIR
         if lm_config.name is None:  # a random base exists nowhere else
@@ -65,7 +67,7 @@ def save_model(model, folder: str | Path, state_dict: dict[str, torch.Tensor] | 
             base.save_pretrained(folder / LM_DIR, state_dict=_base_state(lm, lm_state))
             lm_config = dataclasses.replace(lm_config, name=LM_DIR, model_config=None)
     elif _is_trained(lm) or lm_config.name is None:
-        lm.save_pretrained(folder / LM_DIR, state_dict=lm_state)
+        lm.save_pretrained(folder / LM_DIR, state_dict=_part(state, "language_model."))
         lm_config = dataclasses.replace(lm_config, name=LM_DIR, model_config=None)
 
     model.tokenizer.save_pretrained(folder / TOKENIZER_DIR)
@@ -76,14 +78,17 @@ def save_model(model, folder: str | Path, state_dict: dict[str, torch.Tensor] | 
     )
 
 
-def load_model(folder: str | Path, trainable_adapters: bool = False):
-    """A LlavaLiteModel from a folder written by `save_model`."""
+def load_model(folder: str | Path, trainable_adapters: bool = False, quantization: str | None = None):
+    """A LlavaLiteModel from a folder written by `save_model`; `quantization` (4bit, 8bit) loads the LM
+    quantized (QLoRA from a saved run), which a folder never records."""
     from llava_lite.model.llava import LlavaLiteModel
 
     folder = Path(folder)
     config = load_model_config(folder)
     lm_config = config.language_model
-    tokenizer = AutoTokenizer.from_pretrained(lm_config.tokenizer, trust_remote_code=lm_config.trust_remote_code)
+    if quantization is not None:
+        lm_config.quantization = quantization
+    tokenizer = load_tokenizer(lm_config)
     language_model = build_language_model(lm_config)
     fit_embeddings(language_model, tokenizer)
     if config.adapter:
@@ -110,11 +115,8 @@ def load_trained_weights(model, folder: str | Path) -> None:
 
         adapter_file = folder / ADAPTER_DIR / "adapter_model.safetensors"
         set_peft_model_state_dict(lm, load_file(str(adapter_file)))
-        base_target = None
-    else:
-        base_target = lm
-    if base_target is not None and (folder / LM_DIR).is_dir():
-        _load_safetensors_folder(base_target, folder / LM_DIR)
+    elif (folder / LM_DIR).is_dir():
+        _load_safetensors_folder(lm, folder / LM_DIR)
 
 
 def _load_safetensors_folder(module: nn.Module, folder: Path) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from llava_lite.config_io import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from llava_lite.config_io import ConfigError, apply_overrides, from_dict, load_yaml
 from llava_lite.data.config import DataConfig
 from llava_lite.eval.config import EvalConfig
 
@@ -128,12 +128,15 @@ def resolved(config: TrainConfig) -> TrainConfig:
     )
 
 
+def check_data_paths(config: TrainConfig) -> None:
+    """Every data source that can only be local exists: a typo fails before any model code loads."""
+    for data in (config.data, config.eval_data):
+        for source in data.sources if data else ():
+            source.check_exists()
+
+
 def model_template_override(config: TrainConfig) -> str | None:
     """A chat template the config sets for the model (over the one a loaded run or preset has)."""
     if isinstance(config.model, dict) and "chat_template" in config.model:
         return config.model["chat_template"]
     return None
-
-
-def config_as_dict(config: TrainConfig) -> dict:
-    return to_dict(config)

@@ -7,6 +7,7 @@ import logging
 
 from transformers import set_seed
 
+from llava_lite.data.templates import template_special_tokens
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.presets import resolve_model_config
 from llava_lite.train.config import TrainConfig, model_template_override
@@ -18,12 +19,13 @@ def build_training_model(config: TrainConfig) -> LlavaLiteModel:
     """`config` must be `resolved`. Freezing and adapters follow `config.finetune`; logs what is trained."""
     set_seed(config.seed)  # random-init parts (tiny presets) come out the same on every start and resume
     method = config.finetune.method
+    quantization = "4bit" if method == "qlora" else None
     if config.init_from:
-        model = LlavaLiteModel.from_pretrained(config.init_from)
+        model = LlavaLiteModel.from_pretrained(config.init_from, quantization=quantization)
     else:
         model_config = resolve_model_config(config.model)
-        if method == "qlora":
-            model_config.language_model.quantization = "4bit"
+        if quantization:
+            model_config.language_model.quantization = quantization
         model = LlavaLiteModel.from_config(model_config)
     template = model_template_override(config)
     if template and template != model.config.chat_template:
@@ -45,13 +47,15 @@ def build_training_model(config: TrainConfig) -> LlavaLiteModel:
 
 
 def _template_token_rows(model: LlavaLiteModel, config: TrainConfig) -> list[int]:
-    """Embedding rows of the template's marker tokens (`<|im_start|>`...), which adapters alone leave untrained.
+    """Embedding rows of the marker tokens (`<|im_start|>`...) of the template the data is rendered with,
+    which adapters alone leave untrained.
 
     `<image>` is not among them: its row is always replaced by image features.
     """
     if not config.finetune.train_new_token_rows:
         return []
-    return sorted(model.tokenizer.convert_tokens_to_ids(t) for t in model.template.special_tokens)
+    markers = template_special_tokens(config.data_template or model.config.chat_template, model.tokenizer)
+    return sorted(model.tokenizer.convert_tokens_to_ids(t) for t in markers)
 
 
 def _with_adapters(model: LlavaLiteModel, config: TrainConfig, new_rows: list[int]):

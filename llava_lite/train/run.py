@@ -11,11 +11,11 @@ import torch
 from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from llava_lite.config_io import ConfigError
+from llava_lite.config_io import ConfigError, to_dict
 from llava_lite.data.collator import Collator
-from llava_lite.data.dataset import build_dataset
+from llava_lite.data.dataset import ConversationDataset, load_conversations
 from llava_lite.eval.callback import EvaluationCallback
-from llava_lite.train.config import TrainConfig, config_as_dict, resolved
+from llava_lite.train.config import TrainConfig, resolved
 from llava_lite.train.recipe import build_training_model
 from llava_lite.train.trainer import LlavaTrainer
 
@@ -28,13 +28,18 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
     config = resolved(config)
     output_dir = Path(config.output_dir)
     checkpoint = resume_checkpoint(config)
+    # The data is read before the model is built, so a bad record or a missing file fails in seconds.
+    train_records, skipped_at_load = load_conversations(config.data)
+    eval_records = load_conversations(config.eval_data)[0] if config.eval_data else None
 
     model = build_training_model(config)
     processor = model.conversation_processor(config.data.max_length, config.data.overflow, config.data_template)
     images = model.image_preprocessor()
-    train_dataset = build_dataset(config.data, processor, images)
-    eval_dataset = build_dataset(config.eval_data, processor, images) if config.eval_data else None
-    logger.info("training on %d records%s", len(train_dataset), _skips(train_dataset.skipped))
+    train_dataset = ConversationDataset(train_records, processor, images, config.data.on_bad_record)
+    eval_dataset = None
+    if eval_records is not None:
+        eval_dataset = ConversationDataset(eval_records, processor, images, config.eval_data.on_bad_record)
+    logger.info("training on %d records%s", len(train_dataset), _skips(skipped_at_load))
 
     settings = config.train
     trainer = LlavaTrainer(
@@ -43,7 +48,7 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
         data_collator=Collator(model.tokenizer.pad_token_id, "right", pad_to_multiple_of=_pad_multiple()),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        run_config=config_as_dict(config),
+        run_config=to_dict(config),
         group_learning_rates={
             "projector": settings.projector_lr,
             "vision_tower": settings.vision_tower_lr,
@@ -59,8 +64,8 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
     trainer.save_model(str(output_dir))
     if trainer.args.should_save:
         trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
-    skipped = trainer.skipped + train_dataset.skipped
-    logger.info("saved %s%s", output_dir, _skips(skipped))
+    # Runtime skips are counted once, from the batches (DataLoader workers' included).
+    logger.info("saved %s%s", output_dir, _skips(skipped_at_load + trainer.skipped))
     return output_dir
 
 
@@ -96,6 +101,8 @@ def training_arguments(config: TrainConfig, has_eval: bool = False) -> TrainingA
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         seed=config.seed,
+        # transformers hides its progress bar whenever its logging is quieter than warnings (as our CLI sets it).
+        disable_tqdm=False,
     )
 
 

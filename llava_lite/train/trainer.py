@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from llava_lite.model.saving import load_trained_weights
 
@@ -113,16 +113,5 @@ class LlavaTrainer(Trainer):
                 self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
                     f"{os.sep}{STAGING_DIR}", ""
                 )
-            _rotate(Path(run_dir), self.args.save_total_limit)
-
-
-def _rotate(run_dir: Path, limit: int | None) -> None:
-    """Keep the newest `limit` checkpoints (the Trainer's own rotation ran inside the staging folder)."""
-    if not limit:
-        return
-    checkpoints = sorted(
-        (p for p in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-    )
-    for old in checkpoints[:-limit]:
-        shutil.rmtree(old, ignore_errors=True)
+            # The Trainer's own rotation ran inside the staging folder; rotate the real ones, by step number.
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)

@@ -73,7 +73,7 @@ def _create_visual(config: VisionTowerConfig):
         model_cfg = dict(config.model_config)
     else:
         model = open_clip.create_model(config.name, pretrained=config.pretrained)
-        model_cfg = _known_model_cfg(config.name)
+        model_cfg = known_model_cfg(config.name)
     visual = model.visual
     if not hasattr(visual, "transformer") or not hasattr(visual, "forward_intermediates"):
         raise ValueError(
@@ -86,7 +86,8 @@ def _create_visual(config: VisionTowerConfig):
     return visual, model_cfg, preprocess_cfg
 
 
-def _known_model_cfg(name: str) -> dict | None:
+def known_model_cfg(name: str) -> dict | None:
+    """The architecture config open_clip has for `name` (a model name or `local-dir:` folder), or None."""
     if name.startswith("local-dir:"):
         path = Path(name.removeprefix("local-dir:")) / "open_clip_config.json"
         return json.loads(path.read_text(encoding="utf-8")).get("model_cfg")
