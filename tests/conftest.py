@@ -68,6 +68,13 @@ def text_conversation() -> Conversation:
     )
 
 
+def processor_for(model: LlavaLiteModel, **settings):
+    """The processor for `model`, built as training and generation build it (no weights involved)."""
+    from llava_lite.model.processing import build_processor
+
+    return build_processor(model.config, model.tokenizer, **settings)
+
+
 def solid_image(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> Path:
     Image.new("RGB", size, colour).save(path)
     return path

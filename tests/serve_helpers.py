@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import ROOT, fixture_path
+from conftest import ROOT, fixture_path, processor_for
 from PIL import Image
 
 from llava_lite.model.llava import LlavaLiteModel
@@ -46,7 +46,8 @@ def make_run_folder(folder: Path) -> Path:
     config = preset("tiny", language_model={"model_config": {"tie_word_embeddings": False}})
     model = LlavaLiteModel.from_config(config)
     tokenizer = model.tokenizer
-    enders = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(model.template.end_of_turn.strip())}
+    end_of_turn = processor_for(model).template.end_of_turn.strip()
+    enders = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn)}
     with torch.no_grad():
         for token in enders - {None, tokenizer.unk_token_id}:
             model.language_model.get_output_embeddings().weight[token] = 0

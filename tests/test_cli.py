@@ -11,7 +11,7 @@ from conftest import ROOT, fixture_path, solid_image
 from llava_lite.cli import main
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.presets import preset
-from llava_lite.model.vision import VISION_TOWERS
+from llava_lite.model.vision import VisionTower
 
 
 def test_module_entry_point_prints_help():
@@ -86,10 +86,10 @@ def test_inspect_data_takes_the_model_of_a_recipes_init_from_run(tmp_path, capsy
 
 
 def test_inspect_data_reads_tokens_per_image_without_building_the_tower(monkeypatch, capsys):
-    def no_tower(config):
+    def no_tower(self, config):
         raise AssertionError("inspect-data built the vision tower")
 
-    monkeypatch.setitem(VISION_TOWERS, "open_clip", no_tower)
+    monkeypatch.setattr(VisionTower, "__init__", no_tower)
     path = fixture_path("data", "mllm_demo", "mllm_demo.json")
     assert main(["inspect-data", str(path), "--samples", "0", "--color", "never"]) == 0
     assert "16 tokens per image" in capsys.readouterr().out

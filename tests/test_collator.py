@@ -9,8 +9,12 @@ from llava_lite.data.masking import IGNORE_INDEX
 
 
 def sample(ids: list[int], labels: list[int], images: int = 0, fill: float = 0.0) -> dict:
-    pixel_values = torch.full((images, 3, 2, 2), fill) if images else None
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixel_values}
+    return {
+        "input_ids": torch.tensor(ids),
+        "labels": torch.tensor(labels),
+        "pixel_values": [torch.full((3, 2, 2), fill) for _ in range(images)],
+        "image_tokens": [1] * images,
+    }
 
 
 def test_right_padding_for_training():
@@ -44,8 +48,20 @@ def test_text_only_batch_has_no_pixel_values():
     assert "pixel_values" not in Collator(pad_token_id=0)([sample([1], [1]), sample([2], [2])])
 
 
-def test_skipped_reasons_carried_by_samples_are_counted_in_the_batch():
-    first = {**sample([1], [1]), "skipped": ["corrupt_image"]}
-    batch = Collator(pad_token_id=0)([first, {**sample([2], [2]), "skipped": ["corrupt_image", "too_long"]}])
-    assert batch["skipped_records"] == {"corrupt_image": 2, "too_long": 1}
-    assert "skipped_records" not in Collator(pad_token_id=0)([sample([1], [1])])
+def test_images_of_different_shapes_stay_a_list_in_token_order():
+    first = {**sample([1], [1]), "pixel_values": [torch.zeros(3, 2, 2)], "image_tokens": [4]}
+    second = {**sample([2], [2]), "pixel_values": [torch.ones(3, 4, 2), torch.ones(3, 2, 2)], "image_tokens": [8, 4]}
+    batch = Collator(pad_token_id=0)([first, second])
+    assert [tuple(p.shape) for p in batch["pixel_values"]] == [(3, 2, 2), (3, 4, 2), (3, 2, 2)]
+    assert batch["image_tokens"].tolist() == [4, 8, 4]
+
+
+def test_batches_carry_no_skip_bookkeeping():
+    assert set(Collator(pad_token_id=0)([sample([1], [1], images=1)])) == {
+        "input_ids",
+        "labels",
+        "attention_mask",
+        "position_ids",
+        "pixel_values",
+        "image_tokens",
+    }

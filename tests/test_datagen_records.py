@@ -6,7 +6,7 @@ import json
 
 import pytest
 from chat_server import write_scenes
-from conftest import fixture_path
+from conftest import fixture_path, processor_for
 
 from llava_lite.cli import main
 from llava_lite.data.config import DataSource
@@ -117,7 +117,7 @@ def test_datagen_records_load_with_the_foundation_loader_and_train_only_the_answ
     written = json.loads(out.read_text())
     conversations, skipped = read_source(DataSource(str(out)), check_images_exist=False)
     assert not skipped and len(conversations) == len(written) >= 15
-    processor = tiny_model.conversation_processor()
+    processor = processor_for(tiny_model)
     tokenizer = tiny_model.tokenizer
     end = processor.template.end_of_turn
     for conversation in conversations:

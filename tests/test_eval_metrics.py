@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import image_conversation, solid_image, text_conversation
+from conftest import image_conversation, processor_for, solid_image, text_conversation
 from torch import nn
 
 from llava_lite.cli import main
@@ -79,7 +79,7 @@ def test_response_perplexity_of_a_uniform_model_is_the_vocabulary_size(image_fol
     vocab = model.language_model.get_input_embeddings().weight.shape[0]
     result = response_perplexity(model, [image_conversation(image_folder), text_conversation()])
     assert result.perplexity == pytest.approx(vocab)
-    processor = model.conversation_processor()
+    processor = processor_for(model)
     trained = sum(
         processor.encode(c).num_trained_tokens for c in (image_conversation(image_folder), text_conversation())
     )
@@ -91,8 +91,8 @@ def test_response_perplexity_matches_a_direct_computation_over_assistant_tokens(
     result = response_perplexity(tiny_model, conversations, batch_size=2)
     nll, count = 0.0, 0
     for conversation in conversations:
-        encoded = tiny_model.conversation_processor().encode(conversation)
-        pixels = [tiny_model.image_preprocessor()(_open(p)) for p in encoded.images]
+        encoded = processor_for(tiny_model).encode(conversation)
+        pixels = [processor_for(tiny_model).geometry.preprocessor(_open(p)) for p in encoded.images]
         with torch.no_grad():
             logits = tiny_model(
                 input_ids=torch.from_numpy(encoded.input_ids)[None],

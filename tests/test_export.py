@@ -6,7 +6,7 @@ from __future__ import annotations
 import open_clip
 import pytest
 import torch
-from conftest import fixture_path
+from conftest import fixture_path, processor_for
 from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
@@ -56,10 +56,10 @@ def hf_inputs(folder, image: Image.Image) -> dict:
 
 def our_inputs(model: LlavaLiteModel, image: Image.Image) -> dict:
     conversation = Conversation([Message("user", f"<image>\n{QUESTION}")], ["image"])
-    encoded = model.conversation_processor().encode(conversation, add_generation_prompt=True)
+    encoded = processor_for(model).encode(conversation, add_generation_prompt=True)
     return {
         "input_ids": torch.from_numpy(encoded.input_ids)[None],
-        "pixel_values": model.image_preprocessor()(image)[None],
+        "pixel_values": processor_for(model).geometry.preprocessor(image)[None],
     }
 
 
@@ -68,7 +68,7 @@ def test_exported_processor_gives_our_ids_and_pixel_values(case, tmp_path):
     model, image = exported(case, tmp_path / case)
     theirs, ours = hf_inputs(tmp_path / case, image), our_inputs(model, image)
     assert torch.equal(theirs["input_ids"], ours["input_ids"])
-    assert int((theirs["input_ids"] == model.image_token_id).sum()) == model.tokens_per_image
+    assert int((theirs["input_ids"] == model.image_token_id).sum()) == model.vision_tower.num_patches
     assert torch.allclose(theirs["pixel_values"], ours["pixel_values"], atol=1e-6, rtol=0)
 
 

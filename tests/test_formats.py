@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import fixture_path, solid_image
+from conftest import fixture_path, processor_for, solid_image
 
 from llava_lite.data.config import DataConfig, DataSource
 from llava_lite.data.dataset import build_dataset
@@ -70,28 +70,28 @@ def test_llava_instruct_fixture_samples_have_the_right_image_token_counts(tiny_m
         sources=[DataSource(str(fixture_path("data", "llava_instruct_100.json")), str(llava_instruct_folder))],
         max_length=4096,
     )
-    dataset = build_dataset(config, tiny_model.conversation_processor(4096), tiny_model.image_preprocessor())
+    dataset = build_dataset(config, processor_for(tiny_model, max_length=4096))
     for index in range(0, len(dataset), 7):
         sample = dataset[index]
-        assert (sample["input_ids"] == tiny_model.image_token_id).sum() == tiny_model.tokens_per_image
-        assert sample["pixel_values"].shape == (1, 3, *tiny_model.vision_tower.image_size)
-        assert sample["skipped"] == []
+        assert (sample["input_ids"] == tiny_model.image_token_id).sum() == tiny_model.vision_tower.num_patches
+        assert [tuple(p.shape) for p in sample["pixel_values"]] == [(3, *tiny_model.vision_tower.image_size)]
         assert (sample["labels"] != IGNORE_INDEX).sum() > 0
+    assert not dataset.skips.counts()
 
 
 def test_mllm_demo_fixture_loads_with_several_images_per_record(tiny_model):
     path = fixture_path("data", "mllm_demo", "mllm_demo.json")
     raw = json.loads(path.read_text())
     config = DataConfig(sources=[DataSource(str(path))])
-    dataset = build_dataset(config, tiny_model.conversation_processor(), tiny_model.image_preprocessor())
+    dataset = build_dataset(config, processor_for(tiny_model))
     assert len(dataset) == len(raw) == 6
     for record, conversation, index in zip(raw, dataset.conversations, range(len(raw))):
         assert len(conversation.messages) == len(record["messages"])
         assert [Path(p).name for p in conversation.images] == [Path(p).name for p in record["images"]]
         sample = dataset[index]
         images = len(record["images"])
-        assert sample["pixel_values"].shape[0] == images
-        assert (sample["input_ids"] == tiny_model.image_token_id).sum() == images * tiny_model.tokens_per_image
+        assert len(sample["pixel_values"]) == images
+        assert (sample["input_ids"] == tiny_model.image_token_id).sum() == images * tiny_model.vision_tower.num_patches
 
 
 def test_jsonl_messages_with_openai_content_parts(tmp_path):
@@ -223,8 +223,7 @@ def test_corrupt_image_is_an_error_naming_the_record(tiny_model, data_folder):
     path = write_records(data_folder / "d.json", [good_record(image="bad.png", id="broken")])
     dataset = build_dataset(
         DataConfig(sources=[DataSource(str(path))]),
-        tiny_model.conversation_processor(),
-        tiny_model.image_preprocessor(),
+        processor_for(tiny_model),
     )
     with pytest.raises(BadRecordError, match=r"record 0 \(id broken\): image .*bad\.png cannot be read"):
         dataset[0]
@@ -234,11 +233,11 @@ def test_corrupt_image_is_skipped_for_the_next_good_record_and_counted(tiny_mode
     (data_folder / "bad.png").write_bytes(b"garbage")
     path = write_records(data_folder / "d.json", [good_record(image="bad.png"), good_record(id="good")])
     config = DataConfig(sources=[DataSource(str(path))], on_bad_record="skip")
-    dataset = build_dataset(config, tiny_model.conversation_processor(), tiny_model.image_preprocessor())
+    dataset = build_dataset(config, processor_for(tiny_model))
     sample = dataset[0]
-    assert sample["skipped"] == ["corrupt_image"]
-    assert not dataset.skipped_at_load  # a skip while training travels in the sample alone, so it is counted once
-    assert sample["pixel_values"].shape[0] == 1
+    assert dataset.skips.counts() == {"corrupt_image": 1}
+    assert not dataset.skipped_at_load  # a skip while training is counted where it happens, so only once
+    assert len(sample["pixel_values"]) == 1
 
 
 def test_placeholder_image_mismatch_is_skipped_and_counted(tiny_model, data_folder):
@@ -246,8 +245,9 @@ def test_placeholder_image_mismatch_is_skipped_and_counted(tiny_model, data_fold
     mismatch["conversations"][0]["value"] = "No placeholder here."
     path = write_records(data_folder / "d.json", [mismatch, good_record()])
     config = DataConfig(sources=[DataSource(str(path))], on_bad_record="skip")
-    dataset = build_dataset(config, tiny_model.conversation_processor(), tiny_model.image_preprocessor())
-    assert dataset[0]["skipped"] == ["image_count_mismatch"]
+    dataset = build_dataset(config, processor_for(tiny_model))
+    dataset[0]
+    assert dataset.skips.counts() == {"image_count_mismatch": 1}
 
 
 def test_a_missing_local_data_path_is_refused_without_asking_the_hub(tmp_path, monkeypatch):

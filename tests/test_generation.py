@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import fixture_path
+from conftest import fixture_path, processor_for
 from PIL import Image
 
 from llava_lite.data.conversation import Conversation, Message
@@ -155,7 +155,7 @@ def endless() -> Generator:
     torch.manual_seed(0)
     model = LlavaLiteModel.from_config(preset("tiny", language_model={"model_config": {"tie_word_embeddings": False}}))
     with torch.no_grad():
-        for token in stop_token_ids(model):
+        for token in stop_token_ids(model.tokenizer, processor_for(model).template):
             model.language_model.get_output_embeddings().weight[token] = 0
     return Generator(model)
 

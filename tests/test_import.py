@@ -140,7 +140,7 @@ def test_siglip_with_the_default_strategy_is_refused_with_the_reason(tmp_path):
 def test_siglip_with_every_patch_round_trips(tmp_path):
     write_hf_llava(tmp_path / "hf", tower="siglip", strategy="full")
     model = LlavaLiteModel.from_pretrained(tmp_path / "hf")
-    assert model.config.vision_tower.type == "hf_siglip" and model.tokens_per_image == 16
+    assert model.config.vision_tower.type == "hf_siglip" and model.vision_tower.num_patches == 16
     export_hf_llava(model, tmp_path / "again")
     original, again = state_of(tmp_path / "hf"), state_of(tmp_path / "again")
     assert all(torch.equal(original[name], again[name]) for name in original)

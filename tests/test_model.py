@@ -7,17 +7,17 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import image_conversation, text_conversation
+from conftest import image_conversation, processor_for, text_conversation
 
 from llava_lite.config_io import ConfigError, from_dict
 from llava_lite.data.collator import Collator
 from llava_lite.data.dataset import ConversationDataset
 from llava_lite.data.masking import IGNORE_INDEX
 from llava_lite.model import saving
-from llava_lite.model.config import CONFIG_FILE, VisionTowerConfig, load_model_config, tokens_per_image_from_config
+from llava_lite.model.config import CONFIG_FILE, VisionTowerConfig, load_model_config
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.presets import TINY_HF_CLIP_TOWER, TINY_LANGUAGE_MODEL, TINY_OPEN_CLIP_TOWER, preset
-from llava_lite.model.vision import build_vision_tower
+from llava_lite.model.vision import build_vision_tower, vision_geometry
 
 LANGUAGE_MODELS = {
     "llama": TINY_LANGUAGE_MODEL["model_config"],
@@ -37,7 +37,7 @@ TOWERS = ["tiny", "tiny-hf-clip"]
 
 
 def batch_for(model: LlavaLiteModel, conversations) -> dict:
-    dataset = ConversationDataset(conversations, model.conversation_processor(), model.image_preprocessor())
+    dataset = ConversationDataset(conversations, processor_for(model))
     return Collator(model.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
 
 
@@ -78,7 +78,7 @@ def test_image_features_land_exactly_on_image_token_positions(tiny_model, image_
     with torch.no_grad():
         features = tiny_model.projector(tiny_model.vision_tower(batch["pixel_values"]))
     token_embeds = tiny_model.language_model.get_input_embeddings()(batch["input_ids"])
-    n = tiny_model.tokens_per_image
+    n = tiny_model.vision_tower.num_patches
     positions = (batch["input_ids"] == tiny_model.image_token_id).nonzero().tolist()
     assert len(positions) == 3 * n
     # Images in batch order: sample 0 holds images 0 and 1, sample 2 holds image 2.
@@ -116,7 +116,7 @@ def test_image_and_placeholder_count_mismatch_is_a_clear_error(tiny_model, image
 
 def test_left_and_right_padding_give_the_same_loss(tiny_model, image_folder):
     conversations = [image_conversation(image_folder), text_conversation()]
-    dataset = ConversationDataset(conversations, tiny_model.conversation_processor(), tiny_model.image_preprocessor())
+    dataset = ConversationDataset(conversations, processor_for(tiny_model))
     samples = [dataset[0], dataset[1]]
     pad = tiny_model.tokenizer.pad_token_id
     right = tiny_model(**Collator(pad, "right")(samples)).loss
@@ -155,7 +155,7 @@ def test_save_and_load_give_identical_logits(tower, image_folder, tmp_path):
     loaded = LlavaLiteModel.from_pretrained(tmp_path / "run").eval()
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
-    assert loaded.tokens_per_image == model.tokens_per_image
+    assert loaded.vision_tower.num_patches == model.vision_tower.num_patches
     assert loaded.image_token_id == model.image_token_id
 
 
@@ -286,11 +286,12 @@ def test_saving_a_frozen_lm_with_a_source_never_copies_its_weights(tmp_path, mon
 )
 def test_tokens_per_image_read_from_the_config_agree_with_the_built_tower(tower):
     config = from_dict(VisionTowerConfig, tower)
-    assert tokens_per_image_from_config(config) == build_vision_tower(config).num_patches
+    assert vision_geometry(config).tokens_per_image == build_vision_tower(config).num_patches
 
 
 def test_tokens_per_image_of_a_named_hf_tower_come_from_its_config_file(tmp_path):
-    from transformers import CLIPVisionConfig
+    from transformers import CLIPImageProcessor, CLIPVisionConfig
 
-    CLIPVisionConfig(**TINY_HF_CLIP_TOWER["model_config"]).save_pretrained(tmp_path)  # a config, no weights
-    assert tokens_per_image_from_config(VisionTowerConfig(type="hf_clip", name=str(tmp_path))) == 16
+    CLIPVisionConfig(**TINY_HF_CLIP_TOWER["model_config"]).save_pretrained(tmp_path)  # configs, no weights
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    assert vision_geometry(VisionTowerConfig(type="hf_clip", name=str(tmp_path))).tokens_per_image == 16

@@ -132,12 +132,12 @@ def baseline(data: dict, args, lm: dict, folder: Path) -> dict:
     from llava_lite.interop.hf_export import export_hf_llava
     from llava_lite.model.llava import LlavaLiteModel
     from llava_lite.model.presets import preset
+    from llava_lite.model.processing import build_processor
 
     ours_model = LlavaLiteModel.from_config(preset("tiny-hf-clip", language_model={"model_config": lm}))
     dataset = build_dataset(
         DataConfig(sources=[DataSource(str(data["questions"]), str(data["images"]))]),
-        ours_model.conversation_processor(2048),
-        ours_model.image_preprocessor(),
+        build_processor(ours_model.config, ours_model.tokenizer, max_length=2048),
     )
     export_hf_llava(ours_model, folder)
     device = "cuda" if torch.cuda.is_available() else "cpu"

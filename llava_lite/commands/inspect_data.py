@@ -46,31 +46,15 @@ def run(args: argparse.Namespace) -> int:
     from llava_lite.data.errors import BadRecordError
     from llava_lite.data.images import load_image
     from llava_lite.data.preview import mark_trained
-    from llava_lite.data.processor import ConversationProcessor
-    from llava_lite.data.templates import get_template, template_special_tokens
-    from llava_lite.model.config import tokens_per_image_from_config
-    from llava_lite.model.language_model import add_special_tokens
-    from llava_lite.model.llava import prepare_tokenizer
 
-    model_config, data_config, template_name = _configs(args)
-    tokenizer, _ = prepare_tokenizer(model_config)
-    add_special_tokens(tokenizer, list(template_special_tokens(template_name, tokenizer)))  # as training adds them
-    template = get_template(template_name, tokenizer)
-    tokens_per_image = tokens_per_image_from_config(model_config.vision_tower)
-    if tokens_per_image is None:
-        from llava_lite.model.vision import build_vision_tower
-
-        tokens_per_image = build_vision_tower(model_config.vision_tower).num_patches
-    processor = ConversationProcessor(
-        tokenizer, template, tokens_per_image, model_config.image_token, data_config.max_length, data_config.overflow
-    )
+    processor, data_config = _processor(args)
     data_config.on_bad_record = "skip"  # inspection counts bad records instead of stopping at the first
     conversations, skipped = load_conversations(data_config)
     read = len(conversations) + sum(skipped.values())
     if args.limit is not None:
         conversations = conversations[: args.limit]
 
-    lengths, trained, image_counts, good = [], [], [], []
+    good = []
     for conversation in tqdm(conversations, desc="encoding", unit="record", disable=len(conversations) < 500):
         try:
             encoded = processor.encode(conversation)
@@ -81,9 +65,6 @@ def run(args: argparse.Namespace) -> int:
             skipped[err.reason] += 1
             continue
         good.append((conversation, encoded))
-        lengths.append(len(encoded.input_ids))
-        trained.append(encoded.num_trained_tokens)
-        image_counts.append(len(encoded.images))
 
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     rng = random.Random(args.seed)
@@ -92,64 +73,73 @@ def run(args: argparse.Namespace) -> int:
         conversation, encoded = good[number]
         print(
             f"--- {conversation.source} | {len(encoded.images)} image(s) | {len(encoded.input_ids)} tokens, "
-            f"{len(encoded.images) * tokens_per_image} image tokens, {encoded.num_trained_tokens} trained"
+            f"{sum(encoded.image_tokens)} image tokens, {encoded.num_trained_tokens} trained"
         )
         print(
             mark_trained(
-                tokenizer, encoded.input_ids, encoded.labels, processor.image_token_id, tokens_per_image, color
+                processor.tokenizer,
+                encoded.input_ids,
+                encoded.labels,
+                processor.image_token_id,
+                encoded.image_tokens,
+                color,
             )
         )
         print()
-    _print_summary(read, len(conversations), good, skipped, lengths, trained, image_counts, tokens_per_image, template)
+    _print_summary(read, len(conversations), [encoded for _, encoded in good], skipped, processor)
     return 0
 
 
-def _configs(args: argparse.Namespace):
-    """The model config, the data config and the template the data is rendered with, as training would have them."""
+def _processor(args: argparse.Namespace):
+    """The processor and the data config, as training would have them - built from configs, no model weights."""
     from llava_lite.config_io import ConfigError
     from llava_lite.data.config import DataConfig, DataSource
     from llava_lite.model.presets import resolve_model_config
-    from llava_lite.train.config import check_data_paths, load_train_config, model_template_override, resolved
+    from llava_lite.model.processing import build_processor
+    from llava_lite.train.config import check_data_paths, load_train_config, resolved
+    from llava_lite.train.recipe import training_processor
 
     target = Path(args.target)
-    data_template = None
     if target.suffix.lower() in (".yaml", ".yml"):
         recipe = resolved(load_train_config(target))
         check_data_paths(recipe)
-        data_config = recipe.data
+        if args.template:
+            recipe.data_template = args.template
+        if args.max_length is not None:
+            recipe.data.max_length = args.max_length
         model_config = resolve_model_config(args.model or recipe.init_from or recipe.model)
-        if recipe.init_from and not args.model and model_template_override(recipe):
-            model_config.chat_template = model_template_override(recipe)
-        data_template = recipe.data_template
-    else:
-        if not target.exists():
-            raise ConfigError(f"{target}: no such data file")
-        data_config = DataConfig(sources=[DataSource(path=str(target), image_folder=args.image_folder)])
-        model_config = resolve_model_config(args.model or "tiny")
-    if args.template:
-        model_config.chat_template = args.template
+        return training_processor(recipe, model_config), recipe.data
+    if not target.exists():
+        raise ConfigError(f"{target}: no such data file")
+    data_config = DataConfig(sources=[DataSource(path=str(target), image_folder=args.image_folder)])
     if args.max_length is not None:
         data_config.max_length = args.max_length
-    return model_config, data_config, args.template or data_template or model_config.chat_template
+    model_config = resolve_model_config(args.model or "tiny")
+    processor = build_processor(
+        model_config, template=args.template, max_length=data_config.max_length, overflow=data_config.overflow
+    )
+    return processor, data_config
 
 
-def _print_summary(read, considered, good, skipped, lengths, trained, image_counts, tokens_per_image, template) -> None:
+def _print_summary(read, considered, good, skipped, processor) -> None:
     import numpy as np
 
-    print(f"template: {template.name} (end of turn {template.end_of_turn!r}); {tokens_per_image} tokens per image")
+    template = processor.template
+    print(
+        f"template: {template.name} (end of turn {template.end_of_turn!r}); "
+        f"{processor.geometry.tokens_per_image} tokens per image"
+    )
     reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items())) or "none"
     print(f"records: {read} read, {considered} considered, {len(good)} usable; skipped: {reasons}")
     if not good:
         return
-    lengths_array = np.asarray(lengths)
-    p50, p95 = np.percentile(lengths_array, [50, 95])
-    print(
-        f"tokens per sample: mean {lengths_array.mean():.0f}, median {p50:.0f}, p95 {p95:.0f}, "
-        f"max {lengths_array.max()}"
-    )
+    lengths = np.asarray([len(encoded.input_ids) for encoded in good])
+    trained = [encoded.num_trained_tokens for encoded in good]
+    p50, p95 = np.percentile(lengths, [50, 95])
+    print(f"tokens per sample: mean {lengths.mean():.0f}, median {p50:.0f}, p95 {p95:.0f}, max {lengths.max()}")
     print(f"trained tokens per sample: mean {np.mean(trained):.0f}; total {int(np.sum(trained))}")
-    images = Counter(image_counts)
+    images = Counter(len(encoded.images) for encoded in good)
     print(
-        f"images: {sum(image_counts)} in all ({sum(image_counts) * tokens_per_image} image tokens); "
+        f"images: {sum(len(e.images) for e in good)} in all ({sum(sum(e.image_tokens) for e in good)} image tokens); "
         f"samples by image count: {dict(sorted(images.items()))}"
     )

@@ -1,15 +1,14 @@
-"""Samples to a padded batch: ids, labels, attention mask, position ids and all the batch's images.
+"""Samples to a padded batch: ids, labels, attention mask, position ids, and every image with its token count.
 
 A batch is built in two steps: samples are first grouped into rows (`rows`: one sample per row today;
 sequence packing will put several samples in a row, each segment restarting its position ids), then
-rows are padded. Images are concatenated in row-major token order, which is the order in which the
-model scatters their features into the image-token slots.
+rows are padded. Images are listed in row-major token order, which is the order in which the model
+scatters their features into the image-token slots; `image_tokens` says how many slots each one fills.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -22,7 +21,8 @@ class Row:
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor
-    pixel_values: list[torch.Tensor]
+    pixel_values: list[torch.Tensor] = field(default_factory=list)  # one `[3, H, W]` tensor per image
+    image_tokens: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -33,7 +33,6 @@ class Collator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, samples: list[dict]) -> dict:
-        skipped = Counter(reason for sample in samples for reason in sample.get("skipped", ()))
         rows = self.rows(samples)
         length = max(len(row.input_ids) for row in rows)
         if self.pad_to_multiple_of:
@@ -46,10 +45,8 @@ class Collator:
         }
         images = [image for row in rows for image in row.pixel_values]
         if images:
-            batch["pixel_values"] = torch.cat(images)
-        if skipped:
-            # Carried in the batch so that skips in DataLoader worker processes reach the trainer's count.
-            batch["skipped_records"] = dict(skipped)
+            batch["pixel_values"] = stack_images(images)
+            batch["image_tokens"] = torch.tensor([n for row in rows for n in row.image_tokens])
         return batch
 
     def rows(self, samples: list[dict]) -> list[Row]:
@@ -59,7 +56,8 @@ class Collator:
                 input_ids=sample["input_ids"],
                 labels=sample["labels"],
                 position_ids=torch.arange(len(sample["input_ids"])),
-                pixel_values=[] if sample.get("pixel_values") is None else [sample["pixel_values"]],
+                pixel_values=list(sample.get("pixel_values") or []),
+                image_tokens=list(sample.get("image_tokens") or []),
             )
             for sample in samples
         ]
@@ -68,3 +66,15 @@ class Collator:
         padding = values.new_full((length - len(values),), fill)
         parts = (values, padding) if self.padding_side == "right" else (padding, values)
         return torch.cat(parts)
+
+
+def batch_to(batch: dict, device: torch.device | str) -> dict:
+    """The batch on `device`; images given as a list of tensors move one by one."""
+    return {k: v.to(device) if torch.is_tensor(v) else [x.to(device) for x in v] for k, v in batch.items()}
+
+
+def stack_images(images: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """One `[images, 3, H, W]` tensor when every image has the same shape; else the list, in order."""
+    if all(image.shape == images[0].shape for image in images):
+        return torch.stack(images)
+    return list(images)

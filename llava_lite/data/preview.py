@@ -17,19 +17,25 @@ def mark_trained(
     input_ids: np.ndarray,
     labels: np.ndarray,
     image_token_id: int,
-    tokens_per_image: int,
+    image_tokens: list[int],
     color: bool,
 ) -> str:
-    """Trained runs in green (or `[[...]]` without colour); each image's tokens shown as `<image xN>`."""
+    """Trained runs in green (or `[[...]]` without colour); each image's tokens shown as `<image xN>`, N being
+    that image's token count (`image_tokens`, in order)."""
     kinds = np.where(input_ids == image_token_id, 2, np.where(labels != IGNORE_INDEX, 1, 0))
     pieces = []
     position = 0
+    counts = iter(image_tokens)
     for kind, run in groupby(kinds.tolist()):
         length = len(list(run))
         ids = input_ids[position : position + length].tolist()
         position += length
         if kind == 2:
-            text = f"<image x{tokens_per_image}>" * max(1, length // tokens_per_image)
+            text = ""
+            while length > 0:  # adjacent images form one run of image tokens
+                count = next(counts)
+                text += f"<image x{count}>"
+                length -= count
             pieces.append(f"{_MAGENTA}{text}{_RESET}" if color else text)
             continue
         text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)

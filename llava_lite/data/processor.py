@@ -1,7 +1,9 @@
-"""Conversation to model inputs, the text half: render, tokenize, mask, expand image slots, fit the length limit.
+"""Conversations and images to model inputs - what transformers' `LlavaProcessor` is to its model.
 
-Data flows one way: Conversation -> RenderedConversation (text + spans) -> token ids and labels with one
-placeholder per image -> ids with N image tokens per image -> cut to `max_length`.
+Built from a tokenizer, a chat template and the vision tower's geometry (`ImageGeometry`), never from a model:
+records can be encoded with no weights loaded. Data flows one way: Conversation -> RenderedConversation
+(text + spans) -> token ids and labels with one placeholder per image -> each placeholder expanded to that
+image's token count -> cut to `max_length` -> with the images' pixels, a sample.
 """
 
 from __future__ import annotations
@@ -10,11 +12,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import torch
+from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from llava_lite.data.conversation import IMAGE_PLACEHOLDER, Conversation
 from llava_lite.data.errors import BadRecordError
+from llava_lite.data.geometry import ImageGeometry, ImageInput
 from llava_lite.data.image_tokens import expand_image_tokens, truncate_keeping_images_whole
+from llava_lite.data.images import load_image
 from llava_lite.data.masking import IGNORE_INDEX, tokenize_rendered
 from llava_lite.data.templates import ChatTemplate, TemplateError
 
@@ -25,19 +31,20 @@ Overflow = Literal["truncate", "drop"]
 class EncodedConversation:
     input_ids: np.ndarray
     labels: np.ndarray
-    images: list[str]  # the images whose tokens survived truncation, in order
+    images: list[ImageInput]  # the images whose tokens survived truncation, in order
+    image_tokens: list[int]  # how many tokens each of those images takes, in order
 
     @property
     def num_trained_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
 
-class ConversationProcessor:
+class Processor:
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
         template: ChatTemplate,
-        tokens_per_image: int,
+        geometry: ImageGeometry,
         image_token: str = IMAGE_PLACEHOLDER,
         max_length: int | None = None,
         overflow: Overflow = "truncate",
@@ -47,13 +54,14 @@ class ConversationProcessor:
             raise ValueError(f"the tokenizer has no {image_token} token; prepare it with add_image_token first")
         self.tokenizer = tokenizer
         self.template = template
-        self.tokens_per_image = tokens_per_image
+        self.geometry = geometry
         self.image_token = image_token
         self.image_token_id = image_token_id
         self.max_length = max_length
         self.overflow = overflow
 
     def encode(self, conversation: Conversation, add_generation_prompt: bool = False) -> EncodedConversation:
+        """Ids and labels; each image's slots sized by the geometry (from its path or picture, not its pixels)."""
         source = conversation.source
         placeholders = conversation.placeholder_count(self.image_token)
         if placeholders != len(conversation.images):
@@ -74,18 +82,36 @@ class ConversationProcessor:
                 "image_count_mismatch",
                 f"the rendered text holds {image_slots} image tokens for {placeholders} placeholder(s)",
             )
-        tokens = expand_image_tokens(tokens, self.image_token_id, self.tokens_per_image)
         images = list(conversation.images)
+        image_tokens = [self.geometry.tokens_for(image) for image in images]
+        tokens = expand_image_tokens(tokens, self.image_token_id, image_tokens)
         if self.max_length is not None and len(tokens.input_ids) > self.max_length:
             if self.overflow == "drop":
                 raise BadRecordError(
                     source, "too_long", f"{len(tokens.input_ids)} tokens exceed max_length {self.max_length}"
                 )
-            tokens, kept = truncate_keeping_images_whole(
-                tokens, self.max_length, self.image_token_id, self.tokens_per_image
-            )
-            images = images[:kept]
-        encoded = EncodedConversation(tokens.input_ids, tokens.labels, images)
+            tokens, kept = truncate_keeping_images_whole(tokens, self.max_length, self.image_token_id, image_tokens)
+            images, image_tokens = images[:kept], image_tokens[:kept]
+        encoded = EncodedConversation(tokens.input_ids, tokens.labels, images, image_tokens)
         if not add_generation_prompt and encoded.num_trained_tokens == 0:
             raise BadRecordError(source, "no_trained_tokens", "no assistant token left to train (after truncation)")
         return encoded
+
+    def pixel_values(self, images: list[ImageInput], source: str = "record") -> list[torch.Tensor]:
+        """Each image as the tower's `[3, H, W]` input; paths are loaded here (BadRecordError when they cannot be)."""
+        preprocess = self.geometry.preprocessor
+        return [preprocess(image if isinstance(image, Image.Image) else load_image(image, source)) for image in images]
+
+    def sample(self, conversation: Conversation, add_generation_prompt: bool = False) -> dict:
+        """A model input for one conversation: `input_ids`, `labels`, and per image its `pixel_values` and
+        `image_tokens` (empty lists for a text-only sample)."""
+        encoded = self.encode(conversation, add_generation_prompt)
+        return self.sample_from(encoded, conversation.source)
+
+    def sample_from(self, encoded: EncodedConversation, source: str = "record") -> dict:
+        return {
+            "input_ids": torch.from_numpy(encoded.input_ids),
+            "labels": torch.from_numpy(encoded.labels),
+            "pixel_values": self.pixel_values(encoded.images, source),
+            "image_tokens": list(encoded.image_tokens),
+        }

@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from llava_lite.data.collator import Collator
+from llava_lite.data.collator import Collator, batch_to
 from llava_lite.data.config import DataSource
 from llava_lite.data.dataset import ConversationDataset
 from llava_lite.data.errors import BadRecordError
 from llava_lite.data.formats import read_source
 from llava_lite.data.masking import IGNORE_INDEX
+from llava_lite.model.processing import build_processor
 
 
 @dataclass
@@ -81,9 +82,8 @@ def response_perplexity(
     if not conversations:
         raise ValueError("no held-out conversations to score")
     device = next(model.parameters()).device
-    dataset = ConversationDataset(
-        conversations, model.conversation_processor(max_length), model.image_preprocessor(), on_bad_record="error"
-    )
+    processor = build_processor(model.config, model.tokenizer, max_length=max_length)
+    dataset = ConversationDataset(conversations, processor, on_bad_record="error")
     collator = Collator(model.tokenizer.pad_token_id, "right")
     nll, tokens = 0.0, 0
     with eval_mode(model):
@@ -91,8 +91,7 @@ def response_perplexity(
         for start in tqdm(batches, desc="response perplexity", unit="batch", disable=not progress):
             batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             labels = batch.pop("labels")
-            batch.pop("skipped_records", None)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = batch_to(batch, device)
             logits = model(**batch).logits
             batch_nll, batch_tokens = token_nll(logits, labels.to(device))
             nll += batch_nll

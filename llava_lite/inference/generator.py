@@ -11,12 +11,14 @@ from typing import Literal
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from llava_lite.data.collator import Collator
+from llava_lite.data.collator import Collator, batch_to
 from llava_lite.data.conversation import Conversation
 from llava_lite.data.processor import EncodedConversation
+from llava_lite.data.templates import ChatTemplate
 from llava_lite.model.llava import LlavaLiteModel
+from llava_lite.model.processing import build_processor
 
 
 @dataclass
@@ -75,10 +77,15 @@ class Generator:
     def __init__(self, model: LlavaLiteModel, device: str | torch.device = "cpu") -> None:
         self.model = model.to(device).eval()
         self.device = torch.device(device)
-        self.processor = model.conversation_processor()
-        self.images = model.image_preprocessor()
+        self.processor = build_processor(model.config, model.tokenizer)
+        self.template = self.processor.template
         self.collator = Collator(model.tokenizer.pad_token_id, padding_side="left")
-        self.stop_token_ids = stop_token_ids(model)
+        self.stop_token_ids = stop_token_ids(model.tokenizer, self.template)
+
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens a prompt and its answer may take together, when the model says."""
+        return self.model.context_length
 
     @classmethod
     def from_folder(cls, folder: str | Path, device: str = "auto", dtype: str | None = None) -> Generator:
@@ -95,19 +102,31 @@ class Generator:
         return [completion.text for completion in self.complete(conversations, images, settings)]
 
     def complete(
-        self, conversations: list[Conversation], images: list[list[Image.Image]], settings: SamplingSettings
+        self,
+        conversations: list[Conversation | EncodedConversation],
+        images: list[list[Image.Image]],
+        settings: SamplingSettings,
     ) -> list[Completion]:
-        """As `generate`, with token counts and why each answer ended."""
-        batch = self._batch(conversations, images)
+        """As `generate`, with token counts and why each answer ended. A prompt already encoded by
+        `encode_prompt` is taken as it is (the server encodes each request once)."""
+        prompts = [
+            self.encode_prompt(c, i) if isinstance(c, Conversation) else c for c, i in zip(conversations, images)
+        ]
+        batch = self._batch(prompts, images)
         prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
         output = self.model.generate(**batch, **self._generation_kwargs(settings))
         return [self._completion(ids, n, settings) for ids, n in zip(output, prompt_tokens)]
 
     def stream(
-        self, conversation: Conversation, images: list[Image.Image], settings: SamplingSettings
+        self,
+        conversation: Conversation | EncodedConversation,
+        images: list[Image.Image],
+        settings: SamplingSettings,
     ) -> StreamedAnswer:
         """The answer in pieces as they are generated, joining to what `complete` answers: no end-of-turn marker
-        or stop string, and no whitespace around the answer."""
+        or stop string, and no whitespace around the answer. `conversation` may be already encoded."""
+        if isinstance(conversation, Conversation):
+            conversation = self.encode_prompt(conversation, images)
         batch = self._batch([conversation], [images])
         streamer = _CountingStreamer(self.model.tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancel = _Cancel()
@@ -118,7 +137,7 @@ class Generator:
             "stopping_criteria": StoppingCriteriaList([cancel]),
         }
         worker = threading.Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
-        markers = [m for m in (self.model.template.visible_end_of_turn, *settings.stop) if m]
+        markers = [m for m in (self.template.visible_end_of_turn, *settings.stop) if m]
 
         def pieces() -> Iterator[str]:
             worker.start()
@@ -135,7 +154,7 @@ class Generator:
         def finish(text: str) -> Completion:
             ended = streamer.hit_stop(self.stop_token_ids) or any(m in streamer.text for m in settings.stop)
             return Completion(
-                self.model.template.answer_from(text),
+                self.template.answer_from(text),
                 int(batch["attention_mask"].sum()),
                 streamer.generated,
                 "stop" if ended or streamer.generated < settings.max_new_tokens else "length",
@@ -143,33 +162,24 @@ class Generator:
 
         return StreamedAnswer(pieces(), finish, lambda: streamer.generated)
 
-    def encode_prompt(self, conversation: Conversation, images: int) -> EncodedConversation:
-        """The prompt's tokens, image tokens included, for `images` images (the processor only counts them);
-        BadRecordError, named after `conversation.source`, for what the chat template refuses."""
-        placeheld = Conversation(
-            conversation.messages, [f"image {i}" for i in range(images)], source=conversation.source
-        )
-        return self.processor.encode(placeheld, add_generation_prompt=True)
+    def encode_prompt(self, conversation: Conversation, images: list[Image.Image]) -> EncodedConversation:
+        """The prompt's tokens, each image's tokens included; BadRecordError, named after `conversation.source`,
+        for what the chat template refuses or a placeholder count that differs from the images."""
+        with_images = Conversation(conversation.messages, list(images), source=conversation.source)
+        return self.processor.encode(with_images, add_generation_prompt=True)
 
     # ----- internals ----------------------------------------------------------------------------------
-    def _batch(self, conversations: list[Conversation], images: list[list[Image.Image]]) -> dict:
+    def _batch(self, prompts: list[EncodedConversation], images: list[list[Image.Image]]) -> dict:
         samples = []
-        for conversation, conversation_images in zip(conversations, images):
-            encoded = self.encode_prompt(conversation, len(conversation_images))
-            pixel_values = (
-                torch.stack([self.images(image) for image in conversation_images]) if conversation_images else None
-            )
-            samples.append(
-                {
-                    "input_ids": torch.from_numpy(encoded.input_ids),
-                    "labels": torch.from_numpy(encoded.labels),
-                    "pixel_values": pixel_values,
-                }
-            )
+        for encoded, prompt_images in zip(prompts, images):
+            if len(prompt_images) != len(encoded.image_tokens):
+                raise ValueError(f"a prompt encoded for {len(encoded.image_tokens)} images got {len(prompt_images)}")
+            encoded.images = list(prompt_images)
+            samples.append(self.processor.sample_from(encoded))
         batch = self.collator(samples)
         batch.pop("labels")
         batch.pop("position_ids")  # generate derives positions from the (left-padded) attention mask
-        return {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
+        return batch_to(batch, self.device)
 
     def _generation_kwargs(self, settings: SamplingSettings) -> dict:
         if settings.seed is not None:
@@ -202,14 +212,13 @@ class Generator:
         for stop in settings.stop:
             if stop in text:
                 text, finish = text[: text.index(stop)], "stop"
-        return Completion(self.model.template.answer_from(text), prompt_tokens, count, finish, ids)
+        return Completion(self.template.answer_from(text), prompt_tokens, count, finish, ids)
 
 
-def stop_token_ids(model: LlavaLiteModel) -> list[int]:
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> list[int]:
     """EOS, and the end-of-turn marker's token when it is a single token (`<|im_end|>`, `<|eot_id|>`)."""
-    tokenizer = model.tokenizer
     ids = [tokenizer.eos_token_id]
-    marker = tokenizer(model.template.end_of_turn, add_special_tokens=False)["input_ids"]
+    marker = tokenizer(template.end_of_turn, add_special_tokens=False)["input_ids"]
     if len(marker) == 1 and marker[0] not in ids:
         ids.append(marker[0])
     return ids

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+from llava_lite.data.templates import ChatTemplate, get_template
 from llava_lite.inference.generator import stop_token_ids
 from llava_lite.interop.chat_template import jinja_chat_template
 from llava_lite.interop.folders import replace_folder_atomically
@@ -68,7 +69,7 @@ def _assemble_for_saving(model: LlavaLiteModel, dtype: torch.dtype | None = None
         vision_config=vision_config.to_dict(),
         text_config=text_config.to_dict(),
         image_token_id=model.image_token_id,
-        image_seq_length=model.tokens_per_image,
+        image_seq_length=model.vision_tower.num_patches,
         vision_feature_layer=model.vision_tower.config.feature_layer,
         vision_feature_select_strategy=strategy,
         projector_hidden_act=projector_act,
@@ -148,7 +149,7 @@ def build_processor(model: LlavaLiteModel) -> LlavaProcessor:
     """Tokenizer (with `<image>` and the chat template) and image processor, as one `LlavaProcessor`."""
     tower = model.vision_tower
     tokenizer = copy.deepcopy(model.tokenizer)
-    template = jinja_chat_template(model.template, tokenizer, model.config.image_token)
+    template = jinja_chat_template(model_template(model), tokenizer, model.config.image_token)
     tokenizer.chat_template = template
     has_cls = tower.config.type != "hf_siglip"
     return LlavaProcessor(
@@ -163,6 +164,11 @@ def build_processor(model: LlavaLiteModel) -> LlavaProcessor:
     )
 
 
+def model_template(model: LlavaLiteModel) -> ChatTemplate:
+    """The chat template the model answers in, as its processor renders it."""
+    return get_template(model.config.chat_template, model.tokenizer)
+
+
 def _patch_size(tower) -> int:
     if tower.config.type == "open_clip":
         return tower.visual.patch_size[0]
@@ -172,7 +178,7 @@ def _patch_size(tower) -> int:
 def _generation_config(model: LlavaLiteModel) -> GenerationConfig:
     """Stop where our generator stops: EOS, or the template's end-of-turn token when that is one token."""
     tokenizer = model.tokenizer
-    stop = stop_token_ids(model)
+    stop = stop_token_ids(tokenizer, model_template(model))
     return GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=stop if len(stop) > 1 else stop[0],

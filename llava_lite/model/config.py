@@ -42,36 +42,6 @@ class VisionTowerConfig:
             raise ValueError("vision tower needs `name` or `model_config`")
 
 
-def tokens_per_image_from_config(tower: VisionTowerConfig) -> int | None:
-    """The tower's patch count (plus a kept CLS token) read from its architecture config alone, without
-    loading weights; None when only building the tower tells (an open_clip model open_clip has no config for).
-    Must agree with the towers' own `num_patches` (tests/test_model.py checks that it does)."""
-    if tower.type == "open_clip":
-        from open_clip.model import CLIPVisionCfg
-        from open_clip.utils import to_2tuple
-
-        from llava_lite.model.vision.open_clip_tower import known_model_cfg
-
-        model_cfg = tower.model_config if tower.model_config is not None else known_model_cfg(tower.name)
-        if not model_cfg:
-            return None
-        vision = CLIPVisionCfg(**model_cfg["vision_cfg"])
-        if vision.timm_model_name or not isinstance(vision.layers, int):
-            return None  # not a ViT: building the tower says why
-        (height, width), (patch_height, patch_width) = to_2tuple(vision.image_size), to_2tuple(vision.patch_size)
-        patches = (height // patch_height) * (width // patch_width)
-        return patches + (1 if tower.cls_token == "keep" else 0)
-    from transformers import CLIPVisionConfig, SiglipVisionConfig
-
-    config_cls = CLIPVisionConfig if tower.type == "hf_clip" else SiglipVisionConfig
-    if tower.model_config is not None:
-        vision = config_cls(**tower.model_config)
-    else:
-        vision = config_cls.from_pretrained(tower.name)
-    patches = (vision.image_size // vision.patch_size) ** 2
-    return patches + (1 if tower.type == "hf_clip" and tower.cls_token == "keep" else 0)
-
-
 @dataclass
 class ProjectorConfig:
     # linear | mlp2x_gelu | mlp{N}x_gelu

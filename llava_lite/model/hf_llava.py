@@ -35,6 +35,7 @@ from llava_lite.model.config import (
     ProjectorConfig,
     VisionTowerConfig,
 )
+from llava_lite.model.parts import ModelParts
 from llava_lite.model.projector import Projector
 from llava_lite.model.vision import build_vision_tower
 from llava_lite.model.vision.hf_tower import processor_settings
@@ -56,10 +57,8 @@ def is_hf_llava_folder(folder: str | Path) -> bool:
     return isinstance(config, dict) and config.get("model_type") == "llava"
 
 
-def load_hf_llava(folder: str | Path):
-    """A LlavaLiteModel holding the weights of the transformers Llava model in `folder`."""
-    from llava_lite.model.llava import LlavaLiteModel
-
+def load_hf_llava(folder: str | Path) -> ModelParts:
+    """The parts of a LlavaLiteModel holding the weights of the transformers Llava model in `folder`."""
     folder = Path(folder)
     hf_model = LlavaForConditionalGeneration.from_pretrained(folder, dtype="auto")
     hf_config: LlavaConfig = hf_model.config
@@ -98,7 +97,7 @@ def load_hf_llava(folder: str | Path):
         chat_template="tokenizer" if getattr(tokenizer, "chat_template", None) else "auto",
         image_token=image_token,
     )
-    return LlavaLiteModel(config, tower, projector, language_model, tokenizer)
+    return ModelParts(config, tower, projector, language_model, tokenizer)
 
 
 def _warn_if_template_needs_parts(folder: Path, tokenizer) -> None:

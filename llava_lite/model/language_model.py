@@ -13,7 +13,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from llava_lite.model.config import LanguageModelConfig
+from llava_lite.data.templates import template_special_tokens
+from llava_lite.model.config import LanguageModelConfig, ModelConfig
 from llava_lite.model.tiny_tokenizer import TINY_TOKENIZER_DIR
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,18 @@ def load_tokenizer(config: LanguageModelConfig) -> PreTrainedTokenizerBase:
         # assistant spans, never from comparing ids with pad_token_id.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def prepare_tokenizer(
+    config: ModelConfig, data_template: str | None = None
+) -> tuple[PreTrainedTokenizerBase, list[int]]:
+    """The LM's tokenizer with `<image>` and the chat template's markers added (and those of `data_template`, the
+    template training data is rendered with, when it differs); also the ids it added."""
+    tokenizer = load_tokenizer(config.language_model)
+    needed = [config.image_token, *template_special_tokens(config.chat_template, tokenizer)]
+    if data_template:
+        needed += template_special_tokens(data_template, tokenizer)
+    return tokenizer, add_special_tokens(tokenizer, needed)
 
 
 def add_special_tokens(tokenizer: PreTrainedTokenizerBase, tokens: list[str]) -> list[int]:

@@ -1,9 +1,11 @@
 """LlavaLiteModel: a vision tower and a projector feeding any transformers causal LM.
 
-Each image placeholder in the text has already been expanded to `tokens_per_image` copies of the
-`<image>` token id (a real row of the embedding, never a negative sentinel). Here the embeddings of
-those positions are replaced by the projected image features in one `masked_scatter`: images in the
-batch are taken in order, and their patches fill the image positions in row-major token order.
+Each image placeholder in the text has already been expanded (by the processor, `llava_lite.data.processor`) to
+as many copies of the `<image>` token id as that image takes (a real row of the embedding, never a negative
+sentinel). Here the embeddings of those positions are replaced by the projected image features in one
+`masked_scatter`: images in the batch are taken in order, and their features fill the image positions in
+row-major token order. The features come from the tower (`pixel_values`), or were computed before
+(`image_features`: the tower's output, e.g. cached for a fixed dataset).
 """
 
 from __future__ import annotations
@@ -15,15 +17,23 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llava_lite.data.images import ImagePreprocessor
-from llava_lite.data.processor import ConversationProcessor, Overflow
-from llava_lite.data.templates import ChatTemplate, get_template, template_special_tokens
+from llava_lite.data.templates import template_special_tokens
 from llava_lite.model.config import ModelConfig
-from llava_lite.model.language_model import add_special_tokens, build_language_model, fit_embeddings, load_tokenizer
+from llava_lite.model.hf_llava import is_hf_llava_folder, load_hf_llava
+from llava_lite.model.language_model import (
+    add_special_tokens,
+    build_language_model,
+    fit_embeddings,
+    prepare_tokenizer,
+)
 from llava_lite.model.projector import Projector
+from llava_lite.model.saving import load_model, save_model
 from llava_lite.model.vision import VisionTower, build_vision_tower
 
 logger = logging.getLogger(__name__)
+
+# Pixels or tower features of a batch's images: one tensor when all share a shape, else one tensor per image.
+Images = torch.Tensor | list[torch.Tensor]
 
 
 class LlavaLiteModel(nn.Module):
@@ -45,7 +55,6 @@ class LlavaLiteModel(nn.Module):
         self.language_model = language_model
         self.tokenizer = tokenizer
         self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
-        self._template: ChatTemplate | None = None
 
     # ----- building and loading -------------------------------------------------------------
     @classmethod
@@ -67,27 +76,20 @@ class LlavaLiteModel(nn.Module):
         """Load a folder written by `save_pretrained` (see `llava_lite.model.saving` for its layout), or a
         transformers Llava folder (see `llava_lite.model.hf_llava`). `quantization` (4bit, 8bit) loads the LM
         quantized, as QLoRA trains it."""
-        from llava_lite.model.hf_llava import is_hf_llava_folder, load_hf_llava
-        from llava_lite.model.saving import load_model
-
         if is_hf_llava_folder(folder):
             if quantization not in (None, "none"):
                 raise ValueError(f"{folder}: a transformers Llava folder cannot be loaded quantized ({quantization})")
-            return load_hf_llava(folder)
-
-        return load_model(folder, trainable_adapters, quantization)
+            return cls(*load_hf_llava(folder))
+        return cls(*load_model(folder, trainable_adapters, quantization))
 
     def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """What was trained and what exists nowhere else, as safetensors and JSON; no pickle anywhere."""
-        from llava_lite.model.saving import save_model
-
         save_model(self, folder, state_dict)
 
     def set_chat_template(self, name: str) -> list[int]:
         """Switch template (stage 1 trains with `plain`, stage 2 with a chat template); returns added token ids."""
         new_ids = self.add_template_tokens(name)
         self.config.chat_template = name
-        self._template = None
         return new_ids
 
     def add_template_tokens(self, name: str) -> list[int]:
@@ -106,31 +108,10 @@ class LlavaLiteModel(nn.Module):
         """The transformers model itself, under any peft wrapping."""
         return self.language_model.get_base_model() if self.uses_adapters else self.language_model
 
-    # ----- data side -------------------------------------------------------------------------
     @property
-    def tokens_per_image(self) -> int:
-        return self.vision_tower.num_patches
-
-    @property
-    def template(self) -> ChatTemplate:
-        if self._template is None:
-            self._template = get_template(self.config.chat_template, self.tokenizer)
-        return self._template
-
-    def conversation_processor(
-        self, max_length: int | None = None, overflow: Overflow = "truncate", template: str | None = None
-    ) -> ConversationProcessor:
-        """Encodes conversations for this model; `template` renders them otherwise (stage 1 uses `plain`)."""
-        chosen = (
-            self.template if template in (None, self.config.chat_template) else get_template(template, self.tokenizer)
-        )
-        return ConversationProcessor(
-            self.tokenizer, chosen, self.tokens_per_image, self.config.image_token, max_length, overflow
-        )
-
-    def image_preprocessor(self) -> ImagePreprocessor:
-        tower = self.vision_tower
-        return ImagePreprocessor.for_mean(tower.preprocess, tower.config.image_aspect == "pad", tower.image_mean)
+    def context_length(self) -> int | None:
+        """The most positions the LM takes, when its config says."""
+        return getattr(self.base_language_model.config, "max_position_embeddings", None)
 
     # ----- forward ---------------------------------------------------------------------------
     def train(self, mode: bool = True) -> LlavaLiteModel:
@@ -138,26 +119,50 @@ class LlavaLiteModel(nn.Module):
         self.vision_tower.train(mode)  # a frozen tower refuses to leave eval mode
         return self
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`[images, 3, H, W]` to `[images, tokens_per_image, lm_hidden]` in the LM's embedding dtype."""
-        features = self.vision_tower(pixel_values)
-        projected = self.projector(features.to(self.projector.linear_1.weight.dtype))
+    def image_features(self, pixel_values: Images) -> Images:
+        """The tower's features: `[images, tokens, tower_hidden]`, or one `[tokens, tower_hidden]` per image when
+        the images differ in shape (each shape runs through the tower as one batch)."""
+        if torch.is_tensor(pixel_values):
+            return self.vision_tower(pixel_values)
+        features: list[torch.Tensor | None] = [None] * len(pixel_values)
+        by_shape: dict[tuple, list[int]] = {}
+        for index, image in enumerate(pixel_values):
+            by_shape.setdefault(tuple(image.shape), []).append(index)
+        for indices in by_shape.values():
+            out = self.vision_tower(torch.stack([pixel_values[i] for i in indices]))
+            for i, feature in zip(indices, out):
+                features[i] = feature
+        return features
+
+    def project(self, image_features: Images) -> torch.Tensor:
+        """Tower features to LM embeddings, every image's tokens one after another: `[tokens, lm_hidden]`."""
+        flat = torch.cat(list(image_features)) if not torch.is_tensor(image_features) else image_features.flatten(0, 1)
+        projected = self.projector(flat.to(self.projector.linear_1.weight.dtype))
         return projected.to(self.language_model.get_input_embeddings().weight.dtype)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: Images | None = None,
+        image_tokens: torch.Tensor | None = None,
+        image_features: Images | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with each image's projected features in its slots. Give `pixel_values` or
+        `image_features` (the tower's output), not both; `image_tokens` (each image's slot count, from the
+        processor) is checked against the features when given."""
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("give pixel_values or image_features, not both")
         embeds = self.language_model.get_input_embeddings()(input_ids)
         image_positions = input_ids == self.image_token_id
         slots = int(image_positions.sum())
-        images = 0 if pixel_values is None else pixel_values.shape[0]
-        if slots != images * self.tokens_per_image:
-            raise ValueError(
-                f"the batch has {slots} image tokens but {images} image(s) x {self.tokens_per_image} tokens each; "
-                "every <image> placeholder needs exactly one image"
-            )
-        if images == 0:
+        if pixel_values is None and image_features is None:
+            _check_slots([], slots, image_tokens)
             return embeds  # text-only batch: the tower is not run at all
-        features = self.encode_images(pixel_values)
-        return embeds.masked_scatter(image_positions.unsqueeze(-1), features.reshape(-1, features.shape[-1]))
+        if image_features is None:
+            image_features = self.image_features(pixel_values)
+        _check_slots(image_features, slots, image_tokens)
+        projected = self.project(image_features)
+        return embeds.masked_scatter(image_positions.unsqueeze(-1), projected)
 
     def forward(
         self,
@@ -165,12 +170,14 @@ class LlavaLiteModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: Images | None = None,
+        image_tokens: torch.Tensor | None = None,
+        image_features: Images | None = None,
         **kwargs,
     ):
         """`kwargs` reach the LM: `num_items_in_batch` from the Trainer makes the loss a sum over the
         accumulated batches' target tokens divided by their count, not a mean of micro-batch means."""
-        inputs_embeds = self.embed(input_ids, pixel_values)
+        inputs_embeds = self.embed(input_ids, pixel_values, image_tokens, image_features)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -181,10 +188,16 @@ class LlavaLiteModel(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None, **kwargs
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: Images | None = None,
+        image_tokens: torch.Tensor | None = None,
+        image_features: Images | None = None,
+        **kwargs,
     ) -> torch.Tensor:
         """Token ids of the answers only: the LM's own `generate` (KV cache, sampling, stopping) on our embeddings."""
-        inputs_embeds = self.embed(input_ids, pixel_values)
+        inputs_embeds = self.embed(input_ids, pixel_values, image_tokens, image_features)
         return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
@@ -200,8 +213,22 @@ class LlavaLiteModel(nn.Module):
         return self.base_language_model.is_activation_checkpointing
 
 
-def prepare_tokenizer(config: ModelConfig) -> tuple[PreTrainedTokenizerBase, list[int]]:
-    """The LM's tokenizer with `<image>` and the chat template's markers added; also the ids it added."""
-    tokenizer = load_tokenizer(config.language_model)
-    needed = [config.image_token, *template_special_tokens(config.chat_template, tokenizer)]
-    return tokenizer, add_special_tokens(tokenizer, needed)
+def _check_slots(image_features: Images, slots: int, image_tokens: torch.Tensor | None) -> None:
+    """Every image's features fill exactly its own slots: the counts the processor gave, and the batch's slots."""
+    per_image = (
+        [image_features.shape[1]] * image_features.shape[0]
+        if torch.is_tensor(image_features)
+        else [f.shape[0] for f in image_features]
+    )
+    if sum(per_image) != slots:
+        raise ValueError(
+            f"the batch has {slots} image tokens but {len(per_image)} image(s) giving {sum(per_image)} features; "
+            "every <image> placeholder needs exactly one image"
+        )
+    if image_tokens is not None:
+        expected = [int(n) for n in image_tokens]
+        if expected != per_image:
+            raise ValueError(
+                f"image features do not fit their slots: {per_image} features per image, but the processor "
+                f"made {expected} slots"
+            )

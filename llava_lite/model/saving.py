@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from llava_lite.model.config import ModelConfig, load_model_config, save_model_config
 from llava_lite.model.language_model import build_language_model, fit_embeddings, load_tokenizer
+from llava_lite.model.parts import ModelParts
 from llava_lite.model.projector import Projector
 from llava_lite.model.vision import build_vision_tower
 from llava_lite.model.vision.base import WEIGHTS_FILE as TOWER_WEIGHTS
@@ -78,11 +79,9 @@ def save_model(model, folder: str | Path, state_dict: dict[str, torch.Tensor] | 
     )
 
 
-def load_model(folder: str | Path, trainable_adapters: bool = False, quantization: str | None = None):
-    """A LlavaLiteModel from a folder written by `save_model`; `quantization` (4bit, 8bit) loads the LM
-    quantized (QLoRA from a saved run), which a folder never records."""
-    from llava_lite.model.llava import LlavaLiteModel
-
+def load_model(folder: str | Path, trainable_adapters: bool = False, quantization: str | None = None) -> ModelParts:
+    """The parts of a LlavaLiteModel from a folder written by `save_model`; `quantization` (4bit, 8bit) loads the
+    LM quantized (QLoRA from a saved run), which a folder never records."""
     folder = Path(folder)
     config = load_model_config(folder)
     lm_config = config.language_model
@@ -100,7 +99,7 @@ def load_model(folder: str | Path, trainable_adapters: bool = False, quantizatio
         vision_tower.load_weights(folder / TOWER_DIR)
     projector = Projector(config.projector.type, vision_tower.hidden_size, _embedding_width(language_model))
     projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
-    return LlavaLiteModel(config, vision_tower, projector, language_model, tokenizer)
+    return ModelParts(config, vision_tower, projector, language_model, tokenizer)
 
 
 def load_trained_weights(model, folder: str | Path) -> None:

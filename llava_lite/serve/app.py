@@ -85,10 +85,10 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
             scheduler.check_room()  # refuse before reading any image, not only when queueing
             prompt = await prompts.build(body)
             if body.stream:
-                ticket = scheduler.stream(prompt.conversation, prompt.images, prompt.settings)
+                ticket = scheduler.stream(prompt.encoded, prompt.images, prompt.settings)
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 return ClosingStreamingResponse(chat_events(ticket, envelope, include_usage))
-            completion = await scheduler.complete(prompt.conversation, prompt.images, prompt.settings)
+            completion = await scheduler.complete(prompt.encoded, prompt.images, prompt.settings)
         except QueueFull as full:
             raise ApiError(503, str(full), "queue_full") from None
         return ChatCompletion(

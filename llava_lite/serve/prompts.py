@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from llava_lite.data.conversation import Conversation, Message, images_first
 from llava_lite.data.errors import BadRecordError
+from llava_lite.data.processor import EncodedConversation
 from llava_lite.inference.generator import Generator, SamplingSettings
 from llava_lite.serve.config import ServeConfig
 from llava_lite.serve.errors import ApiError
@@ -19,7 +20,7 @@ from llava_lite.serve.schemas import ChatCompletionRequest, ChatMessage, ImagePa
 
 @dataclass
 class Prompt:
-    conversation: Conversation
+    encoded: EncodedConversation  # encoded once, here; the generator takes it as it is
     images: list[Image.Image]
     settings: SamplingSettings
 
@@ -43,25 +44,26 @@ class PromptBuilder:
             config.allow_remote_images,
             config.remote_image_timeout,
         )
-        self.context = getattr(generator.model.base_language_model.config, "max_position_embeddings", None)
+        self.context = generator.context_length
 
     async def build(self, request: ChatCompletionRequest) -> Prompt:
         config = self.config
         settings = sampling_settings(request, config)
-        conversation, refs = to_conversation(request.messages, self.generator.model.config.image_token)
+        conversation, refs = to_conversation(request.messages, self.generator.processor.image_token)
         if len(refs) > config.max_images:
             raise ApiError(
                 400, f"{len(refs)} images; this server takes at most {config.max_images}", "too_many_images", "messages"
             )
-        prompt_tokens = await run_in_threadpool(self._count_tokens, conversation, len(refs))
-        self._check_length(prompt_tokens, settings.max_new_tokens)
+        encoded = await run_in_threadpool(self._encode, conversation, len(refs))
+        self._check_length(len(encoded.input_ids), settings.max_new_tokens)
         images = [await load_request_image(ref.url, self.image_limits, ref.param) for ref in refs]
-        return Prompt(conversation, images, settings)
+        return Prompt(encoded, images, settings)
 
-    def _count_tokens(self, conversation: Conversation, images: int) -> int:
-        """Tokens the prompt takes, image tokens included; the chat template's refusals become 400s."""
+    def _encode(self, conversation: Conversation, images: int) -> EncodedConversation:
+        """The prompt's tokens, image tokens included, before any image is read (each image's token count needs
+        no pixels); the chat template's refusals become 400s."""
         try:
-            return len(self.generator.encode_prompt(conversation, images).input_ids)
+            return self.generator.encode_prompt(conversation, [None] * images)
         except BadRecordError as err:
             raise ApiError(400, str(err).removeprefix("request: "), "invalid_messages", "messages") from None
 

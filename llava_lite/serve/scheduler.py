@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from llava_lite.data.conversation import Conversation
+from llava_lite.data.processor import EncodedConversation
 from llava_lite.inference.generator import Completion, Generator, SamplingSettings
 
 logger = logging.getLogger("llava_lite.serve")
@@ -30,7 +31,7 @@ class QueueFull(Exception):
 
 @dataclass(eq=False)  # a job is itself: two identical requests are still two jobs in the line
 class _Job:
-    conversation: Conversation
+    conversation: Conversation | EncodedConversation
     images: list[Image.Image]
     settings: SamplingSettings
     stream: bool
@@ -68,7 +69,7 @@ class Scheduler:
             )
 
     async def complete(
-        self, conversation: Conversation, images: list[Image.Image], settings: SamplingSettings
+        self, conversation: Conversation | EncodedConversation, images: list[Image.Image], settings: SamplingSettings
     ) -> Completion:
         job = self._enqueue(conversation, images, settings, stream=False)
         try:
@@ -77,7 +78,9 @@ class Scheduler:
             self._withdraw(job)  # still waiting: leave the line; already running: its batch finishes regardless
             raise
 
-    def stream(self, conversation: Conversation, images: list[Image.Image], settings: SamplingSettings) -> StreamTicket:
+    def stream(
+        self, conversation: Conversation | EncodedConversation, images: list[Image.Image], settings: SamplingSettings
+    ) -> StreamTicket:
         """A place in line for a streamed answer, taken now (or QueueFull now); iterate it for the pieces."""
         return StreamTicket(self, self._enqueue(conversation, images, settings, stream=True))
 
@@ -86,7 +89,11 @@ class Scheduler:
 
     # ----- the line -------------------------------------------------------------------------------------------
     def _enqueue(
-        self, conversation: Conversation, images: list[Image.Image], settings: SamplingSettings, stream: bool
+        self,
+        conversation: Conversation | EncodedConversation,
+        images: list[Image.Image],
+        settings: SamplingSettings,
+        stream: bool,
     ) -> _Job:
         self.check_room()
         job = _Job(conversation, images, settings, stream, asyncio.get_running_loop().create_future())

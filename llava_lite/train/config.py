@@ -135,8 +135,11 @@ def check_data_paths(config: TrainConfig) -> None:
             source.check_exists()
 
 
-def model_template_override(config: TrainConfig) -> str | None:
-    """A chat template the config sets for the model (over the one a loaded run or preset has)."""
+def chosen_templates(config: TrainConfig, model_template: str) -> tuple[str, str]:
+    """The one place a run's templates are decided (`config` resolved): the chat template the trained model keeps -
+    the config's `model: {chat_template}` over `model_template`, the one a loaded run or preset has - and the
+    template the training data is rendered with (`data_template`, else that chat template)."""
+    chat = model_template
     if isinstance(config.model, dict) and "chat_template" in config.model:
-        return config.model["chat_template"]
-    return None
+        chat = config.model["chat_template"]
+    return chat, config.data_template or chat

@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from transformers import set_seed
+from transformers import PreTrainedTokenizerBase, set_seed
 
+from llava_lite.data.processor import Processor
 from llava_lite.data.templates import template_special_tokens
+from llava_lite.model.config import ModelConfig
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.presets import resolve_model_config
-from llava_lite.train.config import TrainConfig, model_template_override
+from llava_lite.model.processing import build_processor
+from llava_lite.train.config import TrainConfig, chosen_templates
 
 logger = logging.getLogger(__name__)
 
@@ -27,11 +30,10 @@ def build_training_model(config: TrainConfig) -> LlavaLiteModel:
         if quantization:
             model_config.language_model.quantization = quantization
         model = LlavaLiteModel.from_config(model_config)
-    template = model_template_override(config)
-    if template and template != model.config.chat_template:
-        model.set_chat_template(template)
-    if config.data_template:
-        model.add_template_tokens(config.data_template)
+    chat_template, data_template = chosen_templates(config, model.config.chat_template)
+    if chat_template != model.config.chat_template:
+        model.set_chat_template(chat_template)
+    model.add_template_tokens(data_template)
 
     model.requires_grad_(False)
     model.projector.requires_grad_(True)
@@ -46,6 +48,21 @@ def build_training_model(config: TrainConfig) -> LlavaLiteModel:
     return model
 
 
+def training_processor(
+    config: TrainConfig, model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None
+) -> Processor:
+    """The processor the run's data is encoded with (`config` resolved): the model's tokenizer when the model is
+    built, else the config's prepared as training prepares it - no model is needed."""
+    chat_template, data_template = chosen_templates(config, model_config.chat_template)
+    return build_processor(
+        dataclasses.replace(model_config, chat_template=chat_template),
+        tokenizer,
+        template=data_template,
+        max_length=config.data.max_length,
+        overflow=config.data.overflow,
+    )
+
+
 def _template_token_rows(model: LlavaLiteModel, config: TrainConfig) -> list[int]:
     """Embedding rows of the marker tokens (`<|im_start|>`...) of the template the data is rendered with,
     which adapters alone leave untrained.
@@ -54,7 +71,7 @@ def _template_token_rows(model: LlavaLiteModel, config: TrainConfig) -> list[int
     """
     if not config.finetune.train_new_token_rows:
         return []
-    markers = template_special_tokens(config.data_template or model.config.chat_template, model.tokenizer)
+    markers = template_special_tokens(chosen_templates(config, model.config.chat_template)[1], model.tokenizer)
     return sorted(model.tokenizer.convert_tokens_to_ids(t) for t in markers)
 
 

@@ -16,7 +16,7 @@ from llava_lite.data.collator import Collator
 from llava_lite.data.dataset import ConversationDataset, load_conversations
 from llava_lite.eval.callback import EvaluationCallback
 from llava_lite.train.config import TrainConfig, resolved
-from llava_lite.train.recipe import build_training_model
+from llava_lite.train.recipe import build_training_model, training_processor
 from llava_lite.train.trainer import LlavaTrainer
 
 logger = logging.getLogger(__name__)
@@ -33,12 +33,11 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
     eval_records = load_conversations(config.eval_data)[0] if config.eval_data else None
 
     model = build_training_model(config)
-    processor = model.conversation_processor(config.data.max_length, config.data.overflow, config.data_template)
-    images = model.image_preprocessor()
-    train_dataset = ConversationDataset(train_records, processor, images, config.data.on_bad_record)
+    processor = training_processor(config, model.config, model.tokenizer)
+    train_dataset = ConversationDataset(train_records, processor, config.data.on_bad_record)
     eval_dataset = None
     if eval_records is not None:
-        eval_dataset = ConversationDataset(eval_records, processor, images, config.eval_data.on_bad_record)
+        eval_dataset = ConversationDataset(eval_records, processor, config.eval_data.on_bad_record)
     logger.info("training on %d records%s", len(train_dataset), _skips(skipped_at_load))
 
     settings = config.train
@@ -64,8 +63,9 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
     trainer.save_model(str(output_dir))
     if trainer.args.should_save:
         trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
-    # Runtime skips are counted once, from the batches (DataLoader workers' included).
-    logger.info("saved %s%s", output_dir, _skips(skipped_at_load + trainer.skipped))
+    # Records skipped while samples were built, by any process (DataLoader workers and ranks), each once.
+    skipped = skipped_at_load + train_dataset.skips.counts_across_processes()
+    logger.info("saved %s%s", output_dir, _skips(skipped))
     return output_dir
 
 

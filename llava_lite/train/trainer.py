@@ -1,5 +1,5 @@
 """transformers' Trainer, taught four things: our parameter groups, our folder format, atomic checkpoints,
-and counting skipped records. The loop itself (mixed precision, accumulation, schedulers, DDP/FSDP/DeepSpeed,
+and logging skipped records. The loop itself (mixed precision, accumulation, schedulers, DDP/FSDP/DeepSpeed,
 logging, resume) is the Trainer's own.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -28,7 +27,6 @@ class LlavaTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.run_config = run_config
         self.group_learning_rates = group_learning_rates
-        self.skipped: Counter = Counter()
         self._staging = False
 
     # ----- optimizer: the projector (and tower) learn at their own rates -----------------------------------
@@ -57,20 +55,13 @@ class LlavaTrainer(Trainer):
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
 
-    # ----- skipped records travel in the batch, so DataLoader workers' skips are counted too ----------------
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        skipped = inputs.pop("skipped_records", None)
-        if skipped:
-            self.skipped.update(skipped)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs.pop("skipped_records", None)
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-
+    # ----- records skipped while the dataset built samples, in the logs (every rank logs at the same steps) --------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.skipped and "loss" in logs:
-            logs["skipped_records"] = float(sum(self.skipped.values()))
+        skips = getattr(self.train_dataset, "skips", None)
+        if skips is not None and "loss" in logs:
+            skipped = sum(skips.counts_across_processes().values())
+            if skipped:
+                logs["skipped_records"] = float(skipped)
         super().log(logs, start_time)
 
     # ----- our folder format, with the resolved config beside every save ---------------------------------

@@ -9,6 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llava_lite.data.geometry import ImageGeometry
 from llava_lite.model.config import VisionTowerConfig
 
 WEIGHTS_FILE = "vision_tower.safetensors"
@@ -17,15 +18,14 @@ WEIGHTS_FILE = "vision_tower.safetensors"
 class VisionTower(nn.Module):
     """Images in, patch features `[batch, num_patches, hidden_size]` out; frozen and in eval mode by default.
 
-    Subclasses set `num_patches`, `hidden_size`, `image_size` and `image_mean`, and implement
-    `preprocess`, `extract_features` and `architecture_config` (the config that rebuilds them
-    with no outside reference, used when a run folder is saved).
+    Subclasses implement `geometry_of` (the input transform and token count, from the config alone: the one
+    place the patch count is computed), set `geometry` and `hidden_size`, and implement `extract_features`
+    and `architecture_config` (the config that rebuilds them with no outside reference, used when a run
+    folder is saved).
     """
 
-    num_patches: int
+    geometry: ImageGeometry
     hidden_size: int
-    image_size: tuple[int, int]
-    image_mean: tuple[float, float, float]
 
     def __init__(self, config: VisionTowerConfig) -> None:
         super().__init__()
@@ -44,9 +44,26 @@ class VisionTower(nn.Module):
         # A frozen tower stays in eval mode (no dropout, fixed norms) whatever the model around it does.
         return super().train(mode and not self.frozen)
 
+    @classmethod
+    def geometry_of(cls, config: VisionTowerConfig) -> ImageGeometry:
+        """What the data side needs of a tower with this config, without building its weights."""
+        raise NotImplementedError
+
+    @property
+    def num_patches(self) -> int:
+        return self.geometry.tokens_per_image
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.geometry.image_size
+
+    @property
+    def image_mean(self) -> tuple[float, float, float]:
+        return self.geometry.image_mean
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """One RGB image to a `[3, H, W]` tensor, with the tower's own resize, crop and normalisation."""
-        raise NotImplementedError
+        return self.geometry.transform(image)
 
     def extract_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -16,6 +16,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from llava_lite.data.geometry import ImageGeometry
 from llava_lite.model.config import VisionTowerConfig
 from llava_lite.model.vision.base import VisionTower, hidden_state_index
 
@@ -51,30 +52,42 @@ _FAMILIES = {
 class HFVisionTower(VisionTower):
     def __init__(self, config: VisionTowerConfig) -> None:
         super().__init__(config)
-        model_cls, config_cls, processor_cls = _FAMILIES[config.type]
-        has_cls = config.type == "hf_clip"
-        if config.cls_token == "keep" and not has_cls:
-            raise ValueError("SigLIP has no CLS token: cls_token must be 'drop'")
+        model_cls, config_cls, _ = _FAMILIES[config.type]
+        self.geometry = self.geometry_of(config)
+        self.processor = self.geometry.transform.processor
         if config.model_config is not None:
             self.model = model_cls(config_cls(**config.model_config))
-            self.processor = processor_cls(**(config.preprocess or _default_processor(config.type, self.model)))
         else:
             self.model = model_cls.from_pretrained(config.name)
-            self.processor = (
-                processor_cls(**config.preprocess) if config.preprocess else processor_cls.from_pretrained(config.name)
-            )
         vision_config = self.model.config
         self._index = hidden_state_index(config.feature_layer, vision_config.num_hidden_layers)
-        self._skip_cls = has_cls and config.cls_token == "drop"
-        grid = vision_config.image_size // vision_config.patch_size
-        self.num_patches = grid * grid + (1 if has_cls and not self._skip_cls else 0)
+        self._skip_cls = _has_cls(config) and config.cls_token == "drop"
         self.hidden_size = vision_config.hidden_size
-        self.image_size = (vision_config.image_size, vision_config.image_size)
-        self.image_mean = tuple(self.processor.image_mean)
         self.freeze_if_configured()
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+    @classmethod
+    def geometry_of(cls, config: VisionTowerConfig) -> ImageGeometry:
+        """From the vision config and the image processor's settings (a named tower's JSON files, not its weights)."""
+        _, config_cls, processor_cls = _FAMILIES[config.type]
+        if config.cls_token == "keep" and not _has_cls(config):
+            raise ValueError("SigLIP has no CLS token: cls_token must be 'drop'")
+        if config.model_config is not None:
+            vision = config_cls(**config.model_config)
+            processor = processor_cls(**(config.preprocess or _default_processor(config.type, vision.image_size)))
+        else:
+            vision = config_cls.from_pretrained(config.name)
+            processor = (
+                processor_cls(**config.preprocess) if config.preprocess else processor_cls.from_pretrained(config.name)
+            )
+        grid = vision.image_size // vision.patch_size
+        kept_cls = 1 if _has_cls(config) and config.cls_token == "keep" else 0
+        return ImageGeometry(
+            tokens_per_image=grid * grid + kept_cls,
+            image_size=(vision.image_size, vision.image_size),
+            image_mean=tuple(processor.image_mean),
+            transform=_Transform(processor),
+            pad_to_square=config.image_aspect == "pad",
+        )
 
     def extract_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixel_values, output_hidden_states=True)
@@ -92,9 +105,22 @@ class HFVisionTower(VisionTower):
         )
 
 
-def _default_processor(tower_type: str, model: torch.nn.Module) -> dict:
+class _Transform:
+    """The image processor as a PIL-to-tensor transform."""
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def _has_cls(config: VisionTowerConfig) -> bool:
+    return config.type == "hf_clip"
+
+
+def _default_processor(tower_type: str, size: int) -> dict:
     """Processor settings for a tower built from a config dict: its resolution, the family's normalisation."""
-    size = model.config.image_size
     if tower_type == "hf_clip":
         return {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
     return {"size": {"height": size, "width": size}}

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.factory import merge_preprocess_dict
+from open_clip.model import CLIPVisionCfg
 from open_clip.transform import PreprocessCfg, image_transform_v2
-from PIL import Image
+from open_clip.utils import to_2tuple
 
+from llava_lite.data.geometry import ImageGeometry
 from llava_lite.model.config import VisionTowerConfig
 from llava_lite.model.vision.base import VisionTower, hidden_state_index
 
@@ -18,25 +21,44 @@ from llava_lite.model.vision.base import VisionTower, hidden_state_index
 class OpenClipVisionTower(VisionTower):
     def __init__(self, config: VisionTowerConfig) -> None:
         super().__init__(config)
-        visual, model_cfg, preprocess_cfg = _create_visual(config)
-        self.visual = visual
+        model_cfg = _model_cfg(config)
+        self.visual = _create_visual(config)
         self._model_cfg = model_cfg
-        self._preprocess_cfg = preprocess_cfg
-        self._transform = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
-        self.image_size = tuple(visual.image_size)
-        self.image_mean = tuple(preprocess_cfg["mean"])
-        num_blocks = len(visual.transformer.resblocks)
+        self.geometry = self.geometry_of(config, self.visual)
+        num_blocks = len(self.visual.transformer.resblocks)
         index = hidden_state_index(config.feature_layer, num_blocks)
         if index == 0:
             raise ValueError("open_clip towers give block outputs only: feature_layer 0 (embeddings) is not offered")
         self._block_index = index - 1
-        grid = visual.grid_size
-        self.num_patches = grid[0] * grid[1] + (1 if config.cls_token == "keep" else 0)
-        self.hidden_size = visual.transformer.width
+        self.hidden_size = self.visual.transformer.width
         self.freeze_if_configured()
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return self._transform(image)
+    @classmethod
+    def geometry_of(cls, config: VisionTowerConfig, visual: torch.nn.Module | None = None) -> ImageGeometry:
+        """From the architecture config; a model open_clip has no config for is built on the meta device (no
+        weights) to read its input size."""
+        model_cfg = _model_cfg(config)
+        if model_cfg is not None:
+            vision = CLIPVisionCfg(**model_cfg["vision_cfg"])
+            if vision.timm_model_name or not isinstance(vision.layers, int):
+                raise ValueError(
+                    f"open_clip model {config.name or 'from model_config'} is not a ViT; only ViT towers are supported"
+                )
+            image_size, patch_size = to_2tuple(vision.image_size), to_2tuple(vision.patch_size)
+        else:
+            if visual is None:
+                with torch.device("meta"):
+                    visual = _create_visual(dataclasses.replace(config, pretrained=None))
+            image_size, patch_size = tuple(visual.image_size), tuple(visual.patch_size)
+        grid = (image_size[0] // patch_size[0], image_size[1] // patch_size[1])
+        preprocess = _preprocess_cfg(config, image_size)
+        return ImageGeometry(
+            tokens_per_image=grid[0] * grid[1] + (1 if config.cls_token == "keep" else 0),
+            image_size=tuple(image_size),
+            image_mean=tuple(preprocess["mean"]),
+            transform=_Transform(preprocess),
+            pad_to_square=config.image_aspect == "pad",
+        )
 
     def extract_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         keep_cls = self.config.cls_token == "keep"
@@ -62,34 +84,62 @@ class OpenClipVisionTower(VisionTower):
             name=None if known else self.config.name,
             pretrained=None,
             model_config=self._model_cfg,
-            preprocess=self._preprocess_cfg,
+            preprocess=dict(self.geometry.transform.settings),
         )
 
 
-def _create_visual(config: VisionTowerConfig):
-    """The visual half of an open_clip model (the text half is let go), its config and preprocessing."""
+class _Transform:
+    """open_clip's eval transform, remembering the settings it was built from (they are saved with a run)."""
+
+    def __init__(self, settings: dict) -> None:
+        self.settings = settings
+        self._transform = image_transform_v2(PreprocessCfg(**settings), is_train=False)
+
+    def __call__(self, image):
+        return self._transform(image)
+
+
+def _preprocess_cfg(config: VisionTowerConfig, image_size: tuple[int, int]) -> dict:
+    """open_clip's defaults, the tower's input size, what a pretrained tag prescribes, then the config's overrides:
+    the order in which `open_clip.create_model` merges them."""
+    settings = dataclasses.asdict(PreprocessCfg())
+    settings["size"] = list(image_size)
+    if config.name and config.pretrained:
+        settings = merge_preprocess_dict(settings, open_clip.get_pretrained_cfg(config.name, config.pretrained) or {})
+    if config.name and config.name.startswith("local-dir:"):
+        settings = merge_preprocess_dict(settings, _local_dir_json(config.name).get("preprocess_cfg", {}))
+    settings.update(config.preprocess or {})
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+
+
+def _create_visual(config: VisionTowerConfig) -> torch.nn.Module:
+    """The visual half of an open_clip model (the text half is let go)."""
     if config.model_config is not None:
         model = open_clip.CLIP(**config.model_config)
-        model_cfg = dict(config.model_config)
     else:
         model = open_clip.create_model(config.name, pretrained=config.pretrained)
-        model_cfg = known_model_cfg(config.name)
     visual = model.visual
     if not hasattr(visual, "transformer") or not hasattr(visual, "forward_intermediates"):
         raise ValueError(
             f"open_clip model {config.name or 'from model_config'} is not a ViT; only ViT towers are supported"
         )
-    preprocess_cfg = dataclasses.asdict(PreprocessCfg())
-    preprocess_cfg.update(open_clip.get_model_preprocess_cfg(model))
-    preprocess_cfg.update(config.preprocess or {})
-    preprocess_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in preprocess_cfg.items()}
-    return visual, model_cfg, preprocess_cfg
+    return visual
+
+
+def _model_cfg(config: VisionTowerConfig) -> dict | None:
+    if config.model_config is not None:
+        return dict(config.model_config)
+    return known_model_cfg(config.name)
 
 
 def known_model_cfg(name: str) -> dict | None:
     """The architecture config open_clip has for `name` (a model name or `local-dir:` folder), or None."""
     if name.startswith("local-dir:"):
-        path = Path(name.removeprefix("local-dir:")) / "open_clip_config.json"
-        return json.loads(path.read_text(encoding="utf-8")).get("model_cfg")
+        return _local_dir_json(name).get("model_cfg")
     cfg = open_clip.get_model_config(name)
     return dict(cfg) if cfg is not None else None
+
+
+def _local_dir_json(name: str) -> dict:
+    path = Path(name.removeprefix("local-dir:")) / "open_clip_config.json"
+    return json.loads(path.read_text(encoding="utf-8"))
