@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import ROOT, fixture_path, solid_image
 
@@ -68,6 +70,18 @@ def test_inspect_data_reads_a_recipe_yaml(tmp_path, capsys):
     recipe = recipe_yaml(tmp_path, "model:\n  preset: tiny\n  chat_template: vicuna_v1\n")
     assert main(["inspect-data", recipe, "--samples", "1", "--color", "never"]) == 0
     assert "ASSISTANT:[[ " in capsys.readouterr().out  # the space after the prompt is the first trained token
+
+
+def test_inspect_data_shows_how_a_packing_recipe_packs(tmp_path, capsys):
+    recipe = recipe_yaml(tmp_path, "model: tiny\n")
+    recipe_text = Path(recipe).read_text().replace("data:\n", "data:\n  packing: true\n  pack_length: 400\n")
+    Path(recipe).write_text(recipe_text)
+    assert main(["inspect-data", recipe, "--samples", "0", "--color", "never"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("packing:"))
+    match = re.fullmatch(
+        r"packing: 6 samples into (\d) rows of up to 400 tokens, ([\d.]+) % of the rows' tokens filled", line
+    )
+    assert match and 2 <= int(match.group(1)) < 6 and 30 < float(match.group(2)) <= 100
 
 
 def test_inspect_data_shows_a_stage1_recipe_in_its_plain_data_template(tmp_path, capsys):

@@ -41,6 +41,10 @@ def batch_for(model: LlavaLiteModel, conversations) -> dict:
     return Collator(model.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
 
 
+def without_labels(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
 def mixed_batch(model: LlavaLiteModel, folder) -> dict:
     """Sample 0: two images; sample 1: text only; sample 2: one image."""
     return batch_for(
@@ -54,19 +58,20 @@ def mixed_batch(model: LlavaLiteModel, folder) -> dict:
 def test_forward_gives_a_finite_loss_for_each_tower_and_lm_family(tower, lm, image_folder):
     config = preset(tower, language_model={"model_config": LANGUAGE_MODELS[lm], "tokenizer": "tiny"})
     model = LlavaLiteModel.from_config(config)
-    out = model(**mixed_batch(model, image_folder))
-    assert torch.isfinite(out.loss)
-    assert out.logits.shape[:2] == mixed_batch(model, image_folder)["input_ids"].shape
+    batch = mixed_batch(model, image_folder)
+    assert torch.isfinite(model(**batch).loss)
+    assert model(**without_labels(batch)).logits.shape[:2] == batch["input_ids"].shape
 
 
 def test_loss_counts_only_assistant_tokens(tiny_model, image_folder):
     batch = mixed_batch(tiny_model, image_folder)
-    out = tiny_model(**batch)
-    logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
+    loss = tiny_model(**batch).loss
+    all_logits = tiny_model(**without_labels(batch)).logits
+    logits = all_logits[:, :-1].reshape(-1, all_logits.shape[-1])
     targets = batch["labels"][:, 1:].reshape(-1)
     trained = targets != IGNORE_INDEX
     manual = F.cross_entropy(logits[trained], targets[trained])
-    assert torch.allclose(out.loss, manual, atol=1e-6)
+    assert torch.allclose(loss, manual, atol=1e-6)
     # The trained targets are exactly the assistant answers and their end markers.
     decoded = tiny_model.tokenizer.decode(batch["labels"][1][batch["labels"][1] != IGNORE_INDEX])
     assert decoded == "Blue.<|im_end|>"
@@ -154,7 +159,8 @@ def test_save_and_load_give_identical_logits(tower, image_folder, tmp_path):
     model.save_pretrained(tmp_path / "run")
     loaded = LlavaLiteModel.from_pretrained(tmp_path / "run").eval()
     with torch.no_grad():
-        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+        assert torch.equal(model(**without_labels(batch)).logits, loaded(**without_labels(batch)).logits)
+        assert torch.equal(model(**batch).loss, loaded(**batch).loss)
     assert loaded.vision_tower.num_patches == model.vision_tower.num_patches
     assert loaded.image_token_id == model.image_token_id
 

@@ -164,6 +164,7 @@ def test_forward_with_tower_features_equals_forward_with_pixels(tiny_model, imag
     processor = processor_for(tiny_model)
     conversations = [image_conversation(image_folder, ("a.jpg", "b.jpg")), text_conversation()]
     batch = Collator(tiny_model.tokenizer.pad_token_id)([processor.sample(c) for c in conversations])
+    batch.pop("labels")
     with torch.no_grad():
         from_pixels = tiny_model(**batch).logits
         features = tiny_model.image_features(batch["pixel_values"])

@@ -206,8 +206,13 @@ def losses(folder: Path) -> dict[int, float]:
     return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
 
 
-def test_resumed_training_reproduces_the_uninterrupted_losses(tmp_path, shapes_data):
-    settings = {"train__max_steps": 6, "train__save_steps": 2}
+@pytest.mark.parametrize(
+    "ordering",
+    [{}, {"data__packing": True, "data__pack_length": 160}, {"data__group_by_modality_length": True}],
+    ids=["random", "packed", "grouped"],
+)
+def test_resumed_training_reproduces_the_uninterrupted_losses(tmp_path, shapes_data, ordering):
+    settings = {"train__max_steps": 6, "train__save_steps": 2, **ordering}
     whole = run_training(config(tmp_path / "whole", shapes_data, "stage2", **settings))
     cut_cfg = config(tmp_path / "cut", shapes_data, "stage2", **settings)
     run_training(cut_cfg, callbacks=[StopAt(4)])

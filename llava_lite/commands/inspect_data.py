@@ -31,6 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--image-folder", default=None, help="folder images resolve in (default: the data file's)")
     parser.add_argument("--max-length", type=int, default=None, help="token limit per sample (default: 2048)")
+    parser.add_argument(
+        "--pack-length",
+        type=int,
+        default=None,
+        help="show how samples pack into rows of this many tokens (default: a recipe's packing settings)",
+    )
     parser.add_argument("--samples", type=int, default=3, help="how many samples to print (default: 3)")
     parser.add_argument("--limit", type=int, default=None, help="count only the first N records")
     parser.add_argument("--no-image-check", action="store_true", help="do not open every image")
@@ -87,7 +93,21 @@ def run(args: argparse.Namespace) -> int:
         )
         print()
     _print_summary(read, len(conversations), [encoded for _, encoded in good], skipped, processor)
+    if data_config.packing or args.pack_length:
+        _print_packing([encoded for _, encoded in good], data_config, args.pack_length, args.seed)
     return 0
+
+
+def _print_packing(good, data_config, pack_length: int | None, seed: int) -> None:
+    from llava_lite.data.packing import PackingBudget, packing_efficiency, plan_rows
+
+    budget = PackingBudget(pack_length or data_config.pack_length or data_config.max_length, data_config.pack_images)
+    lengths = [len(encoded.input_ids) for encoded in good]
+    rows = plan_rows(lengths, [len(e.images) for e in good], budget, data_config.pack_window, seed)
+    print(
+        f"packing: {len(good)} samples into {len(rows)} rows of up to {budget.tokens} tokens, "
+        f"{100 * packing_efficiency(rows, lengths, budget):.1f} % of the rows' tokens filled"
+    )
 
 
 def _processor(args: argparse.Namespace):

@@ -1,9 +1,15 @@
 """Samples to a padded batch: ids, labels, attention mask, position ids, and every image with its token count.
 
-A batch is built in two steps: samples are first grouped into rows (`rows`: one sample per row today;
-sequence packing will put several samples in a row, each segment restarting its position ids), then
-rows are padded. Images are listed in row-major token order, which is the order in which the model
-scatters their features into the image-token slots; `image_tokens` says how many slots each one fills.
+A batch is built in two steps: samples are first grouped into rows (`rows`: one sample per row, or the samples
+of a packed item one after another in a row), then rows are padded. Images are listed in row-major token
+order, which is the order in which the model scatters their features into the image-token slots;
+`image_tokens` says how many slots each one fills.
+
+Packed rows keep their samples apart by position ids alone: each sample's restart at 0, and the batch has no
+attention mask. transformers reads the restarts as sequence boundaries (`find_packed_sequence_indices`: a
+block-diagonal causal mask under sdpa and eager, variable-length kernels under flash attention), so no sample
+attends to another. Right padding needs no mask in training either: a causal token never attends to the
+padding after it, and each padding position (id 0) stands alone.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ class Collator:
             "attention_mask": torch.stack([self._pad(torch.ones_like(r.input_ids), length, 0) for r in rows]),
             "position_ids": torch.stack([self._pad(r.position_ids, length, 0) for r in rows]),
         }
+        if any("packed" in sample for sample in samples):
+            batch.pop("attention_mask")  # the position ids' restarts are the boundaries
         images = [image for row in rows for image in row.pixel_values]
         if images:
             batch["pixel_values"] = stack_images(images)
@@ -50,22 +58,39 @@ class Collator:
         return batch
 
     def rows(self, samples: list[dict]) -> list[Row]:
-        """One row per sample. Packing replaces this step alone."""
-        return [
-            Row(
-                input_ids=sample["input_ids"],
-                labels=sample["labels"],
-                position_ids=torch.arange(len(sample["input_ids"])),
-                pixel_values=list(sample.get("pixel_values") or []),
-                image_tokens=list(sample.get("image_tokens") or []),
-            )
-            for sample in samples
-        ]
+        """One row per sample; a packed item's samples one after another in one row."""
+        return [_packed_row(sample["packed"]) if "packed" in sample else _row(sample) for sample in samples]
 
     def _pad(self, values: torch.Tensor, length: int, fill: int) -> torch.Tensor:
         padding = values.new_full((length - len(values),), fill)
         parts = (values, padding) if self.padding_side == "right" else (padding, values)
         return torch.cat(parts)
+
+
+def _row(sample: dict) -> Row:
+    return Row(
+        input_ids=sample["input_ids"],
+        labels=sample["labels"],
+        position_ids=torch.arange(len(sample["input_ids"])),
+        pixel_values=list(sample.get("pixel_values") or []),
+        image_tokens=list(sample.get("image_tokens") or []),
+    )
+
+
+def _packed_row(samples: list[dict]) -> Row:
+    parts = [_row(sample) for sample in samples]
+    labels = [p.labels.clone() for p in parts]
+    for part in labels:
+        # A sample's first token is never a target: unpacked, nothing predicts it; packed, the previous sample's
+        # last token would.
+        part[0] = IGNORE_INDEX
+    return Row(
+        input_ids=torch.cat([p.input_ids for p in parts]),
+        labels=torch.cat(labels),
+        position_ids=torch.cat([p.position_ids for p in parts]),  # restarting at 0 for each sample
+        pixel_values=[image for p in parts for image in p.pixel_values],
+        image_tokens=[n for p in parts for n in p.image_tokens],
+    )
 
 
 def batch_to(batch: dict, device: torch.device | str) -> dict:

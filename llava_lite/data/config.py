@@ -43,3 +43,17 @@ class DataConfig:
     on_bad_record: Literal["error", "skip"] = "error"
     # Look for every image file when the data is loaded, so missing images surface before training.
     check_images_exist: bool = True
+    # Sequence packing: several samples in one row, each kept apart (position ids restart, no attention across
+    # samples), so little is padding. With packing, `train.batch_size` counts rows.
+    packing: bool = False
+    pack_length: int | None = None  # tokens per row; default: max_length
+    pack_images: int | None = None  # images per row; default: no limit
+    pack_window: int = 1000  # samples planned together (best-fit decreasing)
+    # Without packing: batches of one modality (with images, text-only) and of similar lengths.
+    group_by_modality_length: bool = False
+    # Shuffle the samples (or packed rows) each epoch; false keeps the data's order (a `data mix --curriculum`).
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        if self.packing and self.group_by_modality_length:
+            raise ValueError("data: packing and group_by_modality_length exclude each other; choose one")

@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Literal
 
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from llava_lite.data.config import DataConfig
 from llava_lite.data.conversation import Conversation
@@ -39,22 +40,51 @@ class ConversationDataset(Dataset):
         self.on_bad_record = on_bad_record
         self.skipped_at_load: Counter = Counter(skipped_at_load or {})
         self.skips = SkipCounter(len(conversations))
+        self._measured: tuple[list[int], list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.conversations)
 
     def __getitem__(self, index: int) -> dict:
         for attempt in range(len(self.conversations)):
-            record = (index + attempt) % len(self.conversations)
-            conversation = self.conversations[record]
-            try:
-                return self.processor.sample(conversation)
-            except BadRecordError as err:
-                if self.on_bad_record == "error":
-                    raise
-                self.skips.mark(record, err.reason)
-                logger.debug("skipped %s", err)
+            sample = self.sample_of((index + attempt) % len(self.conversations))
+            if sample is not None:
+                return sample
         raise RuntimeError("every record of the dataset is bad; nothing to train on")
+
+    def sample_of(self, record: int) -> dict | None:
+        """Record `record` as a sample; None when it is bad and skipped (then it is marked in `skips`)."""
+        try:
+            return self.processor.sample(self.conversations[record])
+        except BadRecordError as err:
+            self._bad(record, err)
+            return None
+
+    def measure(self) -> tuple[list[int], list[int]]:
+        """Every record's token count and image count, from its text alone (no image is loaded); a bad record
+        raises, or under `skip` is marked and measures 0 tokens. Computed once."""
+        if self._measured is None:
+            lengths, images = [], []
+            for record, conversation in enumerate(
+                tqdm(self.conversations, desc="measuring", unit="record", disable=len(self.conversations) < 5000)
+            ):
+                try:
+                    encoded = self.processor.encode(conversation)
+                except BadRecordError as err:
+                    self._bad(record, err)
+                    lengths.append(0)
+                    images.append(0)
+                    continue
+                lengths.append(len(encoded.input_ids))
+                images.append(len(encoded.images))
+            self._measured = (lengths, images)
+        return self._measured
+
+    def _bad(self, record: int, err: BadRecordError) -> None:
+        if self.on_bad_record == "error":
+            raise err
+        self.skips.mark(record, err.reason)
+        logger.debug("skipped %s", err)
 
 
 def load_conversations(config: DataConfig) -> tuple[list[Conversation], Counter]:

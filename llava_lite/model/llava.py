@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from llava_lite.data.templates import template_special_tokens
 from llava_lite.model.config import ModelConfig
@@ -26,6 +27,7 @@ from llava_lite.model.language_model import (
     fit_embeddings,
     prepare_tokenizer,
 )
+from llava_lite.model.loss import body_and_head, head_matches, trained_positions_loss
 from llava_lite.model.projector import Projector
 from llava_lite.model.saving import load_model, save_model
 from llava_lite.model.vision import VisionTower, build_vision_tower
@@ -55,6 +57,9 @@ class LlavaLiteModel(nn.Module):
         self.language_model = language_model
         self.tokenizer = tokenizer
         self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
+        # The LM head and the loss only where a label is (llava_lite.model.loss); off: over every position.
+        self.head_on_trained_positions = True
+        self._split = self._split_for = None
 
     # ----- building and loading -------------------------------------------------------------
     @classmethod
@@ -176,8 +181,23 @@ class LlavaLiteModel(nn.Module):
         **kwargs,
     ):
         """`kwargs` reach the LM: `num_items_in_batch` from the Trainer makes the loss a sum over the
-        accumulated batches' target tokens divided by their count, not a mean of micro-batch means."""
+        accumulated batches' target tokens divided by their count, not a mean of micro-batch means.
+
+        With `labels`, the loss is computed only where a label is (see `llava_lite.model.loss`) and no logits are
+        returned, unless `head_on_trained_positions` is off or the LM cannot split body and head. Packed rows
+        (no attention mask, position ids restarting per sample) keep their samples apart: no KV cache is made here,
+        so transformers reads the restarts as boundaries."""
         inputs_embeds = self.embed(input_ids, pixel_values, image_tokens, image_features)
+        kwargs.setdefault("use_cache", False)  # a forward pass needs no cache (`generate` makes its own)
+        if labels is not None:
+            split = self._body_and_head() if self.head_on_trained_positions else None
+            if split is not None:
+                body, head = split
+                num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+                hidden = body(
+                    inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+                ).last_hidden_state
+                return CausalLMOutputWithPast(loss=trained_positions_loss(hidden, head, labels, num_items_in_batch))
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -185,6 +205,21 @@ class LlavaLiteModel(nn.Module):
             labels=labels,
             **kwargs,
         )
+
+    def _body_and_head(self):
+        """The LM's body and head when its logits are exactly `head(body(...))` (checked once per LM)."""
+        if self._split_for != id(self.language_model):
+            split = body_and_head(self.language_model)
+            if split is not None and not head_matches(self.language_model, *split):
+                split = None
+            if split is None:
+                logger.info(
+                    "%s: the loss uses the LM's own head over every position (its logits are not its output "
+                    "head on its last hidden state)",
+                    type(self.base_language_model).__name__,
+                )
+            self._split, self._split_for = split, id(self.language_model)  # an id: a module would register
+        return self._split
 
     @torch.no_grad()
     def generate(

@@ -14,6 +14,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from llava_lite.config_io import ConfigError, to_dict
 from llava_lite.data.collator import Collator
 from llava_lite.data.dataset import ConversationDataset, load_conversations
+from llava_lite.data.packing import PackedDataset, PackingBudget
 from llava_lite.eval.callback import EvaluationCallback
 from llava_lite.train.config import TrainConfig, resolved
 from llava_lite.train.recipe import build_training_model, training_processor
@@ -34,11 +35,11 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
 
     model = build_training_model(config)
     processor = training_processor(config, model.config, model.tokenizer)
-    train_dataset = ConversationDataset(train_records, processor, config.data.on_bad_record)
+    train_dataset = training_dataset(config, ConversationDataset(train_records, processor, config.data.on_bad_record))
     eval_dataset = None
     if eval_records is not None:
         eval_dataset = ConversationDataset(eval_records, processor, config.eval_data.on_bad_record)
-    logger.info("training on %d records%s", len(train_dataset), _skips(skipped_at_load))
+    logger.info("training on %d records%s", len(train_records), _skips(skipped_at_load))
 
     settings = config.train
     trainer = LlavaTrainer(
@@ -54,6 +55,7 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
             "language_model": settings.learning_rate,
         },
         callbacks=callbacks,
+        group_by_modality_length=config.data.group_by_modality_length,
     )
     if config.eval is not None:
         trainer.add_callback(EvaluationCallback(config.eval, trainer))
@@ -67,6 +69,15 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
     skipped = skipped_at_load + train_dataset.skips.counts_across_processes()
     logger.info("saved %s%s", output_dir, _skips(skipped))
     return output_dir
+
+
+def training_dataset(config: TrainConfig, samples: ConversationDataset) -> ConversationDataset | PackedDataset:
+    """The samples, or with `data.packing` the rows they are packed into (`train.batch_size` rows per step)."""
+    data = config.data
+    if not data.packing:
+        return samples
+    budget = PackingBudget(data.pack_length or data.max_length, data.pack_images)
+    return PackedDataset(samples, budget, data.pack_window, config.seed)
 
 
 def training_arguments(config: TrainConfig, has_eval: bool = False) -> TrainingArguments:
@@ -101,6 +112,8 @@ def training_arguments(config: TrainConfig, has_eval: bool = False) -> TrainingA
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         seed=config.seed,
+        # The data's own order (a curriculum mix, a benchmark) or a new shuffle each epoch; grouping has its sampler.
+        train_sampling_strategy="random" if config.data.shuffle else "sequential",
         # transformers hides its progress bar whenever its logging is quieter than warnings (as our CLI sets it).
         disable_tqdm=False,
     )

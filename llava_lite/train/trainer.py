@@ -1,6 +1,6 @@
-"""transformers' Trainer, taught four things: our parameter groups, our folder format, atomic checkpoints,
-and logging skipped records. The loop itself (mixed precision, accumulation, schedulers, DDP/FSDP/DeepSpeed,
-logging, resume) is the Trainer's own.
+"""transformers' Trainer, taught five things: our parameter groups, our folder format, atomic checkpoints,
+batches grouped by modality and length when asked, and logging skipped records. The loop itself (mixed
+precision, accumulation, schedulers, DDP/FSDP/DeepSpeed, logging, resume) is the Trainer's own.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import yaml
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from llava_lite.data.sampler import ModalityLengthSampler
 from llava_lite.model.saving import load_trained_weights
 
 logger = logging.getLogger(__name__)
@@ -23,10 +24,18 @@ STAGING_DIR = ".staging"
 
 
 class LlavaTrainer(Trainer):
-    def __init__(self, *args, run_config: dict, group_learning_rates: dict[str, float], **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        run_config: dict,
+        group_learning_rates: dict[str, float],
+        group_by_modality_length: bool = False,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.run_config = run_config
         self.group_learning_rates = group_learning_rates
+        self.group_by_modality_length = group_by_modality_length
         self._staging = False
 
     # ----- optimizer: the projector (and tower) learn at their own rates -----------------------------------
@@ -54,6 +63,15 @@ class LlavaTrainer(Trainer):
         optimizer_kwargs.pop("lr", None)
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
+
+    # ----- batches of one modality and similar lengths, when asked --------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_modality_length:
+            return super()._get_train_sampler(train_dataset)
+        lengths, images = dataset.measure()
+        group = self.args.per_device_train_batch_size * self.args.world_size
+        return ModalityLengthSampler(lengths, images, group, seed=self.args.seed)
 
     # ----- records skipped while the dataset built samples, in the logs (every rank logs at the same steps) --------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -1,0 +1,95 @@
+"""The causal-LM loss computed only where it is trained.
+
+A transformers causal LM computes logits for every position and then ignores most of them: image tokens,
+prompts and padding carry no label (in LLaVA-style data about two thirds of the positions). Here the LM's body
+runs as usual, but its output head and the cross-entropy run only on the positions whose next token is a
+target, in chunks (each recomputed in the backward pass), so the `[tokens, vocab]` logits are never held
+whole. The result is the LM's own loss: the sum of the targets' negative log-likelihoods divided by
+`num_items_in_batch` (the Trainer's count over accumulated micro-batches and processes), or by their count.
+
+It applies to LMs whose logits are their output head applied to the body's last hidden state; `head_matches`
+checks that on a few tokens before it is used, and models that do more (logit soft-capping or scaling, prompt
+tuning's virtual tokens) keep their own loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+
+from llava_lite.data.masking import IGNORE_INDEX
+
+# Elements of one chunk of logits: 2**24 floats are 64 MiB in float32.
+CHUNK_ELEMENTS = 2**24
+
+
+def body_and_head(language_model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """The LM's body (embeddings to last hidden state) and output head, or None when it has no such split."""
+    if hasattr(language_model, "peft_config"):
+        if any(getattr(c, "is_prompt_learning", False) for c in language_model.peft_config.values()):
+            return None  # virtual tokens are added by the peft wrapper's own forward
+        language_model = language_model.get_base_model()
+    if not isinstance(language_model, PreTrainedModel):
+        return None
+    head = language_model.get_output_embeddings()
+    body = getattr(language_model, language_model.base_model_prefix, None)
+    if head is None or body is None or not isinstance(head, torch.nn.Linear):
+        return None
+    return body, head
+
+
+@torch.no_grad()
+def head_matches(language_model, body: torch.nn.Module, head: torch.nn.Module, vocab_rows: int = 8) -> bool:
+    """Whether the LM's logits are `head(body(...))` exactly, checked on a few tokens."""
+    embeddings = language_model.get_input_embeddings()
+    ids = torch.arange(min(vocab_rows, embeddings.num_embeddings), device=embeddings.weight.device)[None]
+    embeds = embeddings(ids)
+    was_training = language_model.training
+    language_model.eval()
+    try:
+        full = language_model(inputs_embeds=embeds, use_cache=False).logits
+        ours = head(body(inputs_embeds=embeds, use_cache=False).last_hidden_state)
+    finally:
+        language_model.train(was_training)
+    return full.shape == ours.shape and torch.allclose(full.float(), ours.float(), atol=1e-4, rtol=1e-4)
+
+
+def trained_positions_loss(
+    hidden: torch.Tensor,
+    head: torch.nn.Linear,
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """The causal-LM loss from the body's hidden states `[batch, length, width]` and `labels` `[batch, length]`:
+    position t predicts label t + 1; only positions with a target reach the head."""
+    targets = labels[:, 1:]
+    trained = targets != IGNORE_INDEX
+    selected = hidden[:, :-1][trained]
+    chosen = targets[trained]
+    total = _chunked_nll_sum(selected, head.weight, head.bias, chosen)
+    if num_items_in_batch is None:
+        return total / max(int(chosen.numel()), 1)
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def _chunked_nll_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+) -> torch.Tensor:
+    rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], rows):
+        part, part_targets = hidden[start : start + rows], targets[start : start + rows]
+        if hidden.requires_grad or weight.requires_grad:
+            total = total + checkpoint(_nll_sum, part, weight, bias, part_targets, use_reentrant=False)
+        else:
+            total = total + _nll_sum(part, weight, bias, part_targets)
+    return total
+
+
+def _nll_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor):
+    logits = F.linear(hidden, weight, bias).float()
+    return F.cross_entropy(logits, targets, reduction="sum")

@@ -1,0 +1,209 @@
+"""Packing with isolation, the loss only where trained, and batches grouped by modality and length."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import image_conversation, processor_for, text_conversation
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from llava_lite.data.collator import Collator
+from llava_lite.data.conversation import Conversation, Message
+from llava_lite.data.dataset import ConversationDataset
+from llava_lite.data.packing import PackedDataset, PackingBudget, plan_rows
+from llava_lite.data.sampler import ModalityLengthSampler
+from llava_lite.model import loss as loss_module
+from llava_lite.model.llava import LlavaLiteModel
+from llava_lite.model.presets import preset
+
+
+def multi_turn(folder) -> Conversation:
+    conversation = image_conversation(folder, ("a.jpg", "b.jpg"))
+    conversation.messages[0] = Message("user", "<image>\nFirst, what is here?")
+    conversation.messages[2] = Message("user", "<image>\nAnd in this one, is it safe?")
+    return conversation
+
+
+def samples_for(model, folder) -> list[dict]:
+    processor = processor_for(model)
+    conversations = [multi_turn(folder), text_conversation(), image_conversation(folder, ("b.jpg",))]
+    return [processor.sample(c) for c in conversations]
+
+
+def model_with(attention: str = "sdpa", **lm) -> LlavaLiteModel:
+    torch.manual_seed(0)
+    config = {"attn_implementation": attention}
+    if lm:
+        config["model_config"] = {**preset("tiny").language_model.model_config, **lm}
+    return LlavaLiteModel.from_config(preset("tiny", language_model=config))
+
+
+def without_labels(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_packed_sample_never_sees_the_one_before_it(attention, image_folder):
+    model = model_with(attention).eval()
+    first, second, _ = samples_for(model, image_folder)
+    collate = Collator(model.tokenizer.pad_token_id)
+    changed = dict(first)
+    vocab = len(model.tokenizer) - 1
+    text = first["input_ids"] != model.image_token_id
+    changed["input_ids"] = torch.where(text, (first["input_ids"] * 7 + 3) % vocab, first["input_ids"])
+    changed["pixel_values"] = [torch.rand_like(p) for p in first["pixel_values"]]
+    assert (changed["input_ids"][text] != first["input_ids"][text]).all()
+    with torch.no_grad():
+        before = model(**without_labels(collate([{"packed": [first, second]}]))).logits[0]
+        after = model(**without_labels(collate([{"packed": [changed, second]}]))).logits[0]
+    start = len(first["input_ids"])
+    assert torch.equal(before[start:], after[start:])
+    assert not torch.allclose(before[:start], after[:start])
+
+
+def test_position_ids_restart_at_each_packed_sample_and_the_batch_has_no_attention_mask(tiny_model, image_folder):
+    samples = samples_for(tiny_model, image_folder)
+    batch = Collator(tiny_model.tokenizer.pad_token_id)([{"packed": samples}])
+    lengths = [len(s["input_ids"]) for s in samples]
+    expected = torch.cat([torch.arange(n) for n in lengths])
+    assert torch.equal(batch["position_ids"][0], expected)
+    assert "attention_mask" not in batch
+    assert batch["image_tokens"].tolist() == [16, 16, 16]
+
+
+def trained_gradients(model: LlavaLiteModel, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def test_packed_and_unpacked_samples_give_the_same_loss_and_gradients(image_folder):
+    model = model_with().train()
+    samples = samples_for(model, image_folder)
+    collate = Collator(model.tokenizer.pad_token_id)
+    unpacked_loss, unpacked = trained_gradients(model, collate(samples))
+    packed_loss, packed = trained_gradients(model, collate([{"packed": samples[:2]}, {"packed": samples[2:]}]))
+    assert abs(packed_loss - unpacked_loss) / unpacked_loss < 1e-5
+    for name, grad in unpacked.items():
+        if grad.abs().sum() == 0:
+            continue
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), packed[name].flatten(), dim=0)
+        assert cosine > 0.99999, name
+
+
+def test_the_loss_on_trained_positions_equals_the_loss_over_every_position(image_folder):
+    model = model_with(tie_word_embeddings=False).train()
+    batch = Collator(model.tokenizer.pad_token_id)(samples_for(model, image_folder))
+    batch["num_items_in_batch"] = torch.tensor(50)  # as the Trainer passes it under accumulation
+    ours_loss, ours = trained_gradients(model, batch)
+    model.head_on_trained_positions = False
+    full_loss, full = trained_gradients(model, batch)
+    assert abs(ours_loss - full_loss) / full_loss < 1e-6
+    for name, grad in full.items():
+        assert (ours[name] - grad).norm() <= 1e-6 * grad.norm(), name
+
+
+class LargestTensor(TorchDispatchMode):
+    """The most elements any operation produced while it was active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def test_logits_of_every_position_are_never_held_whole(image_folder, monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 2**18)
+    vocab = 32000
+    model = model_with(vocab_size=vocab).train()
+    batch = Collator(model.tokenizer.pad_token_id)(samples_for(model, image_folder))
+    all_logits = batch["input_ids"].numel() * vocab
+    with LargestTensor() as ours:
+        model(**batch).loss.backward()
+    model.head_on_trained_positions = False
+    with LargestTensor() as full:
+        model(**batch).loss.backward()
+    assert full.largest >= all_logits  # what the plain head holds
+    assert ours.largest < all_logits / 4  # the embedding table (vocab x 64) is the largest tensor left
+
+
+def test_an_lm_whose_logits_are_more_than_its_head_keeps_its_own_loss(image_folder, caplog):
+    model = model_with()
+    lm_forward = model.language_model.forward
+
+    def scaled(*args, **kwargs):  # as LMs with a logit scale or soft-capping do after their head
+        out = lm_forward(*args, **kwargs)
+        out.logits = out.logits * 2.0
+        return out
+
+    model.language_model.forward = scaled
+    batch = Collator(model.tokenizer.pad_token_id)(samples_for(model, image_folder))
+    with caplog.at_level("INFO", logger="llava_lite"):
+        out = model(**batch)
+        model(**batch)
+    assert out.logits is not None and torch.isfinite(out.loss)  # the LM's own path, over every position
+    assert sum("the loss uses the LM's own head" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_the_packer_is_deterministic_never_splits_and_keeps_to_its_budget():
+    rng = random.Random(3)
+    lengths = [rng.randint(5, 300) for _ in range(500)]
+    images = [rng.choice([0, 1, 1, 2]) for _ in range(500)]
+    budget = PackingBudget(tokens=512, images=3)
+    rows = plan_rows(lengths, images, budget, window=128, seed=7)
+    assert rows == plan_rows(lengths, images, budget, window=128, seed=7)
+    assert rows != plan_rows(lengths, images, budget, window=128, seed=8)
+    assert sorted(i for row in rows for i in row) == list(range(500))  # each sample once, whole
+    assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
+    assert all(sum(images[i] for i in row) <= 3 for row in rows)
+    tokens_only = plan_rows(lengths, images, PackingBudget(tokens=512), window=128, seed=7)
+    assert sum(lengths) / (len(tokens_only) * 512) > 0.95  # rows nearly full
+
+
+def test_a_sample_longer_than_the_budget_gets_a_row_of_its_own():
+    rows = plan_rows([700, 10, 20], [0, 0, 0], PackingBudget(tokens=512), seed=0)
+    assert sorted(map(sorted, rows)) == [[0], [1, 2]]
+
+
+def test_packed_rows_skip_bad_records(tiny_model, image_folder):
+    (image_folder / "bad.jpg").write_bytes(b"not an image")
+    conversations = [image_conversation(image_folder), image_conversation(image_folder, ("bad.jpg",))] * 3
+    conversations.append(Conversation([Message("user", "<image> no image given")], source="broken"))
+    dataset = ConversationDataset(conversations, processor_for(tiny_model), on_bad_record="skip")
+    packed = PackedDataset(dataset, PackingBudget(tokens=4096), seed=0)
+    assert sum(len(row) for row in packed.rows) == 6  # the record without its image is left out
+    items = [packed[i] for i in range(len(packed))]
+    assert sum(len(item["packed"]) for item in items) == 3  # the corrupt images fail when loaded
+    assert dataset.skips.counts() == {"image_count_mismatch": 1, "corrupt_image": 3}
+
+
+def test_modality_length_batches_hold_one_modality_and_cover_every_sample_once():
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 500) for _ in range(203)]
+    images = [rng.choice([0, 1]) for _ in range(203)]
+    sampler = ModalityLengthSampler(lengths, images, group_size=8, seed=1)
+    order = list(sampler)
+    assert sorted(order) == list(range(203))
+    groups = [order[i : i + 8] for i in range(0, len(order), 8)]
+    mixed = [g for g in groups if len({images[i] > 0 for i in g}) > 1]
+    assert len(mixed) <= 1  # at most the leftovers of the last group of one modality meet the other's
+    assert order == list(sampler)
+    sampler.set_epoch(1)
+    assert order != list(sampler)
+
+    # Neighbours are of similar length: far less padding than in a random order.
+    def padding(sequence):
+        chunks = [sequence[i : i + 8] for i in range(0, len(sequence), 8)]
+        return sum(max(lengths[i] for i in c) * len(c) - sum(lengths[i] for i in c) for c in chunks)
+
+    assert padding(order) < padding(random.Random(0).sample(range(203), 203)) / 3
