@@ -1,17 +1,35 @@
-"""Training throughput: our stage-2 step against transformers' LlavaForConditionalGeneration in a plain loop.
+"""Training throughput on LLaVA-like data: ours against transformers' Llava in a plain loop, and TRL.
 
-Both train the same tiny model shapes (a transformers CLIP tower, an mlp2x_gelu projector, a small Llama) on
-the same samples, batch size and precision, with the tower frozen. Prints samples/s, non-padding tokens/s,
-padding fraction and peak memory for each, and ours/baseline ratios.
+One model, one data set, several sides, each in a process of its own, repetitions alternating:
+- `plain`: transformers' `LlavaForConditionalGeneration` in a hand loop (AdamW, clipping at 1.0);
+- `trl`: TRL's `SFTTrainer` on that same model and the same batches (skipped, with a note, without `trl`:
+  `pip install -e ".[bench]"`);
+- `ours`: our stage-2 recipe, padded batches; `ours_grouped`: batches grouped by modality and length;
+  `ours_packed`: packed rows.
+Every side starts from the same weights (ours exported to transformers' format, which `init_from` loads back),
+trains every weight but the frozen tower at one constant learning rate, and - where order matters (plain, trl,
+ours) - meets the same samples in the same order, so their first losses agree.
 
-    python tools/bench_train.py [--steps 40] [--batch-size 16] [--hidden 256] [--layers 4]
+The data: the 100 real LLaVA-Instruct conversations of `../shared/fixtures/data/llava_instruct_100.json` with
+their real lengths under a real tokenizer, one in five made text-only, each image a random 224 x 224 picture.
+Variants: `llava_lengths` (the TinyLlama tokenizer, 32k vocabulary) and `large_vocab` (Qwen2.5's, 152k).
+The model: a transformers CLIP tower 224/16, 4 x 256 (196 image tokens), frozen; an mlp2x_gelu projector;
+a Llama LM 4 x 512.
+
+Printed per variant and side: samples/s, non-padding tokens/s, the padding share of computed positions, peak
+memory (peak process RSS on a CPU, peak allocation on a GPU), the first losses, and every ratio to `plain`,
+as medians with their spread over repetitions.
+
+    python tools/bench_train.py [--quick] [--repeats 3] [--steps 6] [--batch-size 8] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -19,218 +37,396 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlavaForConditionalGeneration, TrainerCallback
 
-from llava_lite.config_io import from_dict
-from llava_lite.data.collator import Collator
-from llava_lite.demo import shapes
-from llava_lite.train.config import TrainConfig
-from llava_lite.train.run import run_training
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+SIDES = ("plain", "trl", "ours", "ours_grouped", "ours_packed")
+VARIANTS = {"llava_lengths": "tinyllama-chat", "large_vocab": "qwen2.5"}
+TOWER = {
+    "type": "hf_clip",
+    "model_config": {
+        "hidden_size": 256,
+        "intermediate_size": 1024,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "image_size": 224,
+        "patch_size": 16,
+    },
+}
+LEARNING_RATE = 1e-4
 
 
-class PeakMemory:
-    """Peak CUDA allocation during training; on a CPU the process's peak resident memory, which is why each
-    side runs in a process of its own (imports and data included, the same for both)."""
+# ----- data and the shared starting point (in the parent process) -------------------------------------------
+def build_data(folder: Path, samples: int) -> Path:
+    """`samples` records cycling through the real conversations, one in five text-only, with random images."""
+    from PIL import Image
 
-    def __init__(self) -> None:
-        self.cuda = torch.cuda.is_available()
-
-    def __enter__(self) -> PeakMemory:
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.cuda:
-            self.peak = torch.cuda.max_memory_allocated()
+    records = json.loads((FIXTURES / "data" / "llava_instruct_100.json").read_text(encoding="utf-8"))
+    rng = random.Random(0)
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    out = []
+    for number in range(samples):
+        record = json.loads(json.dumps(records[number % len(records)]))
+        record["id"] = f"{record['id']}-{number}"
+        if number % 5 == 4:  # text-only: the same conversation without its picture
+            del record["image"]
+            for turn in record["conversations"]:
+                turn["value"] = turn["value"].replace("<image>\n", "").replace("\n<image>", "").replace("<image>", "")
         else:
-            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            name = f"{number % len(records)}.png"
+            if not (images / name).exists():
+                pixels = bytes(rng.getrandbits(8) for _ in range(224 * 224 * 3))
+                Image.frombytes("RGB", (224, 224), pixels).save(images / name)
+            record["image"] = f"images/{name}"
+        out.append(record)
+    path = folder / "data.json"
+    path.write_text(json.dumps(out), encoding="utf-8")
+    return path
 
-    @property
-    def mib(self) -> float:
-        return self.peak / 2**20
+
+def model_config(tokenizer: str) -> dict:
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer))
+    lm = {
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": 512,
+        "intermediate_size": 1376,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    }
+    return {"vision_tower": TOWER, "language_model": {"tokenizer": tokenizer, "model_config": lm}}
 
 
-class Tokens(TrainerCallback):
-    """Counts samples, real tokens and padded positions of the batches the Trainer trains on."""
+def build_start(folder: Path, tokenizer: str) -> Path:
+    """Our model with random weights, written in transformers' Llava format: every side starts from it."""
+    from llava_lite.config_io import from_dict
+    from llava_lite.interop.hf_export import export_hf_llava
+    from llava_lite.model.config import ModelConfig
+    from llava_lite.model.llava import LlavaLiteModel
 
-    def __init__(self) -> None:
+    torch.manual_seed(0)
+    model = LlavaLiteModel.from_config(from_dict(ModelConfig, model_config(tokenizer)))
+    export_hf_llava(model, folder)
+    return folder
+
+
+# ----- measuring ------------------------------------------------------------------------------------------------
+class Meter:
+    """Samples, real tokens and computed positions of the timed steps (every step after the first), wall time,
+    and the first losses."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
         self.samples = self.real = self.total = 0
         self.started = self.seconds = 0.0
+        self.losses: list[float] = []
 
-    def record(self, batch: dict) -> None:
-        self.samples += batch["input_ids"].shape[0]
-        self.real += int(batch["attention_mask"].sum())
-        self.total += batch["attention_mask"].numel()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == 1 and not self.started:  # the first step warms up; time the rest
+    def batch(self, step: int, batch: dict) -> None:
+        if step == 1:
             self.started = time.perf_counter()
+        if step >= 1:
+            positions = batch["position_ids"]
+            # Padding sits after the real tokens with position 0; a packed row restarts at 0 for each sample.
+            last = positions.shape[1] - (positions != 0).long().flip(-1).argmax(-1)
+            real = torch.arange(positions.shape[1])[None] < last[:, None]
+            self.samples += int(((positions == 0) & real).sum())
+            self.real += int(real.sum())
+            self.total += positions.numel()
 
-    def on_train_end(self, args, state, control, **kwargs):
-        self.seconds = time.perf_counter() - self.started
+    def loss(self, value: float) -> None:
+        if len(self.losses) < 3:
+            self.losses.append(round(value, 5))
+
+    def result(self, peak: float) -> dict:
+        seconds = self.seconds or time.perf_counter() - self.started
+        return {
+            "samples_per_s": self.samples / seconds,
+            "nonpad_tokens_per_s": self.real / seconds,
+            "padding": 1 - self.real / self.total,
+            "peak_mib": peak / 2**20,
+            "first_losses": self.losses,
+        }
 
 
-def model_sizes(hidden: int, layers: int) -> dict:
-    return {
-        "model_type": "llama",
-        "vocab_size": 1024,
-        "hidden_size": hidden,
-        "intermediate_size": hidden * 2,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "tie_word_embeddings": True,
-    }
+def peak_memory() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def ours(data: dict, out: Path, args, lm: dict) -> dict:
-    precision = "bf16" if torch.cuda.is_available() else "fp32"
+def our_batches(data: Path, start: Path, batch_size: int, steps: int) -> list[dict]:
+    """The batches our recipe trains on in the data's order, made by our processor and collator."""
+    from llava_lite.data.collator import Collator
+    from llava_lite.data.config import DataConfig, DataSource
+    from llava_lite.data.dataset import build_dataset
+    from llava_lite.model.llava import LlavaLiteModel
+    from llava_lite.model.processing import build_processor
+
+    model = LlavaLiteModel.from_pretrained(start)
+    processor = build_processor(model.config, model.tokenizer, max_length=2048)
+    dataset = build_dataset(DataConfig(sources=[DataSource(str(data))], max_length=2048), processor)
+    collate = Collator(model.tokenizer.pad_token_id)
+    return [collate([dataset[i] for i in range(s * batch_size, (s + 1) * batch_size)]) for s in range(steps + 1)]
+
+
+# ----- the sides (each in its own process) -----------------------------------------------------------------
+def plain(data: Path, start: Path, args) -> dict:
+    from transformers import LlavaForConditionalGeneration
+
+    batches = our_batches(data, start, args.batch_size, args.steps)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = LlavaForConditionalGeneration.from_pretrained(start, dtype=torch.float32).to(device).train()
+    model.model.vision_tower.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE, weight_decay=0)
+    meter = Meter(args.steps)
+    for step, batch in enumerate(batches):
+        meter.batch(step, batch)
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+        pixels = batch.get("pixel_values")
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = model(**inputs, pixel_values=None if pixels is None else pixels.to(device)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        meter.loss(loss.item())
+    if device == "cuda":
+        torch.cuda.synchronize()
+    meter.seconds = time.perf_counter() - meter.started
+    return meter.result(peak_memory())
+
+
+def trl(data: Path, start: Path, args, out: Path) -> dict:
+    from datasets import Dataset
+    from transformers import LlavaForConditionalGeneration, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    batches = our_batches(data, start, args.batch_size, args.steps)
+    meter = Meter(args.steps)
+    # Rows that name their batch: TRL's data loader draws them in order, the collator hands over that batch.
+    samples = Dataset.from_list(
+        [{"batch": s, "row": row} for s, b in enumerate(batches) for row in range(b["input_ids"].shape[0])]
+    )
+
+    def collate(rows: list[dict]) -> dict:  # hands TRL exactly the batch every other side trains on
+        batch = batches[rows[0]["batch"]]
+        meter.batch(rows[0]["batch"], batch)
+        keep = ("input_ids", "attention_mask", "labels", "pixel_values")
+        return {k: v for k, v in batch.items() if k in keep}
+
+    class Losses(TrainerCallback):
+        def on_log(self, args_, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                meter.loss(logs["loss"])
+
+    model = LlavaForConditionalGeneration.from_pretrained(start, dtype=torch.float32)
+    model.model.vision_tower.requires_grad_(False)
+    config = SFTConfig(
+        output_dir=str(out),
+        max_steps=args.steps + 1,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        train_sampling_strategy="sequential",
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        bf16=torch.cuda.is_available(),
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(model=model, args=config, train_dataset=samples, data_collator=collate, callbacks=[Losses()])
+    trainer.train()
+    meter.seconds = time.perf_counter() - meter.started
+    return meter.result(peak_memory())
+
+
+def ours(data: Path, start: Path, args, out: Path, side: str) -> dict:
+    from transformers import TrainerCallback
+
+    from llava_lite.config_io import from_dict
+    from llava_lite.train import trainer as trainer_module
+    from llava_lite.train.config import TrainConfig
+    from llava_lite.train.run import run_training
+
+    meter = Meter(args.steps)
+    data_settings = {"sources": [{"path": str(data)}], "max_length": 2048, "shuffle": False}
+    if side == "ours_grouped":
+        data_settings.update(group_by_modality_length=True, shuffle=True)
+    if side == "ours_packed":
+        data_settings.update(packing=True, pack_length=args.pack_length, shuffle=True)
     config = from_dict(
         TrainConfig,
         {
             "recipe": "stage2",
-            "model": {"preset": "tiny-hf-clip", "language_model": {"model_config": lm}},
+            "init_from": str(start),
             "output_dir": str(out),
-            "data": {"sources": [{"path": str(data["questions"]), "image_folder": str(data["images"])}]},
+            "data": data_settings,
             "train": {
                 "max_steps": args.steps + 1,
-                "batch_size": args.batch_size,
-                "learning_rate": 1e-4,
-                "precision": precision,
+                "batch_size": args.batch_size if side != "ours_packed" else args.packed_rows,
+                "learning_rate": LEARNING_RATE,
+                "scheduler": "constant",
+                "warmup_ratio": 0.0,
                 "report_to": "none",
-                "logging_steps": 1000,
+                "logging_steps": 1,
                 "save_steps": 100000,
             },
             "resume": "never",
         },
     )
-    counter = Tokens()
-    from llava_lite.train import trainer as trainer_module
-
     original = trainer_module.LlavaTrainer.compute_loss
 
     def counting(self, model, inputs, *rest, **kwargs):
-        if self.state.global_step >= 1:
-            counter.record(inputs)
+        meter.batch(self.state.global_step, inputs)
         return original(self, model, inputs, *rest, **kwargs)
 
+    class Losses(TrainerCallback):
+        def on_log(self, args_, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                meter.loss(logs["loss"])
+
+        def on_train_end(self, args_, state, control, **kwargs):
+            meter.seconds = time.perf_counter() - meter.started
+
     trainer_module.LlavaTrainer.compute_loss = counting
-    try:
-        with PeakMemory() as memory:
-            run_training(config, callbacks=[counter])
-    finally:
-        trainer_module.LlavaTrainer.compute_loss = original
-    return summary(counter, memory)
+    run_training(config, callbacks=[Losses()])
+    return meter.result(peak_memory())
 
 
-def baseline(data: dict, args, lm: dict, folder: Path) -> dict:
-    """transformers' own Llava model and a hand loop: AdamW, gradient clipping at 1.0 as in the recipe, the same
-    batches, the tower frozen. The model is ours exported to transformers' format, so both sides train one model."""
-    from llava_lite.data.config import DataConfig, DataSource
-    from llava_lite.data.dataset import build_dataset
-    from llava_lite.interop.hf_export import export_hf_llava
-    from llava_lite.model.llava import LlavaLiteModel
-    from llava_lite.model.presets import preset
-    from llava_lite.model.processing import build_processor
-
-    ours_model = LlavaLiteModel.from_config(preset("tiny-hf-clip", language_model={"model_config": lm}))
-    dataset = build_dataset(
-        DataConfig(sources=[DataSource(str(data["questions"]), str(data["images"]))]),
-        build_processor(ours_model.config, ours_model.tokenizer, max_length=2048),
-    )
-    export_hf_llava(ours_model, folder)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    # fp32 weights under bf16 autocast on a GPU, as the Trainer's bf16 mixed precision trains ours.
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).to(device)
-    model.model.vision_tower.requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    collator = Collator(ours_model.tokenizer.pad_token_id)
-    generator = torch.Generator().manual_seed(0)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collator, generator=generator
-    )
-    counter = Tokens()
-    batches = iter(loader)
-    with PeakMemory() as memory:
-        for step in range(args.steps + 1):
-            try:
-                batch = next(batches)
-            except StopIteration:
-                batches = iter(loader)
-                batch = next(batches)
-            if step == 1:
-                counter.started = time.perf_counter()
-            if step >= 1:
-                counter.record(batch)
-            inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
-            with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
-                loss = model(**inputs, pixel_values=batch["pixel_values"].to(device)).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as the recipe (and LLaVA) clips
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        counter.seconds = time.perf_counter() - counter.started
-    return summary(counter, memory)
-
-
-def summary(counter: Tokens, memory: PeakMemory) -> dict:
-    return {
-        "samples_per_s": counter.samples / counter.seconds,
-        "tokens_per_s": counter.real / counter.seconds,
-        "padding_fraction": 1 - counter.real / counter.total,
-        "peak_memory_mib": memory.mib,
-    }
-
-
-def run_side(side: str, args) -> dict:
+def run_side(args) -> dict:
+    data, start = Path(args.data), Path(args.start)
     torch.manual_seed(0)
-    lm = model_sizes(args.hidden, args.layers)
     with tempfile.TemporaryDirectory() as tmp:
-        data = shapes.build_dataset(Path(tmp) / "data", max(64, args.batch_size * 8), 1, 1, seed=0)
-        if side == "baseline":
-            return baseline(data, args, lm, Path(tmp) / "hf")
-        return ours(data, Path(tmp) / "run", args, lm)
+        if args.side == "plain":
+            return plain(data, start, args)
+        if args.side == "trl":
+            return trl(data, start, args, Path(tmp))
+        return ours(data, start, args, Path(tmp) / "run", args.side)
+
+
+# ----- the parent: repetitions, medians, the table -----------------------------------------------------------
+def child(side: str, variant: dict, args) -> dict | None:
+    command = [
+        sys.executable, __file__, "--side", side, "--data", str(variant["data"]), "--start", str(variant["start"]),
+        "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--packed-rows", str(variant["rows"]),
+        "--pack-length", str(args.pack_length),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if done.returncode or line is None:
+        print(f"  {side}: failed ({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode})")
+        return None
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def has_trl() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("trl") is not None
+
+
+def summarise(runs: list[dict]) -> dict:
+    medians = {
+        k: statistics.median(r[k] for r in runs)
+        for k in ("samples_per_s", "nonpad_tokens_per_s", "padding", "peak_mib")
+    }
+    spread = {k: (min(r[k] for r in runs), max(r[k] for r in runs)) for k in medians}
+    return {**medians, "first_losses": runs[0]["first_losses"], "spread": spread}
+
+
+def print_table(name: str, sides: dict) -> None:
+    base = sides.get("plain")
+    print(f"\n{name}")
+    header = ("side", "samples/s", "tokens/s", "x plain (spread)", "padding", "peak MiB", "x plain", "first losses")
+    print("{:<14}{:>10}{:>10}{:>18}{:>9}{:>10}{:>9}  {}".format(*header))
+    for side, figures in sides.items():
+        tokens = figures["nonpad_tokens_per_s"]
+        low, high = figures["spread"]["nonpad_tokens_per_s"]
+        ratio = memory = "-"
+        if base:
+            unit = base["nonpad_tokens_per_s"]
+            ratio = f"{tokens / unit:.2f} ({low / unit:.2f}-{high / unit:.2f})"
+            memory = f"{figures['peak_mib'] / base['peak_mib']:.2f}"
+        print(
+            f"{side:<14}{figures['samples_per_s']:>10.2f}{tokens:>10.0f}{ratio:>18}{100 * figures['padding']:>8.1f}%"
+            f"{figures['peak_mib']:>10.0f}{memory:>9}  {figures['first_losses']}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="timed steps for each (after one warm-up step)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=256, help="LM width")
-    parser.add_argument("--layers", type=int, default=4, help="LM layers")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
-    parser.add_argument("--side", choices=["ours", "baseline"], help=argparse.SUPPRESS)  # one side, in a child
+    parser.add_argument("--quick", action="store_true", help="a fast look: 3 timed steps of 4 samples, 1 repetition")
+    parser.add_argument("--repeats", type=int, default=3, help="repetitions of every side, alternating")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per side (after one warm-up step)")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per step (unpacked sides)")
+    parser.add_argument("--pack-length", type=int, default=2048, help="tokens per packed row")
+    parser.add_argument("--packed-rows", type=int, default=0, help="rows per packed step (default: as many "
+                        "rows as hold batch-size samples of mean length)")  # fmt: skip
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="which variants, comma separated")
+    parser.add_argument("--sides", default=",".join(SIDES), help="which sides, comma separated")
+    parser.add_argument("--json", metavar="PATH", help="also write the medians as JSON")
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--start", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
-        print("RESULT " + json.dumps(run_side(args.side, args)))
+        print("RESULT " + json.dumps(run_side(args)))
         return
-    results = {}
-    for side in ("baseline", "ours"):
-        child = subprocess.run(
-            [sys.executable, __file__, "--side", side, "--steps", str(args.steps), "--batch-size",
-             str(args.batch_size), "--hidden", str(args.hidden), "--layers", str(args.layers)],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        line = next(x for x in child.stdout.splitlines() if x.startswith("RESULT "))
-        results[side] = json.loads(line.removeprefix("RESULT "))
+    if args.quick:
+        args.repeats, args.steps, args.batch_size = 1, 3, 4
+    sides = [s for s in args.sides.split(",") if s]
+    if "trl" in sides and not has_trl():
+        print('note: TRL is not installed, so its side is skipped (pip install -e ".[bench]")')
+        sides.remove("trl")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    memory = "peak CUDA memory (MiB)" if torch.cuda.is_available() else "peak process RSS (MiB)"
-    print(f"device: {device}; {args.steps} timed steps of {args.batch_size} samples; LM {args.hidden}x{args.layers}")
-    print(f"{'':<24}{'ours':>12}{'baseline':>12}{'ratio':>9}")
-    for key, label in (
-        ("samples_per_s", "samples/s"),
-        ("tokens_per_s", "non-pad tokens/s"),
-        ("padding_fraction", "padding fraction"),
-        ("peak_memory_mib", memory),
-    ):
-        a, b = results["ours"][key], results["baseline"][key]
-        print(f"{label:<24}{a:>12.3f}{b:>12.3f}{(a / b if b else float('nan')):>9.2f}")
+    print(f"device: {device}; {args.steps} timed steps of {args.batch_size} samples; {args.repeats} repetition(s)")
+    results: dict = {"variants": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in [v for v in args.variants.split(",") if v]:
+            folder = Path(tmp) / variant
+            tokenizer = str(FIXTURES / "tokenizers" / VARIANTS[variant])
+            data = build_data(folder, args.batch_size * (args.steps + 1) * 4)
+            start = build_start(folder / "start", tokenizer)
+            setup = {"data": data, "start": start, "rows": args.packed_rows or packed_rows_for(data, start, args)}
+            runs: dict[str, list] = {side: [] for side in sides}
+            for _ in range(args.repeats):
+                for side in sides:
+                    result = child(side, setup, args)
+                    if result:
+                        runs[side].append(result)
+            summary = {side: summarise(r) for side, r in runs.items() if r}
+            results["variants"][variant] = {"sides": summary}
+            title = (
+                f"{variant} ({VARIANTS[variant]} tokenizer; packed: {setup['rows']} rows of {args.pack_length} tokens)"
+            )
+            print_table(title, summary)
     if args.json:
-        print(json.dumps(results))
+        Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
+
+
+def packed_rows_for(data: Path, start: Path, args) -> int:
+    """Rows per packed step that carry about as many samples as an unpacked step: one row holds
+    pack_length / mean sample length samples."""
+    from llava_lite.data.config import DataConfig, DataSource
+    from llava_lite.data.dataset import build_dataset
+    from llava_lite.model.llava import LlavaLiteModel
+    from llava_lite.model.processing import build_processor
+
+    model = LlavaLiteModel.from_pretrained(start)
+    processor = build_processor(model.config, model.tokenizer, max_length=2048)
+    lengths, _ = build_dataset(DataConfig(sources=[DataSource(str(data))], max_length=2048), processor).measure()
+    per_row = args.pack_length / statistics.mean(lengths)
+    return max(1, round(args.batch_size / per_row))
 
 
 if __name__ == "__main__":
