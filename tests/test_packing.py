@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
 
 import pytest
@@ -100,7 +101,7 @@ def test_the_loss_on_trained_positions_equals_the_loss_over_every_position(image
     batch = Collator(model.tokenizer.pad_token_id)(samples_for(model, image_folder))
     batch["num_items_in_batch"] = torch.tensor(50)  # as the Trainer passes it under accumulation
     ours_loss, ours = trained_gradients(model, batch)
-    model.head_on_trained_positions = False
+    model.loss_kernel = "full"
     full_loss, full = trained_gradients(model, batch)
     assert abs(ours_loss - full_loss) / full_loss < 1e-6
     for name, grad in full.items():
@@ -130,7 +131,7 @@ def test_logits_of_every_position_are_never_held_whole(image_folder, monkeypatch
     all_logits = batch["input_ids"].numel() * vocab
     with LargestTensor() as ours:
         model(**batch).loss.backward()
-    model.head_on_trained_positions = False
+    model.loss_kernel = "full"
     with LargestTensor() as full:
         model(**batch).loss.backward()
     assert full.largest >= all_logits  # what the plain head holds
@@ -207,3 +208,24 @@ def test_modality_length_batches_hold_one_modality_and_cover_every_sample_once()
         return sum(max(lengths[i] for i in c) * len(c) - sum(lengths[i] for i in c) for c in chunks)
 
     assert padding(order) < padding(random.Random(0).sample(range(203), 203)) / 3
+
+
+def test_the_liger_kernel_is_refused_in_one_line_where_it_cannot_run(tmp_path):
+    from llava_lite.config_io import from_dict
+    from llava_lite.train.config import TrainConfig, resolved
+    from llava_lite.train.recipe import build_training_model
+
+    if torch.cuda.is_available() and importlib.util.find_spec("liger_kernel"):
+        pytest.fail("this check is for machines where liger-kernel cannot run; here it can")
+    config = from_dict(
+        TrainConfig,
+        {
+            "recipe": "stage2",
+            "model": "tiny",
+            "output_dir": str(tmp_path),
+            "data": {"sources": [{"path": "unused.json"}]},
+            "train": {"loss_kernel": "liger"},
+        },
+    )
+    with pytest.raises(ValueError, match="^train.loss_kernel liger needs the liger-kernel package and a CUDA GPU$"):
+        build_training_model(resolved(config))

@@ -57,8 +57,9 @@ class LlavaLiteModel(nn.Module):
         self.language_model = language_model
         self.tokenizer = tokenizer
         self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
-        # The LM head and the loss only where a label is (llava_lite.model.loss); off: over every position.
-        self.head_on_trained_positions = True
+        # How the loss meets the LM head (llava_lite.model.loss): "chunked" or "liger" only where a label is,
+        # "full" the LM's own head over every position.
+        self.loss_kernel = "chunked"
         self._split = self._split_for = None
 
     # ----- building and loading -------------------------------------------------------------
@@ -184,20 +185,21 @@ class LlavaLiteModel(nn.Module):
         accumulated batches' target tokens divided by their count, not a mean of micro-batch means.
 
         With `labels`, the loss is computed only where a label is (see `llava_lite.model.loss`) and no logits are
-        returned, unless `head_on_trained_positions` is off or the LM cannot split body and head. Packed rows
+        returned, unless `loss_kernel` is "full" or the LM cannot split body and head. Packed rows
         (no attention mask, position ids restarting per sample) keep their samples apart: no KV cache is made here,
         so transformers reads the restarts as boundaries."""
         inputs_embeds = self.embed(input_ids, pixel_values, image_tokens, image_features)
         kwargs.setdefault("use_cache", False)  # a forward pass needs no cache (`generate` makes its own)
         if labels is not None:
-            split = self._body_and_head() if self.head_on_trained_positions else None
+            split = self._body_and_head() if self.loss_kernel != "full" else None
             if split is not None:
                 body, head = split
                 num_items_in_batch = kwargs.pop("num_items_in_batch", None)
                 hidden = body(
                     inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
                 ).last_hidden_state
-                return CausalLMOutputWithPast(loss=trained_positions_loss(hidden, head, labels, num_items_in_batch))
+                loss = trained_positions_loss(hidden, head, labels, num_items_in_batch, self.loss_kernel)
+                return CausalLMOutputWithPast(loss=loss)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

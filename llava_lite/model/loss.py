@@ -61,19 +61,35 @@ def trained_positions_loss(
     head: torch.nn.Linear,
     labels: torch.Tensor,
     num_items_in_batch: torch.Tensor | int | None = None,
+    kernel: str = "chunked",
 ) -> torch.Tensor:
     """The causal-LM loss from the body's hidden states `[batch, length, width]` and `labels` `[batch, length]`:
-    position t predicts label t + 1; only positions with a target reach the head."""
+    position t predicts label t + 1; only positions with a target reach the head. `kernel` "liger" hands them to
+    liger-kernel's fused linear cross-entropy (CUDA) instead of our chunks."""
     targets = labels[:, 1:]
     trained = targets != IGNORE_INDEX
     selected = hidden[:, :-1][trained]
     chosen = targets[trained]
-    total = _chunked_nll_sum(selected, head.weight, head.bias, chosen)
+    if kernel == "liger":
+        total = fused_linear_cross_entropy()(head.weight, selected, chosen, head.bias)
+    else:
+        total = _chunked_nll_sum(selected, head.weight, head.bias, chosen)
     if num_items_in_batch is None:
         return total / max(int(chosen.numel()), 1)
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
+
+def fused_linear_cross_entropy():
+    """liger-kernel's fused head + cross-entropy, summing; a clear error where it cannot run."""
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None or not torch.cuda.is_available():
+        raise ValueError("train.loss_kernel liger needs the liger-kernel package and a CUDA GPU")
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def _chunked_nll_sum(

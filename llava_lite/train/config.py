@@ -58,6 +58,9 @@ class TrainingSettings:
     # auto: bf16 on GPUs that have it, else fp32.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
+    # The LM head and cross-entropy: only at trained positions, in chunks (chunked), or by liger-kernel's fused
+    # kernel on a CUDA GPU (liger); or the LM's own head over every position (full).
+    loss_kernel: Literal["chunked", "liger", "full"] = "chunked"
     logging_steps: int = 10
     save_steps: int = 500
     save_total_limit: int | None = 2

@@ -11,6 +11,7 @@ from llava_lite.data.processor import Processor
 from llava_lite.data.templates import template_special_tokens
 from llava_lite.model.config import ModelConfig
 from llava_lite.model.llava import LlavaLiteModel
+from llava_lite.model.loss import fused_linear_cross_entropy
 from llava_lite.model.presets import resolve_model_config
 from llava_lite.model.processing import build_processor
 from llava_lite.train.config import TrainConfig, chosen_templates
@@ -44,6 +45,9 @@ def build_training_model(config: TrainConfig) -> LlavaLiteModel:
         model.language_model.requires_grad_(True)
     elif method in ("lora", "qlora", "peft"):
         model.language_model = _with_adapters(model, config, _template_token_rows(model, config))
+    model.loss_kernel = config.train.loss_kernel
+    if model.loss_kernel == "liger":
+        fused_linear_cross_entropy()  # refuses at once where liger-kernel cannot run
     log_trainable(model)
     return model
 
