@@ -95,12 +95,20 @@ class Generator:
         return [completion.text for completion in self.complete(conversations, images, settings)]
 
     def complete(
-        self, conversations: list[Conversation], images: list[list[Image.Image]], settings: SamplingSettings
+        self,
+        conversations: list[Conversation],
+        images: list[list[Image.Image]],
+        settings: SamplingSettings,
+        stopping_criteria: list[StoppingCriteria] | None = None,
     ) -> list[Completion]:
-        """As `generate`, with token counts and why each answer ended."""
+        """As `generate`, with token counts and why each answer ended. `stopping_criteria` may end answers early,
+        row by row (the server's, for clients that went away)."""
         batch = self._batch(conversations, images)
         prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
-        output = self.model.generate(**batch, **self._generation_kwargs(settings))
+        kwargs = self._generation_kwargs(settings)
+        if stopping_criteria:
+            kwargs["stopping_criteria"] = StoppingCriteriaList(stopping_criteria)
+        output = self.model.generate(**batch, **kwargs)
         return [self._completion(ids, n, settings) for ids, n in zip(output, prompt_tokens)]
 
     def stream(
