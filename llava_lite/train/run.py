@@ -14,6 +14,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from llava_lite.config_io import ConfigError, to_dict
 from llava_lite.data.collator import Collator
 from llava_lite.data.dataset import ConversationDataset, load_conversations
+from llava_lite.data.preflight import require_a_sample, require_records
 from llava_lite.eval.callback import EvaluationCallback
 from llava_lite.train.config import TrainConfig, resolved
 from llava_lite.train.recipe import build_training_model
@@ -30,15 +31,20 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
     checkpoint = resume_checkpoint(config)
     # The data is read before the model is built, so a bad record or a missing file fails in seconds.
     train_records, skipped_at_load = load_conversations(config.data)
-    eval_records = load_conversations(config.eval_data)[0] if config.eval_data else None
+    require_records(config.data, train_records, skipped_at_load)
+    eval_records, eval_skipped = load_conversations(config.eval_data) if config.eval_data else (None, None)
+    if config.eval_data:
+        require_records(config.eval_data, eval_records, eval_skipped, "eval_data")
 
     model = build_training_model(config)
     processor = model.conversation_processor(config.data.max_length, config.data.overflow, config.data_template)
     images = model.image_preprocessor()
     train_dataset = ConversationDataset(train_records, processor, images, config.data.on_bad_record)
+    require_a_sample(config.data, train_dataset, skipped_at_load)
     eval_dataset = None
     if eval_records is not None:
         eval_dataset = ConversationDataset(eval_records, processor, images, config.eval_data.on_bad_record)
+        require_a_sample(config.eval_data, eval_dataset, eval_skipped, "eval_data")
     logger.info("training on %d records%s", len(train_dataset), _skips(skipped_at_load))
 
     settings = config.train
