@@ -1,5 +1,6 @@
 """`llava-lite train` on bad data: when no record is left to train on, one line naming the data and the skips by
-reason, exit 2 - whether the records were found bad while reading or while encoding."""
+reason, exit 2 - whether the records were found bad while reading or while encoding; and an error that stops a
+run under way starts on a line of its own, not after the progress bar."""
 
 from __future__ import annotations
 
@@ -79,3 +80,20 @@ def test_every_record_bad_while_encoding_is_one_line_with_the_skips(tmp_path, sh
         "(on_bad_record: skip): corrupt_image 7, image_count_mismatch 4, missing_image 1"
     )
     assert not (tmp_path / "run" / "trainer_state.json").exists()
+
+
+def test_an_error_during_training_starts_on_its_own_line_after_the_progress_bar(tmp_path, shapes_data, capsys):
+    images = shutil.copytree(shapes_data["images"], tmp_path / "images")
+    (images / "corrupt.png").write_bytes(b"not an image")
+    records = json.loads(shapes_data["captions"].read_text())
+    records[-1]["image"] = "corrupt.png"  # found while training, some steps in
+    data = tmp_path / "captions.json"
+    data.write_text(json.dumps(records))
+    config = recipe(tmp_path, data, images, on_bad_record="error", max_steps=-1, epochs=1, batch_size=1)
+
+    assert main(["train", str(config)]) == 2
+    stderr = capsys.readouterr().err
+    assert "%|" in stderr  # the progress bar was drawn
+    line = one_error_line(stderr)
+    assert stderr.rstrip("\n").split("\n")[-1] == line  # the last line is the error, alone
+    assert line.startswith(f"llava-lite train: error: {data}") and "corrupt.png cannot be read" in line
