@@ -18,6 +18,7 @@ from llava_lite.data.preflight import require_a_sample, require_records
 from llava_lite.eval.callback import EvaluationCallback
 from llava_lite.train.config import TrainConfig, resolved
 from llava_lite.train.recipe import build_training_model
+from llava_lite.train.resume import check_same_run, clear_earlier_run, finished_step
 from llava_lite.train.trainer import LlavaTrainer
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,11 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
     `trainer_state.json`, the loss history. `callbacks` are transformers TrainerCallbacks."""
     config = resolved(config)
     output_dir = Path(config.output_dir)
+    if (step := finished_step(config)) is not None:
+        logger.info("%s holds this run, finished at step %d: nothing to train", output_dir, step)
+        return output_dir
     checkpoint = resume_checkpoint(config)
+    check_same_run(config, checkpoint)
     # The data is read before the model is built, so a bad record or a missing file fails in seconds.
     train_records, skipped_at_load = load_conversations(config.data)
     require_records(config.data, train_records, skipped_at_load)
@@ -66,6 +71,8 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
         trainer.add_callback(EvaluationCallback(config.eval, trainer))
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
+    elif trainer.args.should_save:
+        clear_earlier_run(output_dir)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(str(output_dir))
     if trainer.args.should_save:
