@@ -35,15 +35,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except KeyboardInterrupt:
+        _end_progress_bars()
         print(f"llava-lite {args.command}: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError) as err:
         # Bad input (configs, records, paths) ends in one line; --verbose shows where it came from.
+        _end_progress_bars()
         if verbose:
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"llava-lite {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _end_progress_bars() -> None:
+    """Leave each progress bar that an error interrupted as it stood, its line ended, so that the error message
+    starts on a line of its own rather than after the bar (tqdm draws a bar without a newline)."""
+    tqdm_module = sys.modules.get("tqdm.std")  # no bar was ever made when tqdm was never imported
+    if tqdm_module is None:
+        return
+    for bar in list(tqdm_module.tqdm._instances):
+        bar.leave = True
+        bar.close()
 
 
 def _configure_logging(verbose: bool) -> None:

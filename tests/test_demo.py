@@ -1,4 +1,5 @@
-"""The demo end to end on a small budget: the loss falls and held-out answers beat chance by a wide margin."""
+"""The demo end to end on a small budget: the loss falls and every kind of held-out question is answered far above
+chance."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from llava_lite.demo.pipeline import DemoSettings, demo_recipes, run_demo
 from llava_lite.train.config import TrainConfig
 
 
-def test_short_demo_learns_far_above_chance(tmp_path):
+def test_short_demo_learns_every_question_far_above_chance(tmp_path):
     settings = DemoSettings(tmp_path / "demo", train_images=320, eval_images=40, text_records=40, stage2_epochs=20)
     result = run_demo(settings, log=lambda message: None)
 
@@ -21,10 +22,11 @@ def test_short_demo_learns_far_above_chance(tmp_path):
     losses = [entry["loss"] for entry in history if "loss" in entry]
     assert losses[-1] < losses[0] / 4
 
-    assert result.accuracy["colour"] >= 0.9  # chance: 25 %
-    mean_accuracy = sum(result.accuracy.values()) / len(result.accuracy)
-    mean_chance = sum(result.chance.values()) / len(result.chance)
-    assert mean_accuracy >= mean_chance + 0.3
+    assert set(result.accuracy) == {"colour", "shape", "corner"}
+    # Each kind on its own: chance is 25 % (colour, corner) or 33 % (shape). A model that tells only top from
+    # bottom scores 50 % on corner, so 80 % means it learned where the shape is, not half of it.
+    for kind, accuracy in result.accuracy.items():
+        assert accuracy >= 0.8, f"{kind}: {accuracy:.0%} held-out accuracy (chance {result.chance[kind]:.0%})"
     assert result.chat_answer in {"red", "green", "blue", "yellow"}
 
 

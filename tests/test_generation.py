@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import fixture_path, processor_for
 from PIL import Image
+from transformers import StoppingCriteria
 
 from llava_lite.data.conversation import Conversation, Message
 from llava_lite.inference.generator import Generator, SamplingSettings, stop_token_ids
@@ -173,3 +174,30 @@ def test_closing_a_stream_early_stops_generation_at_once(endless, images, how):
     generated = stream.generated_tokens
     time.sleep(0.2)
     assert stream.generated_tokens == generated < 500
+
+
+class StopRowsAfter(StoppingCriteria):
+    """Ends the given rows once `after` tokens have been generated, as the server does for clients that left."""
+
+    def __init__(self, rows: set[int], after: int) -> None:
+        self.rows, self.after, self.calls = rows, after, 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.calls += 1
+        return torch.tensor([self.calls >= self.after and row in self.rows for row in range(input_ids.shape[0])])
+
+
+def test_stopping_criteria_end_answers_row_by_row_and_the_batch_once_all_are_done(generator, images):
+    conversations, image_lists = (list(part) for part in zip(*prompts(images)[:2]))
+    free = generator.complete(conversations, image_lists, GREEDY)
+    assert all(len(c.token_ids) == 12 for c in free)  # neither ends by itself within 12 tokens
+
+    one = StopRowsAfter({0}, 3)
+    stopped, going = generator.complete(conversations, image_lists, GREEDY, [one])
+    assert going.token_ids == free[1].token_ids  # the other answer is untouched
+    assert stopped.token_ids[:3] == free[0].token_ids[:3]
+    assert set(stopped.token_ids[3:]) == {generator.model.tokenizer.pad_token_id}  # then only padding
+
+    both = StopRowsAfter({0, 1}, 3)
+    generator.complete(conversations, image_lists, GREEDY, [both])
+    assert both.calls == 3  # no token generated after every row was stopped

@@ -1,12 +1,15 @@
-"""Under load: 32 concurrent clients all answered, the excess over a full line answered 503 at once while the rest
-complete, a client that leaves mid-stream or while waiting gives its place back. The server runs one generation
-at a time with 31 waiting. Every wait here has a deadline; nothing asserts how fast anything was."""
+"""Under load: 32 concurrent clients all answered, the excess over a full line answered 503 at once (saying when to
+retry) while the rest complete, a client that leaves mid-stream, mid-answer or while waiting gives its place back.
+The server runs one generation at a time with 31 waiting. Every wait here has a deadline; nothing asserts how fast
+anything was."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import re
+import socket
 import time
 from collections.abc import Callable
 
@@ -131,6 +134,7 @@ def test_requests_beyond_a_full_line_get_503_at_once_and_the_rest_complete(serve
     answered = [r for r in responses if r.status_code == 200]
     assert (len(refused), len(answered)) == (9, QUEUE_DEPTH)
     assert all(r.json()["error"]["code"] == "queue_full" for r in refused)
+    assert all(1 <= int(r.headers["retry-after"]) <= 60 for r in refused)  # what the openai SDK waits before a retry
     assert all(r.json()["error"]["type"] == "server_error" for r in refused)
     assert all(r.json()["usage"]["completion_tokens"] == 8 for r in answered)
 
@@ -148,6 +152,29 @@ def test_a_client_dropped_mid_stream_frees_its_slot(server):
         f"{server.url}/v1/chat/completions", json=chat_body(4), headers=server.headers(), timeout=DEADLINE
     )
     assert answer.status_code == 200
+
+
+def test_a_plain_request_whose_client_leaves_stops_generating_and_frees_its_slot(server):
+    before = counts(server)
+    log_start = len(server.log())
+    body = json.dumps(chat_body(1800)).encode()  # the test model never ends an answer by itself
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    client = socket.create_connection(("127.0.0.1", server.port), timeout=DEADLINE)
+    try:
+        client.sendall(head.encode() + body)
+        wait_for(lambda: server.health()["running"] == 1, "the plain request to be answering")
+    finally:
+        client.close()  # gone before any answer came
+    wait_for(lambda: server.health()["running"] == 0, "the plain request's slot to be given back")
+    after = counts(server)
+    assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1
+    assert after.get("served", 0) == before.get("served", 0)
+    wait_for(lambda: "its answer stopped after" in server.log()[log_start:], "the server to log the stop")
+    stopped = re.search(r"its answer stopped after (\d+) of 1800 tokens", server.log()[log_start:])
+    assert stopped and int(stopped.group(1)) < 1800
 
 
 def test_clients_leaving_the_line_give_their_places_back(server):

@@ -3,13 +3,15 @@ stream in, ask again with the history, start over. A screenshot is saved as a te
 
 from __future__ import annotations
 
+import os
+
 import httpx
 import pytest
 from conftest import fixture_path
 from playwright.sync_api import expect, sync_playwright
 from serve_helpers import API_KEY, MODEL_NAME, QUESTION, data_uri, shared_server
 
-CHROMIUM = "/usr/bin/chromium"  # Debian's package; `.ci/run` installs it
+CHROMIUM = os.environ.get("LLAVA_LITE_CHROMIUM", "/usr/bin/chromium")  # Debian's; `tools/test.sh` installs it
 CHROMIUM_FLAGS = [
     "--no-sandbox",  # CI runs as root, where Chromium's sandbox cannot start
     "--disable-gpu",
@@ -32,6 +34,8 @@ def api_answer(server, messages: list[dict]) -> str:
 
 
 def test_chat_page_streams_answers_about_an_uploaded_image(server, tmp_path_factory, record_property):
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"no Chromium at {CHROMIUM}: run the tests with tools/test.sh, which installs Debian's chromium")
     image = fixture_path("images", "waterview.jpg")
     screenshot = tmp_path_factory.mktemp("chat-page") / "chat-page.png"
     with sync_playwright() as playwright:

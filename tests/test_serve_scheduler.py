@@ -1,14 +1,17 @@
 """The bounded queue, against a stand-in generator whose timing the test controls: batching of compatible requests,
-refusal when full, one failing request not failing its batch, a stream's slot given back when its reader leaves."""
+refusal when full (with a time to retry), one failing request not failing its batch, a slot given back when its
+client leaves - a stream's, and a plain request's whose answer was still being generated."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from llava_lite.data.conversation import Conversation, Message
 from llava_lite.inference.generator import Completion, SamplingSettings, StreamedAnswer
@@ -26,7 +29,7 @@ class StandIn:
         self.stream_closed = threading.Event()
         self.answers: list[StreamedAnswer] = []
 
-    def complete(self, conversations, images, settings) -> list[Completion]:
+    def complete(self, conversations, images, settings, stopping_criteria=None) -> list[Completion]:
         self.gate.wait(DEADLINE)
         questions = [c.messages[-1].content for c in conversations]
         self.batches.append(questions)
@@ -175,5 +178,91 @@ def test_a_stream_that_fails_to_start_reaches_the_client_as_an_error():
         await ticket.aclose()
         await _settled(lambda: scheduler.stats().running == 0)
         assert scheduler.stats().counts["failed"] == 1
+
+    asyncio.run(run())
+
+
+class Stepping(StandIn):
+    """Generates a batch token by token as transformers does, asking the stopping criteria after each token; a row
+    they stop is done, and the batch ends when every row is (or at max_new_tokens). The first batch waits for
+    `gate`. Records each batch's size and how many tokens it ran for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs: list[tuple[int, int]] = []
+        self.started = threading.Event()
+
+    def complete(self, conversations, images, settings, stopping_criteria=None) -> list[Completion]:
+        self.started.set()
+        if not self.runs:
+            self.gate.wait(DEADLINE)
+        done = torch.zeros(len(conversations), dtype=torch.bool)
+        tokens = 0
+        while tokens < settings.max_new_tokens and not done.all():
+            time.sleep(0.001)
+            tokens += 1
+            for criterion in stopping_criteria or ():
+                done |= criterion(torch.zeros(len(conversations), tokens, dtype=torch.long), None)
+        self.runs.append((len(conversations), tokens))
+        return [Completion("x", 3, tokens, "length") for _ in conversations]
+
+
+def test_a_plain_request_whose_client_leaves_stops_generating_and_frees_its_slot(caplog):
+    generator = Stepping()
+    generator.gate.set()
+
+    async def run() -> None:
+        scheduler = Scheduler(generator, concurrency=1, queue_depth=1, max_batch_size=1)
+        request = asyncio.ensure_future(scheduler.complete(ask("long"), [], SamplingSettings(max_new_tokens=100_000)))
+        await _settled(generator.started.is_set)
+        request.cancel()  # what the server does when the client disconnects
+        await _settled(lambda: scheduler.stats().running == 0)
+        assert scheduler.stats().counts["cancelled"] == 1 and scheduler.stats().counts["served"] == 0
+        answer = await scheduler.complete(ask("next"), [], SamplingSettings(max_new_tokens=5))
+        assert answer.completion_tokens == 5
+
+    with caplog.at_level(logging.INFO, logger="llava_lite.serve"):
+        asyncio.run(run())
+    (_, tokens), _ = generator.runs
+    assert tokens < 100_000
+    assert f"its answer stopped after {tokens} of 100000 tokens (1 in its batch)" in caplog.text
+
+
+def test_a_client_leaving_a_shared_batch_stops_only_its_own_answer(caplog):
+    generator = Stepping()
+    settings = SamplingSettings(max_new_tokens=300)
+
+    async def run() -> Completion:
+        scheduler = Scheduler(generator, concurrency=1, queue_depth=2, max_batch_size=2)
+        first = asyncio.ensure_future(scheduler.complete(ask("first"), [], SamplingSettings(max_new_tokens=1)))
+        await _settled(generator.started.is_set)
+        leaving = asyncio.ensure_future(scheduler.complete(ask("leaves"), [], settings))
+        staying = asyncio.ensure_future(scheduler.complete(ask("stays"), [], settings))
+        await asyncio.sleep(0)
+        generator.gate.set()
+        await first  # the two waiting requests now run as one batch
+        await _settled(lambda: scheduler.stats().running == 1)
+        leaving.cancel()
+        return await staying
+
+    with caplog.at_level(logging.INFO, logger="llava_lite.serve"):
+        staying = asyncio.run(run())
+    assert generator.runs[1] == (2, 300)  # the batch went on for the answer whose client stayed...
+    assert staying.completion_tokens == 300
+    assert "of 300 tokens (2 in its batch)" in caplog.text  # ...and stopped the one whose client left
+
+
+def test_a_refusal_says_when_to_try_again():
+    generator = StandIn()
+
+    async def run() -> None:
+        scheduler = Scheduler(generator, concurrency=1, queue_depth=0, max_batch_size=1)
+        running = asyncio.ensure_future(scheduler.complete(ask("a"), [], SamplingSettings()))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull) as refused:
+            await scheduler.complete(ask("b"), [], SamplingSettings())
+        assert 1 <= refused.value.retry_after <= 60
+        generator.gate.set()
+        await running
 
     asyncio.run(run())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from llava_lite.train.config import check_data_paths, load_train_config
+from llava_lite.train.config import check_data_paths, load_train_config, resolved
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,7 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Train as CONFIG.yaml says: `recipe: stage1` trains the projector on captions, `recipe: stage2` the "
             "projector and the LM (full or adapters) on instructions. Any field can be overridden as key=value, "
             "e.g. train.learning_rate=1e-4 data.max_length=1024. Runs unchanged under `accelerate launch`. "
-            "With resume=auto (the default) an interrupted run continues from its newest checkpoint."
+            "With resume=auto (the default) an interrupted run continues from its newest checkpoint, a finished one is "
+            "left as it is, and a run whose config changed is refused; resume=never starts over."
         ),
     )
     parser.add_argument("config", metavar="CONFIG.yaml", help="a recipe config, e.g. configs/demo_stage1.yaml")
@@ -27,8 +28,16 @@ def run(args: argparse.Namespace) -> int:
     config = load_train_config(args.config, args.overrides)
     check_data_paths(config)  # before the seconds that importing the training code takes
 
+    from llava_lite.train.resume import finished_step
     from llava_lite.train.run import run_training
 
+    step = finished_step(resolved(config))
+    if step is not None:
+        print(
+            f"{config.output_dir} already holds this run, finished at step {step}: nothing to train "
+            "(resume=never starts it over, a new output_dir trains a new one)"
+        )
+        return 0
     output = run_training(config)
     print(f"saved the trained model to {output}")
     return 0

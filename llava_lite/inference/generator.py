@@ -106,15 +106,20 @@ class Generator:
         conversations: list[Conversation | EncodedConversation],
         images: list[list[Image.Image]],
         settings: SamplingSettings,
+        stopping_criteria: list[StoppingCriteria] | None = None,
     ) -> list[Completion]:
         """As `generate`, with token counts and why each answer ended. A prompt already encoded by
-        `encode_prompt` is taken as it is (the server encodes each request once)."""
+        `encode_prompt` is taken as it is (the server encodes each request once). `stopping_criteria` may end
+        answers early, row by row (the server's, for clients that went away)."""
         prompts = [
             self.encode_prompt(c, i) if isinstance(c, Conversation) else c for c, i in zip(conversations, images)
         ]
         batch = self._batch(prompts, images)
         prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
-        output = self.model.generate(**batch, **self._generation_kwargs(settings))
+        kwargs = self._generation_kwargs(settings)
+        if stopping_criteria:
+            kwargs["stopping_criteria"] = StoppingCriteriaList(stopping_criteria)
+        output = self.model.generate(**batch, **kwargs)
         return [self._completion(ids, n, settings) for ids, n in zip(output, prompt_tokens)]
 
     def stream(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import secrets
 import time
 import uuid
@@ -10,11 +12,11 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from llava_lite.inference.generator import Generator
+from llava_lite.inference.generator import Completion, Generator
 from llava_lite.serve.config import ServeConfig
 from llava_lite.serve.errors import ApiError, install_error_handlers
 from llava_lite.serve.prompts import PromptBuilder
@@ -29,6 +31,8 @@ from llava_lite.serve.schemas import (
     Usage,
 )
 from llava_lite.serve.streaming import ClosingStreamingResponse, chat_events
+
+logger = logging.getLogger("llava_lite.serve")
 
 PAGE_FILES = {"index.html": "text/html", "chat.js": "text/javascript", "chat.css": "text/css"}
 
@@ -77,7 +81,7 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
         return ModelCard(id=config.model_name, created=created)
 
     @app.post("/v1/chat/completions", dependencies=authorised, response_model=None)
-    async def chat_completions(body: ChatCompletionRequest) -> ChatCompletion | Response:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | Response:
         _check_model(body.model, config)
         # What every chunk of a stream, or the one plain answer, carries.
         envelope = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": config.model_name}
@@ -88,9 +92,14 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
                 ticket = scheduler.stream(prompt.encoded, prompt.images, prompt.settings)
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 return ClosingStreamingResponse(chat_events(ticket, envelope, include_usage))
-            completion = await scheduler.complete(prompt.encoded, prompt.images, prompt.settings)
+            answering = scheduler.complete(prompt.encoded, prompt.images, prompt.settings)
+            completion = await _unless_client_leaves(request, answering)
         except QueueFull as full:
-            raise ApiError(503, str(full), "queue_full") from None
+            raise ApiError(503, str(full), "queue_full", headers={"Retry-After": str(full.retry_after)}) from None
+        if completion is None:
+            # Nobody is left to read an answer; 499 is what proxies log for "client closed the request".
+            logger.info("POST /v1/chat/completions -> 499: the client left before its answer")
+            return Response(status_code=499)
         return ChatCompletion(
             **envelope,
             choices=[Choice(message=AssistantMessage(content=completion.text), finish_reason=completion.finish_reason)],
@@ -110,6 +119,27 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
         return Response(page_files[name], media_type=PAGE_FILES[name])
 
     return app
+
+
+async def _unless_client_leaves(request: Request, answering: Awaitable[Completion]) -> Completion | None:
+    """What `answering` gives, or None once the client has disconnected - `answering` is then cancelled, which
+    takes the request out of the line or stops its generation. The server does not cancel a plain request's
+    handler when its client leaves; the ASGI `http.disconnect` message, the next one after the body, says so."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work = asyncio.ensure_future(answering)
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.wait({work})
+    return None if work.cancelled() else work.result()
 
 
 _BEARER = HTTPBearer(auto_error=False)  # we answer missing keys ourselves, OpenAI-shaped

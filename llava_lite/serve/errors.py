@@ -18,14 +18,18 @@ ERROR_TYPES = {401: "authentication_error", 500: "server_error", 503: "server_er
 
 
 class ApiError(Exception):
-    """A request the server refuses; `code` is a short machine-readable reason."""
+    """A request the server refuses; `code` is a short machine-readable reason, `headers` go with the answer
+    (`Retry-After` on a 503)."""
 
-    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, code: str, param: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.param = param
+        self.headers = headers or {}
 
 
 def error_body(status: int, message: str, code: str, param: str | None = None) -> dict:
@@ -53,8 +57,8 @@ def install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
 
 
 async def _api_error(request: Request, error: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    return error_response(request, error, headers)
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
+    return error_response(request, error, {**headers, **error.headers})
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -1,22 +1,27 @@
 """The bounded queue in front of the generator.
 
 At most `concurrency` generations run at once, each on its own worker thread; at most `queue_depth` requests
-wait for one, and the next is refused at once (`QueueFull`, a 503) rather than left hanging. Waiting plain
-requests with the same sampling settings are answered in one left-padded batch. A stream holds its slot
-until its generation has really ended - to the last token, or cancelled because the reader went away.
+wait for one, and the next is refused at once (`QueueFull`, a 503 with `Retry-After`) rather than left hanging.
+Waiting plain requests with the same sampling settings are answered in one left-padded batch. A request holds its
+slot until its generation has really ended - to the last token, or stopped because its client went away (a plain
+request's answer stops at once, the rest of its batch goes on).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
 from PIL import Image
+from transformers import StoppingCriteria
 
 from llava_lite.data.conversation import Conversation
 from llava_lite.data.processor import EncodedConversation
@@ -26,7 +31,11 @@ logger = logging.getLogger("llava_lite.serve")
 
 
 class QueueFull(Exception):
-    pass
+    """No room: `retry_after` is the whole number of seconds a client had best wait before trying again."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass(eq=False)  # a job is itself: two identical requests are still two jobs in the line
@@ -36,6 +45,7 @@ class _Job:
     settings: SamplingSettings
     stream: bool
     granted: asyncio.Future  # plain jobs: the Completion; streams: None once a slot is theirs
+    gone: threading.Event = field(default_factory=threading.Event)  # set when a running plain job's client left
 
 
 @dataclass
@@ -54,8 +64,10 @@ class Scheduler:
         self._waiting: deque[_Job] = deque()
         self._running = 0
         self._counts: Counter = Counter()
+        self._slot_seconds = 1.0  # how long a slot was held lately (a moving average), for Retry-After
         # One thread per slot: the pool's size is the concurrency bound itself.
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="generate")
+        self._tasks: set[asyncio.Task] = set()
 
     def stats(self) -> Stats:
         return Stats(self._running, len(self._waiting), Counter(self._counts))
@@ -65,8 +77,14 @@ class Scheduler:
         if self._running >= self.concurrency and len(self._waiting) >= self.queue_depth:
             self._counts["rejected"] += 1
             raise QueueFull(
-                f"the server is busy ({self._running} answering, {len(self._waiting)} waiting); try again shortly"
+                f"the server is busy ({self._running} answering, {len(self._waiting)} waiting); try again shortly",
+                self.retry_after(),
             )
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free: about how long one was held lately, within 1 to 60 (the `openai`
+        SDK waits what the header says up to 60 s, and backs off on its own beyond)."""
+        return min(60, max(1, math.ceil(self._slot_seconds)))
 
     async def complete(
         self, conversation: Conversation | EncodedConversation, images: list[Image.Image], settings: SamplingSettings
@@ -75,7 +93,9 @@ class Scheduler:
         try:
             return await job.granted
         except asyncio.CancelledError:
-            self._withdraw(job)  # still waiting: leave the line; already running: its batch finishes regardless
+            # The client went away: still waiting - leave the line; already running - stop its answer.
+            if not self._withdraw(job):
+                job.gone.set()
             raise
 
     def stream(
@@ -117,7 +137,8 @@ class Scheduler:
                 job.granted.set_result(None)  # the ticket runs it, and releases the slot when it ends
             else:
                 batch = [job, *self._take_compatible(job)]
-                asyncio.get_running_loop().create_task(self._answer(batch))
+                self._tasks.add(task := asyncio.get_running_loop().create_task(self._answer(batch)))
+                task.add_done_callback(self._tasks.discard)  # held: the loop keeps only weak references to tasks
 
     def _take_compatible(self, first: _Job) -> list[_Job]:
         """Waiting plain jobs that can share `first`'s batch: the generator takes one settings per batch."""
@@ -130,20 +151,24 @@ class Scheduler:
                 taken.append(job)
         return taken
 
-    def _release(self) -> None:
+    def _release(self, held_since: float | None = None) -> None:
         self._running -= 1
+        if held_since is not None:
+            self._slot_seconds = 0.8 * self._slot_seconds + 0.2 * (time.monotonic() - held_since)
         self._dispatch()
 
     # ----- running ---------------------------------------------------------------------------------------
     async def _answer(self, batch: list[_Job]) -> None:
         self._counts["batches"] += 1
+        started = time.monotonic()
         try:
             outcomes = await self._outcomes(batch)
         finally:
-            self._release()
+            self._release(started)
         for job, outcome in zip(batch, outcomes):
             if job.granted.done():
-                continue  # its client gave up
+                self._counts["cancelled"] += 1  # its client gave up
+                continue
             if isinstance(outcome, Exception):
                 self._counts["failed"] += 1
                 job.granted.set_exception(outcome)
@@ -166,9 +191,35 @@ class Scheduler:
         return outcomes
 
     def _complete_batch(self, batch: list[_Job]) -> list[Completion]:
-        return self.generator.complete(
-            [job.conversation for job in batch], [job.images for job in batch], batch[0].settings
+        gone = _ClientsGone([job.gone for job in batch])
+        completions = self.generator.complete(
+            [job.conversation for job in batch], [job.images for job in batch], batch[0].settings, [gone]
         )
+        for row, tokens in sorted(gone.stopped_after.items()):
+            logger.info(
+                "a client left: its answer stopped after %d of %d tokens (%d in its batch)",
+                tokens,
+                batch[row].settings.max_new_tokens,
+                len(batch),
+            )
+        return completions
+
+
+class _ClientsGone(StoppingCriteria):
+    """Ends each answer of a batch whose client has gone - the batch ends once every answer has - and notes after
+    how many tokens (the criteria are asked once per generated token)."""
+
+    def __init__(self, gone: list[threading.Event]) -> None:
+        self.gone = gone
+        self.tokens = 0
+        self.stopped_after: dict[int, int] = {}
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.tokens += 1
+        flags = [event.is_set() for event in self.gone]
+        for row in (row for row, flag in enumerate(flags) if flag):
+            self.stopped_after.setdefault(row, self.tokens)
+        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
 
 
 _END = object()
@@ -185,6 +236,7 @@ class StreamTicket:
         self._stop = threading.Event()
         self._pump: asyncio.Future | None = None
         self._closed = False
+        self._started: float | None = None
         self.completion: Completion | None = None
 
     def __aiter__(self) -> AsyncIterator[str]:
@@ -208,6 +260,7 @@ class StreamTicket:
                 return
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue = asyncio.Queue()
+            self._started = time.monotonic()
             self._pump = loop.run_in_executor(self._scheduler._pool, self._run, loop, queue)
             self._pump.add_done_callback(self._ended)
             while (item := await queue.get()) is not _END:
@@ -221,7 +274,7 @@ class StreamTicket:
         """On the event loop, once the generation thread is done: count how it ended, give the slot back."""
         outcome = "failed" if pump.cancelled() or pump.exception() else pump.result()
         self._scheduler._counts[outcome] += 1
-        self._scheduler._release()
+        self._scheduler._release(self._started)
 
     def _run(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> str:
         """On a worker thread: run the generator's stream, hand pieces to the event loop, stop when told."""

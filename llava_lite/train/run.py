@@ -15,9 +15,11 @@ from llava_lite.config_io import ConfigError, to_dict
 from llava_lite.data.collator import Collator
 from llava_lite.data.dataset import ConversationDataset, load_conversations
 from llava_lite.data.packing import PackedDataset, PackingBudget
+from llava_lite.data.preflight import require_a_sample, require_records
 from llava_lite.eval.callback import EvaluationCallback
 from llava_lite.train.config import TrainConfig, resolved
 from llava_lite.train.recipe import build_training_model, training_processor
+from llava_lite.train.resume import check_same_run, clear_earlier_run, finished_step
 from llava_lite.train.trainer import LlavaTrainer
 
 logger = logging.getLogger(__name__)
@@ -28,17 +30,27 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
     `trainer_state.json`, the loss history. `callbacks` are transformers TrainerCallbacks."""
     config = resolved(config)
     output_dir = Path(config.output_dir)
+    if (step := finished_step(config)) is not None:
+        logger.info("%s holds this run, finished at step %d: nothing to train", output_dir, step)
+        return output_dir
     checkpoint = resume_checkpoint(config)
+    check_same_run(config, checkpoint)
     # The data is read before the model is built, so a bad record or a missing file fails in seconds.
     train_records, skipped_at_load = load_conversations(config.data)
-    eval_records = load_conversations(config.eval_data)[0] if config.eval_data else None
+    require_records(config.data, train_records, skipped_at_load)
+    eval_records, eval_skipped = load_conversations(config.eval_data) if config.eval_data else (None, None)
+    if config.eval_data:
+        require_records(config.eval_data, eval_records, eval_skipped, "eval_data")
 
     model = build_training_model(config)
     processor = training_processor(config, model.config, model.tokenizer)
-    train_dataset = training_dataset(config, ConversationDataset(train_records, processor, config.data.on_bad_record))
+    samples = ConversationDataset(train_records, processor, config.data.on_bad_record)
+    require_a_sample(config.data, samples, skipped_at_load)
+    train_dataset = training_dataset(config, samples)
     eval_dataset = None
     if eval_records is not None:
         eval_dataset = ConversationDataset(eval_records, processor, config.eval_data.on_bad_record)
+        require_a_sample(config.eval_data, eval_dataset, eval_skipped, "eval_data")
     logger.info("training on %d records%s", len(train_records), _skips(skipped_at_load))
 
     settings = config.train
@@ -61,6 +73,8 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
         trainer.add_callback(EvaluationCallback(config.eval, trainer))
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
+    elif trainer.args.should_save:
+        clear_earlier_run(output_dir)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(str(output_dir))
     if trainer.args.should_save:

@@ -1,0 +1,119 @@
+"""What a run's output folder already holds: a finished run (nothing to do), checkpoints to continue from (only
+if they are of the same run), or what is left of an earlier run that a fresh start clears away.
+
+A run is finished when the final `trainer_state.json` beside the final model reached its last step; the Trainer
+writes it after the final model, so a run killed before then is continued from its newest checkpoint instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from llava_lite.config_io import ConfigError, to_dict
+from llava_lite.train.config import TrainConfig
+from llava_lite.train.trainer import RUN_CONFIG_FILE, STAGING_DIR
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"  # written beside the final model after it
+
+# Fields that do not change what is trained: a continued run may differ in these. Everything else must match.
+NOT_AFFECTING_WEIGHTS = (
+    "output_dir",
+    "resume",
+    "eval",
+    "eval_data",
+    "data.check_images_exist",
+    "train.logging_steps",
+    "train.report_to",
+    "train.num_workers",
+    "train.save_steps",
+    "train.save_total_limit",
+)
+
+
+def finished_step(config: TrainConfig) -> int | None:
+    """The last step of the finished run in `config.output_dir` when `resume` is `auto` and it is there, else
+    None. ConfigError when that run was trained with a config that differs from `config` (resolved) in a way that
+    matters: rerunning it would not give the same model."""
+    folder = Path(config.output_dir)
+    if config.resume != "auto" or not (folder / STATE_FILE).is_file():
+        return None
+    state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    step, last = state.get("global_step", 0), state.get("max_steps", 0)
+    if not last or step < last:
+        return None  # stopped early by a callback: its checkpoints, if any, carry on
+    check_same_run(config, folder)
+    return step
+
+
+def check_same_run(config: TrainConfig, run_folder: str | Path | None) -> None:
+    """ConfigError naming the first difference that matters between `config` (resolved) and the config saved in
+    `run_folder` (a checkpoint or a finished run); nothing when there is no folder or no saved config."""
+    if run_folder is None or not (Path(run_folder) / RUN_CONFIG_FILE).is_file():
+        return
+    saved = yaml.safe_load((Path(run_folder) / RUN_CONFIG_FILE).read_text(encoding="utf-8")) or {}
+    differences = config_differences(saved, to_dict(config))
+    if differences:
+        key, then, now = differences[0]
+        more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
+        raise ConfigError(
+            f"{run_folder} was trained with {key}: {_shown(then)}, this config has {_shown(now)}{more}; "
+            f"to train with the new config, give a new output_dir or resume=never (which starts over there)"
+        )
+
+
+def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, current value) for each field that differs and matters, in the config's order."""
+    flat_saved, flat_current = _flatten(saved), _flatten(current)
+    keys = list(flat_current) + [key for key in flat_saved if key not in flat_current]
+    return [
+        (key, flat_saved.get(key), flat_current.get(key))
+        for key in keys
+        if not _ignored(key) and flat_saved.get(key) != flat_current.get(key)
+    ]
+
+
+def clear_earlier_run(output_dir: str | Path) -> None:
+    """Remove the checkpoints, a torn save and the final state an earlier run left in `output_dir`, so a fresh
+    start neither mixes its checkpoints with them (rotation keeps the highest step numbers) nor looks finished.
+    The final model files are left: the fresh run overwrites them when it ends."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return
+    stale = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-"))
+    for path in stale:
+        shutil.rmtree(path)
+    shutil.rmtree(folder / STAGING_DIR, ignore_errors=True)
+    (folder / STATE_FILE).unlink(missing_ok=True)
+    if stale:
+        logger.info("starting over in %s: removed %s of the earlier run", folder, ", ".join(p.name for p in stale))
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"data": {"sources": [{"path": p}]}}` -> `{"data.sources[0].path": p}`."""
+    if isinstance(value, dict) and value:
+        items = [(f"{prefix}.{key}" if prefix else str(key), item) for key, item in value.items()]
+    elif isinstance(value, list) and value:
+        items = [(f"{prefix}[{index}]", item) for index, item in enumerate(value)]
+    else:
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in items:
+        flat.update(_flatten(item, key))
+    return flat
+
+
+def _ignored(key: str) -> bool:
+    return any(key == field or key.startswith((f"{field}.", f"{field}[")) for field in NOT_AFFECTING_WEIGHTS)
+
+
+def _shown(value: Any) -> str:
+    return "(not set)" if value is None else json.dumps(value) if not isinstance(value, str) else value
