@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from llava_lite.train.config import check_data_paths, load_train_config
+from llava_lite.train.launch import is_main_process
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,7 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Train as CONFIG.yaml says: `recipe: stage1` trains the projector on captions, `recipe: stage2` the "
             "projector and the LM (full or adapters) on instructions. Any field can be overridden as key=value, "
-            "e.g. train.learning_rate=1e-4 data.max_length=1024. Runs unchanged under `accelerate launch`. "
+            "e.g. train.learning_rate=1e-4 data.max_length=1024. Runs unchanged under `accelerate launch` and "
+            "`torchrun` (one process per GPU, or CPU processes over gloo; configs/accelerate/ holds DDP, FSDP2 and "
+            "DeepSpeed configs). "
             "With resume=auto (the default) an interrupted run continues from its newest checkpoint."
         ),
     )
@@ -30,5 +33,6 @@ def run(args: argparse.Namespace) -> int:
     from llava_lite.train.run import run_training
 
     output = run_training(config)
-    print(f"saved the trained model to {output}")
+    if is_main_process():
+        print(f"saved the trained model to {output}")
     return 0
