@@ -9,6 +9,7 @@ import sys
 
 from llava_lite import __version__
 from llava_lite.commands import chat, data, datagen, demo, evaluate, export, generate, inspect_data, serve, train
+from llava_lite.train.launch import is_main_process
 
 # Each module offers `register(subparsers)`, which adds its parser and sets `run` (args -> exit code).
 COMMANDS = [demo, train, chat, generate, serve, datagen, data, inspect_data, evaluate, export]
@@ -61,7 +62,8 @@ def _end_progress_bars() -> None:
 
 def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("llava_lite").setLevel(logging.INFO)
+    # Under a launcher the main process alone tells the story; the others speak up only for errors.
+    logging.getLogger("llava_lite").setLevel(logging.INFO if is_main_process() else logging.ERROR)
     if not verbose:
         import huggingface_hub
         import transformers

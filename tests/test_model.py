@@ -103,14 +103,35 @@ def test_gradients_reach_projector_and_lm_but_not_the_frozen_tower(tiny_model, i
     assert not tiny_model.vision_tower.training
 
 
-def test_text_only_batch_never_runs_the_tower(tiny_model, monkeypatch):
+def test_text_only_inference_never_runs_the_tower(tiny_model, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the tower ran for a text-only batch")
 
     monkeypatch.setattr(tiny_model.vision_tower, "forward", refuse)
     batch = batch_for(tiny_model, [text_conversation(), text_conversation()])
     assert "pixel_values" not in batch
-    assert torch.isfinite(tiny_model(**batch).loss)
+    assert torch.isfinite(tiny_model.eval()(**batch).loss)
+
+
+def test_text_only_training_batch_runs_tower_and_projector_with_zero_weight(tiny_model):
+    """So every rank of a distributed run runs the same modules every step, whatever its batch holds."""
+    batch = batch_for(tiny_model, [text_conversation(), text_conversation()])
+    lm = tiny_model.language_model
+    plain = tiny_model.eval()(**batch).loss
+    plain.backward()
+    lm_grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
+    assert all(p.grad is None for p in tiny_model.projector.parameters())
+    lm.zero_grad()
+
+    seen = []
+    tiny_model.vision_tower.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    loss = tiny_model.train()(**batch).loss
+    loss.backward()
+    assert seen == [(1, 3, *tiny_model.vision_tower.image_size)]  # one blank image
+    assert torch.equal(loss, plain)
+    assert all(p.grad is not None and not p.grad.any() for p in tiny_model.projector.parameters())
+    for name, param in lm.named_parameters():
+        assert torch.equal(param.grad, lm_grads[name]), name
 
 
 def test_image_and_placeholder_count_mismatch_is_a_clear_error(tiny_model, image_folder):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from llava_lite.train.config import check_data_paths, load_train_config, resolved
+from llava_lite.train.launch import is_main_process
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,9 +15,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Train as CONFIG.yaml says: `recipe: stage1` trains the projector on captions, `recipe: stage2` the "
             "projector and the LM (full or adapters) on instructions. Any field can be overridden as key=value, "
-            "e.g. train.learning_rate=1e-4 data.max_length=1024. Runs unchanged under `accelerate launch`. "
-            "With resume=auto (the default) an interrupted run continues from its newest checkpoint, a finished one is "
-            "left as it is, and a run whose config changed is refused; resume=never starts over."
+            "e.g. train.learning_rate=1e-4 data.max_length=1024. Runs unchanged under `accelerate launch` and "
+            "`torchrun` (one process per GPU, or CPU processes over gloo; configs/accelerate/ holds DDP, FSDP2 and "
+            "DeepSpeed configs). With resume=auto (the default) an interrupted run continues from its newest "
+            "checkpoint, a finished one is left as it is, and a run whose config changed is refused; resume=never "
+            "starts over."
         ),
     )
     parser.add_argument("config", metavar="CONFIG.yaml", help="a recipe config, e.g. configs/demo_stage1.yaml")
@@ -33,11 +36,13 @@ def run(args: argparse.Namespace) -> int:
 
     step = finished_step(resolved(config))
     if step is not None:
-        print(
-            f"{config.output_dir} already holds this run, finished at step {step}: nothing to train "
-            "(resume=never starts it over, a new output_dir trains a new one)"
-        )
+        if is_main_process():
+            print(
+                f"{config.output_dir} already holds this run, finished at step {step}: nothing to train "
+                "(resume=never starts it over, a new output_dir trains a new one)"
+            )
         return 0
     output = run_training(config)
-    print(f"saved the trained model to {output}")
+    if is_main_process():
+        print(f"saved the trained model to {output}")
     return 0

@@ -6,6 +6,11 @@ sentinel). Here the embeddings of those positions are replaced by the projected 
 `masked_scatter`: images in the batch are taken in order, and their features fill the image positions in
 row-major token order. The features come from the tower (`pixel_values`), or were computed before
 (`image_features`: the tower's output, e.g. cached for a fixed dataset).
+
+In training (and in any distributed run) a text-only batch still runs the tower and the projector, on one blank
+image whose result enters the embeddings with weight zero: every rank of a run then runs the same modules every
+step, so DDP needs no search for unused parameters, and ZeRO-3 and FSDP gather the same weights on every rank
+(a rank that skipped them would leave the others waiting). The loss and every gradient are unchanged.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -115,6 +121,12 @@ class LlavaLiteModel(nn.Module):
         return self.language_model.get_base_model() if self.uses_adapters else self.language_model
 
     @property
+    def _no_split_modules(self) -> list[str]:
+        """The block classes FSDP wraps as units (accelerate's transformer-based wrapping reads this): the LM's
+        decoder layers. The tower and projector stay in the root unit, which every rank gathers every step."""
+        return list(getattr(self.base_language_model, "_no_split_modules", None) or [])
+
+    @property
     def context_length(self) -> int | None:
         """The most positions the LM takes, when its config says."""
         return getattr(self.base_language_model.config, "max_position_embeddings", None)
@@ -163,12 +175,20 @@ class LlavaLiteModel(nn.Module):
         slots = int(image_positions.sum())
         if pixel_values is None and image_features is None:
             _check_slots([], slots, image_tokens)
-            return embeds  # text-only batch: the tower is not run at all
+            if self.training or _distributed():
+                return self._with_blank_image(embeds)
+            return embeds  # text-only inference: the tower is not run at all
         if image_features is None:
             image_features = self.image_features(pixel_values)
         _check_slots(image_features, slots, image_tokens)
         projected = self.project(image_features)
         return embeds.masked_scatter(image_positions.unsqueeze(-1), projected)
+
+    def _with_blank_image(self, embeds: torch.Tensor) -> torch.Tensor:
+        """`embeds` unchanged, but tied to one blank image's pass through the tower and projector (weight zero)."""
+        blank = embeds.new_zeros(1, 3, *self.vision_tower.image_size)
+        projected = self.project(self.image_features(blank))
+        return embeds + projected.sum() * 0.0
 
     def forward(
         self,
@@ -248,6 +268,10 @@ class LlavaLiteModel(nn.Module):
     @property
     def is_activation_checkpointing(self) -> bool:
         return self.base_language_model.is_activation_checkpointing
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _check_slots(image_features: Images, slots: int, image_tokens: torch.Tensor | None) -> None:

@@ -103,8 +103,12 @@ def load_model(folder: str | Path, trainable_adapters: bool = False, quantizatio
 
 
 def load_trained_weights(model, folder: str | Path) -> None:
-    """Put a checkpoint's saved weights into a model built from the same config (resuming a run)."""
+    """Put a checkpoint's saved weights into a model built from the same config (resuming a run), also when its
+    weights are sharded across processes (FSDP2)."""
     folder = Path(folder)
+    if _is_sharded(model):
+        _load_sharded(model, folder)
+        return
     model.projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
     if (folder / TOWER_DIR / TOWER_WEIGHTS).is_file():
         model.vision_tower.load_weights(folder / TOWER_DIR)
@@ -116,6 +120,35 @@ def load_trained_weights(model, folder: str | Path) -> None:
         set_peft_model_state_dict(lm, load_file(str(adapter_file)))
     elif (folder / LM_DIR).is_dir():
         _load_safetensors_folder(lm, folder / LM_DIR)
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch before 2.5 has no public DTensor, and we shard with FSDP2 alone
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _load_sharded(model, folder: Path) -> None:
+    """The checkpoint's tensors as one full state dict, which every process cuts its own shards from."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if model.uses_adapters:
+        raise ValueError(f"{folder}: resuming adapters with sharded weights (FSDP) is not supported; use DDP or ZeRO")
+    state = {f"projector.{k}": v for k, v in load_file(str(folder / PROJECTOR_FILE)).items()}
+    if (folder / TOWER_DIR / TOWER_WEIGHTS).is_file():
+        state.update({f"vision_tower.{k}": v for k, v in load_file(str(folder / TOWER_DIR / TOWER_WEIGHTS)).items()})
+    for shard in sorted((folder / LM_DIR).glob("*.safetensors")):
+        state.update({f"language_model.{k}": v for k, v in load_file(str(shard)).items()})
+    expected = set(model.state_dict())
+    unknown = set(state) - expected
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    missing = {name for name in trained - set(state) if not _is_tied(model.language_model, name.split(".", 1)[1])}
+    if unknown or missing:
+        name = sorted(unknown or missing)[0]
+        raise ValueError(f"{folder}: checkpoint does not fit the model ({'unknown' if unknown else 'lacks'} {name})")
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def _load_safetensors_folder(module: nn.Module, folder: Path) -> None:

@@ -29,6 +29,7 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
     """Train as `config` says; returns the output folder, which then holds the final model and, in
     `trainer_state.json`, the loss history. `callbacks` are transformers TrainerCallbacks."""
     config = resolved(config)
+    _check_one_device_per_process()
     output_dir = Path(config.output_dir)
     if (step := finished_step(config)) is not None:
         logger.info("%s holds this run, finished at step %d: nothing to train", output_dir, step)
@@ -125,6 +126,12 @@ def training_arguments(config: TrainConfig, has_eval: bool = False) -> TrainingA
         dataloader_num_workers=settings.num_workers,
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Without an accelerator the Trainer must be told, or under torchrun / accelerate launch accelerate sees no
+        # distributed run and every process trains alone; told, the processes are ranks over gloo.
+        use_cpu=not _has_accelerator(),
+        # Every rank runs the same modules every step (a text-only batch runs the projector on a blank image, see
+        # LlavaLiteModel), so DDP needs no search for unused parameters - and fails loudly if one ever appears.
+        ddp_find_unused_parameters=False,
         seed=config.seed,
         # The data's own order (a curriculum mix, a benchmark) or a new shuffle each epoch; grouping has its sampler.
         train_sampling_strategy="random" if config.data.shuffle else "sequential",
@@ -143,6 +150,25 @@ def resume_checkpoint(config: TrainConfig) -> str | None:
     if not Path(config.resume).is_dir():
         raise ConfigError(f"resume: no checkpoint folder {config.resume}")
     return config.resume
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch 2.6 and later: CUDA, MPS, XPU, ...
+    if accelerator is not None:
+        return accelerator.is_available()
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
+
+
+def _check_one_device_per_process() -> None:
+    """One process on several GPUs would get the Trainer's `nn.DataParallel`, which splits a batch's rows and its
+    images apart; a run uses one process per GPU instead."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > 1 and "LOCAL_RANK" not in os.environ:
+        raise ConfigError(
+            f"{gpus} GPUs are visible to one process: start one process per GPU (accelerate launch "
+            f"--num_processes {gpus} -m llava_lite train ..., or torchrun --nproc_per_node {gpus}), or choose one "
+            "with CUDA_VISIBLE_DEVICES"
+        )
 
 
 def _precision(choice: str) -> tuple[bool, bool]:

@@ -106,6 +106,7 @@ class LlavaTrainer(Trainer):
         staging = Path(run_dir) / STAGING_DIR
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)  # what a killed save left behind
+        self.accelerator.wait_for_everyone()  # no rank writes its RNG state or shards into the folder being cleared
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)

@@ -1,0 +1,70 @@
+"""`llava-lite train` in one process of a torchrun launch, recording what this rank saw (for test_distributed).
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_train.py REPORT_DIR \
+        [--kill-after-checkpoint N] -- train CONFIG.yaml [key=value ...]
+
+Each rank writes REPORT_DIR/rank{R}.json: per micro-batch its image and text-only rows, the wrapper the Trainer
+put around the model and its `find_unused_parameters`, and the records this rank skipped. With
+`--kill-after-checkpoint N` every rank kills itself (SIGKILL) once checkpoint-N is in place, as a machine lost
+mid-run would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from llava_lite import cli
+from llava_lite.train.trainer import LlavaTrainer
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("report_dir", type=Path)
+    parser.add_argument("--kill-after-checkpoint", type=int, default=None)
+    split = sys.argv.index("--")
+    args, command = parser.parse_args(sys.argv[1:split]), sys.argv[split + 1 :]
+    seen = {"batches": [], "wrapper": None, "find_unused_parameters": None}
+    trainers = []
+
+    compute_loss = LlavaTrainer.compute_loss
+
+    def recording_compute_loss(self, model, inputs, *rest, **kwargs):
+        if not trainers:
+            trainers.append(self)
+            seen["wrapper"] = type(model).__name__
+            seen["find_unused_parameters"] = getattr(model, "find_unused_parameters", None)
+        image_rows = (inputs["input_ids"] == self.model.image_token_id).any(dim=1)
+        seen["batches"].append([int(image_rows.sum()), int((~image_rows).sum())])
+        return compute_loss(self, model, inputs, *rest, **kwargs)
+
+    LlavaTrainer.compute_loss = recording_compute_loss
+
+    if args.kill_after_checkpoint is not None:
+        save_checkpoint = LlavaTrainer._save_checkpoint
+
+        def dying_save_checkpoint(self, model, trial):
+            save_checkpoint(self, model, trial)
+            if self.state.global_step == args.kill_after_checkpoint:
+                dist.barrier()  # the checkpoint is renamed into place before anyone dies
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        LlavaTrainer._save_checkpoint = dying_save_checkpoint
+
+    code = cli.main(command)
+    if trainers:
+        seen["skipped_here"] = dict(trainers[0].train_dataset.skips.counts())
+    args.report_dir.mkdir(parents=True, exist_ok=True)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    (args.report_dir / f"rank{rank}.json").write_text(json.dumps(seen), encoding="utf-8")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
