@@ -4,6 +4,7 @@ A batch is built in two steps: samples are first grouped into rows (`rows`: one 
 sequence packing will put several samples in a row, each segment restarting its position ids), then
 rows are padded. Images are listed in row-major token order, which is the order in which the model
 scatters their features into the image-token slots; `image_tokens` says how many slots each one fills.
+A batch holding replay text (`llava_lite.data.replay`) also marks its tokens, `replay_tokens`, for the loss.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import torch
 
 from llava_lite.data.masking import IGNORE_INDEX
 
+REPLAY = "replay"  # sample key: a replay sample of general text (llava_lite.data.replay)
+REPLAY_TOKENS = "replay_tokens"  # batch key: which tokens are replay text; the trainer takes it off the batch
+
 
 @dataclass
 class Row:
@@ -23,6 +27,7 @@ class Row:
     position_ids: torch.Tensor
     pixel_values: list[torch.Tensor] = field(default_factory=list)  # one `[3, H, W]` tensor per image
     image_tokens: list[int] = field(default_factory=list)
+    replay: torch.Tensor | None = None  # per token: part of a replay sample
 
 
 @dataclass
@@ -43,6 +48,8 @@ class Collator:
             "attention_mask": torch.stack([self._pad(torch.ones_like(r.input_ids), length, 0) for r in rows]),
             "position_ids": torch.stack([self._pad(r.position_ids, length, 0) for r in rows]),
         }
+        if any(row.replay is not None and row.replay.any() for row in rows):
+            batch[REPLAY_TOKENS] = torch.stack([self._pad(_replay_marks(r), length, False) for r in rows])
         images = [image for row in rows for image in row.pixel_values]
         if images:
             batch["pixel_values"] = stack_images(images)
@@ -58,6 +65,7 @@ class Collator:
                 position_ids=torch.arange(len(sample["input_ids"])),
                 pixel_values=list(sample.get("pixel_values") or []),
                 image_tokens=list(sample.get("image_tokens") or []),
+                replay=torch.full(sample["input_ids"].shape, bool(sample.get(REPLAY)), dtype=torch.bool),
             )
             for sample in samples
         ]
@@ -66,6 +74,10 @@ class Collator:
         padding = values.new_full((length - len(values),), fill)
         parts = (values, padding) if self.padding_side == "right" else (padding, values)
         return torch.cat(parts)
+
+
+def _replay_marks(row: Row) -> torch.Tensor:
+    return row.replay if row.replay is not None else torch.zeros(len(row.input_ids), dtype=torch.bool)
 
 
 def batch_to(batch: dict, device: torch.device | str) -> dict:
