@@ -58,6 +58,11 @@ class TrainingSettings:
     # auto: bf16 on GPUs that have it, else fp32.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
+    # BETA of BETA x KL(tuned || base), added to the loss at `kl_positions` (llava_lite.train.regularizers): the
+    # base is the LM with its adapters off (peft), or its starting weights kept beside it (full fine-tuning).
+    kl_to_base: float = 0.0
+    # Where the KL is taken: the positions predicting assistant tokens, replay text, or both.
+    kl_positions: Literal["assistant", "replay", "both"] = "both"
     logging_steps: int = 10
     save_steps: int = 500
     save_total_limit: int | None = 2
@@ -69,6 +74,8 @@ class TrainingSettings:
         # transformers reads a warmup of 1 or more as a number of steps, so a ratio must stay below 1.
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.kl_to_base < 0:
+            raise ValueError(f"kl_to_base must be 0 or more, got {self.kl_to_base}")
 
 
 @dataclass
@@ -110,9 +117,16 @@ def resolved(config: TrainConfig) -> TrainConfig:
     finetune = config.finetune
     method = finetune.method or ("none" if config.recipe == "stage1" else "full")
     adapters = method in ("lora", "qlora", "peft")
-    if config.recipe == "stage1" and method != "none":
-        raise ConfigError("recipe stage1 trains the projector alone: finetune.method must be none")
     train = config.train
+    if config.recipe == "stage1":
+        if method != "none":
+            raise ConfigError("recipe stage1 trains the projector alone: finetune.method must be none")
+        if config.data.replay or train.kl_to_base:
+            raise ConfigError("replay and kl_to_base keep what the LM knew; stage 1 does not train the LM")
+    if config.eval_data is not None and config.eval_data.replay is not None:
+        raise ConfigError("eval_data: replay text is mixed into training data only")
+    if train.kl_to_base and train.kl_positions == "replay" and config.data.replay is None:
+        raise ConfigError("train.kl_positions replay needs replay text (data.replay and a kind: text source)")
     lr = train.learning_rate or {"none": 1e-3, "full": 2e-5}.get(method, 2e-4)
     projector_lr = train.projector_lr or (2e-5 if adapters else lr)
     return dataclasses.replace(

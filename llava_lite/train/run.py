@@ -14,9 +14,11 @@ from transformers.trainer_utils import get_last_checkpoint
 from llava_lite.config_io import ConfigError, to_dict
 from llava_lite.data.collator import Collator
 from llava_lite.data.dataset import ConversationDataset, load_conversations
+from llava_lite.data.replay import ReplayMix, read_replay_text, text_windows
 from llava_lite.eval.callback import EvaluationCallback
 from llava_lite.train.config import TrainConfig, resolved
 from llava_lite.train.recipe import build_training_model, training_processor
+from llava_lite.train.regularizers import Objective
 from llava_lite.train.trainer import LlavaTrainer
 
 logger = logging.getLogger(__name__)
@@ -31,10 +33,15 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
     # The data is read before the model is built, so a bad record or a missing file fails in seconds.
     train_records, skipped_at_load = load_conversations(config.data)
     eval_records = load_conversations(config.eval_data)[0] if config.eval_data else None
+    replay_text = read_replay_text(config.data) if config.data.replay else None
 
     model = build_training_model(config)
     processor = training_processor(config, model.config, model.tokenizer)
     train_dataset = ConversationDataset(train_records, processor, config.data.on_bad_record)
+    if replay_text is not None:
+        replay = config.data.replay
+        windows = text_windows(model.tokenizer, replay_text, replay.window or config.data.max_length)
+        train_dataset = ReplayMix(train_dataset, windows, replay, config.seed)
     eval_dataset = None
     if eval_records is not None:
         eval_dataset = ConversationDataset(eval_records, processor, config.eval_data.on_bad_record)
@@ -54,6 +61,7 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
             "language_model": settings.learning_rate,
         },
         callbacks=callbacks,
+        objective=_objective(config, model),
     )
     if config.eval is not None:
         trainer.add_callback(EvaluationCallback(config.eval, trainer))
@@ -67,6 +75,13 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
     skipped = skipped_at_load + train_dataset.skips.counts_across_processes()
     logger.info("saved %s%s", output_dir, _skips(skipped))
     return output_dir
+
+
+def _objective(config: TrainConfig, model) -> Objective | None:
+    """The loss with its terms apart, when replay text is logged on its own or a KL to the base is added."""
+    if config.data.replay is None and not config.train.kl_to_base:
+        return None
+    return Objective(model, config.train.kl_to_base, config.train.kl_positions)
 
 
 def training_arguments(config: TrainConfig, has_eval: bool = False) -> TrainingArguments:
