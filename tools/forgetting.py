@@ -8,6 +8,7 @@ held-out answer perplexity as a Markdown table (see llava_lite/demo/forgetting.p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         kl_to_base=args.kl,
         seed=args.seed,
     )
-    results = run_forgetting(settings, log=lambda message: print(message, file=sys.stderr))
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer's progress lines; stdout is the table
+        results = run_forgetting(settings, log=print)
     print(table(results, settings))
     if args.plot:
         plot(results, Path(args.plot))

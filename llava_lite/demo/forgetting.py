@@ -67,7 +67,7 @@ def run_forgetting(settings: ForgettingSettings, log=print) -> list[Measured]:
     for number, method in enumerate(METHODS, 1):
         log(f"[2/3] stage 2, {method} ({number}/{len(METHODS)}): {settings.stage2_steps} steps")
         path = out / f"{method}.yaml"
-        path.write_text(yaml.safe_dump(stage2_recipe(method, base, files, settings), sort_keys=False), "utf-8")
+        write_lines_atomically(path, [yaml.safe_dump(stage2_recipe(method, base, files, settings), sort_keys=False)])
         run_training(load_train_config(path, ["resume=never"]))
     log("[3/3] measuring general-text and answer perplexity")
     results = measure(out, base, files, settings)
@@ -83,11 +83,14 @@ def write_data(folder: Path, settings: ForgettingSettings) -> dict[str, Path]:
                                                   {"from": "gpt", "value": row["reference"]}]}
         for row in map(json.loads, paths["eval"].read_text(encoding="utf-8").splitlines())
     ]  # fmt: skip
-    (folder / "held_out_questions.json").write_text(json.dumps(held_out), encoding="utf-8")
-    (folder / "corpus.txt").write_text(corpus.paragraphs(settings.corpus_paragraphs, settings.seed), "utf-8")
-    (folder / "held_out.txt").write_text(corpus.paragraphs(60, settings.seed + 1), "utf-8")
-    names = ("corpus", "held_out", "held_out_questions")
-    return {**paths, **{name: folder / f"{name}.{'json' if name.endswith('questions') else 'txt'}" for name in names}}
+    files = {
+        "held_out_questions": (folder / "held_out_questions.json", json.dumps(held_out)),
+        "corpus": (folder / "corpus.txt", corpus.paragraphs(settings.corpus_paragraphs, settings.seed)),
+        "held_out": (folder / "held_out.txt", corpus.paragraphs(60, settings.seed + 1)),
+    }
+    for path, text in files.values():
+        write_lines_atomically(path, [text])
+    return {**paths, **{name: path for name, (path, _) in files.items()}}
 
 
 def pretrain_base(folder: Path, text: str, settings: ForgettingSettings) -> Path:
