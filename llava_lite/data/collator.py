@@ -10,6 +10,8 @@ attention mask. transformers reads the restarts as sequence boundaries (`find_pa
 block-diagonal causal mask under sdpa and eager, variable-length kernels under flash attention), so no sample
 attends to another. Right padding needs no mask in training either: a causal token never attends to the
 padding after it, and each padding position (id 0) stands alone.
+
+A batch holding replay text (`llava_lite.data.replay`) also marks its tokens, `replay_tokens`, for the loss.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import torch
 
 from llava_lite.data.masking import IGNORE_INDEX
 
+REPLAY = "replay"  # sample key: a replay sample of general text (llava_lite.data.replay)
+REPLAY_TOKENS = "replay_tokens"  # batch key: which tokens are replay text; the trainer takes it off the batch
+
 
 @dataclass
 class Row:
@@ -29,6 +34,7 @@ class Row:
     position_ids: torch.Tensor
     pixel_values: list[torch.Tensor] = field(default_factory=list)  # one `[3, H, W]` tensor per image
     image_tokens: list[int] = field(default_factory=list)
+    replay: torch.Tensor | None = None  # per token: part of a replay sample
 
 
 @dataclass
@@ -51,6 +57,8 @@ class Collator:
         }
         if any("packed" in sample for sample in samples):
             batch.pop("attention_mask")  # the position ids' restarts are the boundaries
+        if any(row.replay is not None and row.replay.any() for row in rows):
+            batch[REPLAY_TOKENS] = torch.stack([self._pad(_replay_marks(r), length, False) for r in rows])
         images = [image for row in rows for image in row.pixel_values]
         if images:
             batch["pixel_values"] = stack_images(images)
@@ -74,6 +82,7 @@ def _row(sample: dict) -> Row:
         position_ids=torch.arange(len(sample["input_ids"])),
         pixel_values=list(sample.get("pixel_values") or []),
         image_tokens=list(sample.get("image_tokens") or []),
+        replay=torch.full(sample["input_ids"].shape, bool(sample.get(REPLAY)), dtype=torch.bool),
     )
 
 
@@ -90,7 +99,12 @@ def _packed_row(samples: list[dict]) -> Row:
         position_ids=torch.cat([p.position_ids for p in parts]),  # restarting at 0 for each sample
         pixel_values=[image for p in parts for image in p.pixel_values],
         image_tokens=[n for p in parts for n in p.image_tokens],
+        replay=torch.cat([p.replay for p in parts]),
     )
+
+
+def _replay_marks(row: Row) -> torch.Tensor:
+    return row.replay if row.replay is not None else torch.zeros(len(row.input_ids), dtype=torch.bool)
 
 
 def batch_to(batch: dict, device: torch.device | str) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 # The data files a source may name; any other path that does not exist may be a hub dataset's name.
-DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".csv")
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".csv", ".txt")
 
 
 @dataclass
@@ -23,6 +23,10 @@ class DataSource:
     columns: dict[str, str] = field(default_factory=dict)
     # Extra role names -> user | assistant | system, added to the usual ones (human, gpt, ...).
     roles: dict[str, str] = field(default_factory=dict)
+    # conversations: instruction records. text: general text replayed beside them (every token trained, no
+    # template; see `replay`) - a .txt file, a folder of .txt files, or any data `datasets` loads with a text column.
+    kind: Literal["conversations", "text"] = "conversations"
+    text_column: str = "text"
 
     def check_exists(self) -> None:
         """A path that can only be local (a data-file suffix, or starting with /, ./, ../, ~) must exist: a typo
@@ -30,6 +34,24 @@ class DataSource:
         local = Path(self.path).suffix.lower() in DATA_FILE_SUFFIXES or self.path.startswith(("/", "./", "../", "~"))
         if local and not Path(self.path).expanduser().exists():
             raise ValueError(f"{self.path}: no such data file or folder")
+
+
+@dataclass
+class ReplaySettings:
+    """How much general text (the `kind: text` sources) each epoch mixes in with the instruction records."""
+
+    # The replay share of an epoch: of its samples, or of its trained tokens. 0.2 with 800 instruction records
+    # and unit samples adds 200 text windows.
+    ratio: float
+    unit: Literal["samples", "tokens"] = "samples"
+    # Tokens per replay sample; default: data.max_length.
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ratio < 1:
+            raise ValueError(f"replay ratio must be in (0, 1), got {self.ratio}")
+        if self.window is not None and self.window < 2:
+            raise ValueError(f"replay window must hold at least 2 tokens, got {self.window}")
 
 
 @dataclass
@@ -53,7 +75,26 @@ class DataConfig:
     group_by_modality_length: bool = False
     # Shuffle the samples (or packed rows) each epoch; false keeps the data's order (a `data mix --curriculum`).
     shuffle: bool = True
+    # Replay of general text against forgetting; needs at least one `kind: text` source (and they need it).
+    replay: ReplaySettings | None = None
 
     def __post_init__(self) -> None:
         if self.packing and self.group_by_modality_length:
             raise ValueError("data: packing and group_by_modality_length exclude each other; choose one")
+        if self.replay is not None and (self.packing or self.group_by_modality_length):
+            raise ValueError("data.replay mixes its text by its own order: it cannot be packed or grouped (yet)")
+        texts = [s.path for s in self.sources if s.kind == "text"]
+        if texts and self.replay is None:
+            raise ValueError(f"text source {texts[0]} is replayed: set data.replay.ratio")
+        if self.replay is not None and not texts:
+            raise ValueError("data.replay needs a source with kind: text")
+        if self.sources and len(texts) == len(self.sources):
+            raise ValueError("data: replay text needs instruction data beside it (a source of kind conversations)")
+
+    @property
+    def instruction_sources(self) -> list[DataSource]:
+        return [s for s in self.sources if s.kind == "conversations"]
+
+    @property
+    def text_sources(self) -> list[DataSource]:
+        return [s for s in self.sources if s.kind == "text"]

@@ -88,12 +88,13 @@ class ConversationDataset(Dataset):
 
 
 def load_conversations(config: DataConfig) -> tuple[list[Conversation], Counter]:
-    """Every source's records, in order, and the records skipped while reading them, by reason."""
+    """Every instruction source's records, in order, and the records skipped while reading them, by reason.
+    Replay text (`kind: text` sources) is read by `llava_lite.data.replay`."""
     if not config.sources:
         raise ValueError("data: no sources given")
     conversations: list[Conversation] = []
     skipped: Counter = Counter()
-    for source in config.sources:
+    for source in config.instruction_sources:
         records, source_skipped = read_source(source, config.on_bad_record, config.check_images_exist)
         conversations.extend(records)
         skipped.update(source_skipped)

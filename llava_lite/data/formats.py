@@ -155,7 +155,7 @@ def iter_rows(source: DataSource) -> Iterator[tuple[str, Any]]:
         yield from _json_rows(path)
     else:
         source.check_exists()
-        dataset = _load_with_datasets(source)
+        dataset = load_with_datasets(source)
         for index, row in enumerate(dataset):
             yield f"{source.path} record {index}", row
 
@@ -210,7 +210,8 @@ def jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
             yield where, row
 
 
-def _load_with_datasets(source: DataSource):
+def load_with_datasets(source: DataSource):
+    """The rows of a source that `datasets` reads: a saved dataset folder, a parquet, arrow or csv file, a hub name."""
     import datasets
 
     path = Path(source.path)
@@ -220,7 +221,8 @@ def _load_with_datasets(source: DataSource):
     if path.is_file():
         builder = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}.get(path.suffix.lower())
         if builder is None:
-            raise BadRecordError(str(path), "malformed", f"cannot read data files of type {path.suffix!r}")
+            hint = " (plain text is replayed with kind: text)" if path.suffix.lower() == ".txt" else ""
+            raise BadRecordError(str(path), "malformed", f"cannot read data files of type {path.suffix!r}{hint}")
         return datasets.load_dataset(builder, data_files=str(path), split=source.split)
     if path.exists():
         raise BadRecordError(str(path), "malformed", "a folder that `datasets.save_to_disk` did not write")

@@ -50,7 +50,9 @@ class Perplexity:
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """Summed NLL of `labels[:, 1:]` under `logits[:, :-1]` (each position predicts the next), and the count."""
+    """Summed NLL of `labels[:, 1:]` under `logits[:, :-1]` (each position predicts the next), and the count.
+    Logits longer than the labels are those of a prompt-tuned LM, its virtual tokens first: they are left out."""
+    logits = logits[:, -labels.shape[1] :]
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
     if not scored.any():

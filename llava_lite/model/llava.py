@@ -35,6 +35,12 @@ from llava_lite.model.language_model import (
 )
 from llava_lite.model.loss import body_and_head, head_matches, trained_positions_loss
 from llava_lite.model.projector import Projector
+from llava_lite.model.prompt_learning import (
+    generate_with_virtual_tokens,
+    lm_position_ids,
+    prompt_learning_config,
+    virtual_tokens,
+)
 from llava_lite.model.saving import load_model, save_model
 from llava_lite.model.vision import VisionTower, build_vision_tower
 
@@ -128,8 +134,9 @@ class LlavaLiteModel(nn.Module):
 
     @property
     def context_length(self) -> int | None:
-        """The most positions the LM takes, when its config says."""
-        return getattr(self.base_language_model.config, "max_position_embeddings", None)
+        """The most positions the LM takes, when its config says (less any virtual tokens of prompt learning)."""
+        positions = getattr(self.base_language_model.config, "max_position_embeddings", None)
+        return positions - virtual_tokens(self.language_model) if positions else positions
 
     # ----- forward ---------------------------------------------------------------------------
     def train(self, mode: bool = True) -> LlavaLiteModel:
@@ -223,7 +230,7 @@ class LlavaLiteModel(nn.Module):
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            position_ids=position_ids,
+            position_ids=lm_position_ids(self.language_model, position_ids),
             labels=labels,
             **kwargs,
         )
@@ -255,6 +262,8 @@ class LlavaLiteModel(nn.Module):
     ) -> torch.Tensor:
         """Token ids of the answers only: the LM's own `generate` (KV cache, sampling, stopping) on our embeddings."""
         inputs_embeds = self.embed(input_ids, pixel_values, image_tokens, image_features)
+        if prompt_learning_config(self.language_model) is not None:  # peft's generate would drop the images
+            return generate_with_virtual_tokens(self.language_model, inputs_embeds, attention_mask, **kwargs)
         return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:

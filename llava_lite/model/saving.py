@@ -176,13 +176,19 @@ def _part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor
 def _base_state(peft_model, lm_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The base model's own weights out of a peft-wrapped state dict: adapter tensors dropped, names unwrapped.
 
-    Every peft tuner keeps its tensors under the adapter's name ("lora_A.default.weight") and moves the
-    wrapped layer to `base_layer` (or `original_module` for modules_to_save).
+    The base model sits at `base_model.model` under a tuner (LoRA, IA3 ...) and at `base_model` under prompt
+    learning, whose prompt encoder and word-embedding reference lie outside it. Every tuner keeps its tensors
+    under the adapter's name ("lora_A.default.weight") and moves the wrapped layer to `base_layer` (or
+    `original_module` for modules_to_save).
     """
+    base = peft_model.get_base_model()
+    prefix = next(name for name, module in peft_model.named_modules() if module is base) + "."
     adapters = list(peft_model.peft_config)
     state = {}
     for name, tensor in lm_state.items():
-        plain = name.removeprefix("base_model.model.")
+        if not name.startswith(prefix):
+            continue
+        plain = name.removeprefix(prefix)
         if any(f".{a}." in plain or plain.endswith(f".{a}") for a in adapters):
             continue
         state[plain.replace(".base_layer.", ".").replace(".original_module.", ".")] = tensor

@@ -17,7 +17,9 @@ from llava_lite.data.config import DataConfig
 from llava_lite.eval.config import EvalConfig
 
 Recipe = Literal["stage1", "stage2"]
-Method = Literal["none", "full", "lora", "qlora", "peft"]
+Method = Literal["none", "full", "lora", "qlora", "peft", "bitfit"]
+# Methods that train a small part of the LM: their default learning rate is 2e-4, the projector's 2e-5.
+PARAMETER_EFFICIENT = ("lora", "qlora", "peft", "bitfit")
 
 
 @dataclass
@@ -32,11 +34,14 @@ class LoraSettings:
 @dataclass
 class FinetuneConfig:
     # none: the LM stays frozen (stage 1); full: every LM weight; lora / qlora (4-bit base): adapters;
-    # peft: any other peft method, given as a peft config dict in `peft`.
+    # peft: any other peft method, given as a peft config dict in `peft` (prompt or prefix tuning, IA3, ...);
+    # bitfit: the LM's bias terms alone (an LM without biases is refused).
     method: Method | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
     peft: dict[str, Any] | None = None
     train_vision_tower: bool = False
+    # Stage 2 trains the projector beside the LM; false keeps the stage-1 projector as it is.
+    train_projector: bool = True
     # Train the embedding rows of tokens added for the chat template (adapters leave them at their mean start).
     train_new_token_rows: bool = True
 
@@ -47,8 +52,8 @@ class TrainingSettings:
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = 16  # per device
     gradient_accumulation: int = 1
-    learning_rate: float | None = None  # recipe default: 1e-3 (stage 1), 2e-5 (stage 2 full), 2e-4 (adapters)
-    projector_lr: float | None = None  # default: learning_rate; 2e-5 beside adapters (LLaVA-1.5's LoRA recipe)
+    learning_rate: float | None = None  # recipe default: 1e-3 (stage 1), 2e-5 (stage 2 full), 2e-4 (adapters, bitfit)
+    projector_lr: float | None = None  # default: learning_rate; 2e-5 beside adapters or bitfit (LLaVA-1.5's LoRA)
     vision_tower_lr: float | None = None  # default: learning_rate
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
@@ -61,6 +66,11 @@ class TrainingSettings:
     # The LM head and cross-entropy: only at trained positions, in chunks (chunked), or by liger-kernel's fused
     # kernel on a CUDA GPU (liger); or the LM's own head over every position (full).
     loss_kernel: Literal["chunked", "liger", "full"] = "chunked"
+    # BETA of BETA x KL(tuned || base), added to the loss at `kl_positions` (llava_lite.train.regularizers): the
+    # base is the LM with its adapters off (peft), or its starting weights kept beside it (full, bitfit).
+    kl_to_base: float = 0.0
+    # Where the KL is taken: the positions predicting assistant tokens, replay text, or both.
+    kl_positions: Literal["assistant", "replay", "both"] = "both"
     logging_steps: int = 10
     save_steps: int = 500
     save_total_limit: int | None = 2
@@ -72,6 +82,8 @@ class TrainingSettings:
         # transformers reads a warmup of 1 or more as a number of steps, so a ratio must stay below 1.
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.kl_to_base < 0:
+            raise ValueError(f"kl_to_base must be 0 or more, got {self.kl_to_base}")
 
 
 @dataclass
@@ -112,12 +124,21 @@ def resolved(config: TrainConfig) -> TrainConfig:
     """The config with every recipe default filled in, as it is saved beside each checkpoint."""
     finetune = config.finetune
     method = finetune.method or ("none" if config.recipe == "stage1" else "full")
-    adapters = method in ("lora", "qlora", "peft")
-    if config.recipe == "stage1" and method != "none":
-        raise ConfigError("recipe stage1 trains the projector alone: finetune.method must be none")
+    efficient = method in PARAMETER_EFFICIENT
     train = config.train
+    if config.recipe == "stage1":
+        if method != "none":
+            raise ConfigError("recipe stage1 trains the projector alone: finetune.method must be none")
+        if not finetune.train_projector:
+            raise ConfigError("recipe stage1 trains the projector: finetune.train_projector must be true")
+        if config.data.replay or train.kl_to_base:
+            raise ConfigError("replay and kl_to_base keep what the LM knew; stage 1 does not train the LM")
+    if config.eval_data is not None and config.eval_data.replay is not None:
+        raise ConfigError("eval_data: replay text is mixed into training data only")
+    if train.kl_to_base and train.kl_positions == "replay" and config.data.replay is None:
+        raise ConfigError("train.kl_positions replay needs replay text (data.replay and a kind: text source)")
     lr = train.learning_rate or {"none": 1e-3, "full": 2e-5}.get(method, 2e-4)
-    projector_lr = train.projector_lr or (2e-5 if adapters else lr)
+    projector_lr = train.projector_lr or (2e-5 if efficient else lr)
     return dataclasses.replace(
         config,
         data_template=config.data_template or ("plain" if config.recipe == "stage1" else None),

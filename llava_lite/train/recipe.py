@@ -7,6 +7,7 @@ import logging
 
 from transformers import PreTrainedTokenizerBase, set_seed
 
+from llava_lite.config_io import ConfigError
 from llava_lite.data.processor import Processor
 from llava_lite.data.templates import template_special_tokens
 from llava_lite.model.config import ModelConfig
@@ -37,12 +38,14 @@ def build_training_model(config: TrainConfig) -> LlavaLiteModel:
     model.add_template_tokens(data_template)
 
     model.requires_grad_(False)
-    model.projector.requires_grad_(True)
+    model.projector.requires_grad_(config.finetune.train_projector)
     if config.finetune.train_vision_tower:
         model.vision_tower.config = dataclasses.replace(model.vision_tower.config, frozen=False)
         model.vision_tower.requires_grad_(True)
     if method == "full":
         model.language_model.requires_grad_(True)
+    elif method == "bitfit":
+        _train_biases(model.language_model)
     elif method in ("lora", "qlora", "peft"):
         model.language_model = _with_adapters(model, config, _template_token_rows(model, config))
     model.loss_kernel = config.train.loss_kernel
@@ -77,6 +80,20 @@ def _template_token_rows(model: LlavaLiteModel, config: TrainConfig) -> list[int
         return []
     markers = template_special_tokens(chosen_templates(config, model.config.chat_template)[1], model.tokenizer)
     return sorted(model.tokenizer.convert_tokens_to_ids(t) for t in markers)
+
+
+def _train_biases(language_model) -> None:
+    """BitFit: every bias term of the LM trains, nothing else of it. The embedding rows of new template markers
+    stay at their mean start: they are no bias."""
+    biases = [p for name, p in language_model.named_parameters() if name.rsplit(".", 1)[-1] == "bias"]
+    if not biases:
+        kind = language_model.config.model_type
+        raise ConfigError(
+            f"finetune.method bitfit trains bias terms, but this language model ({kind}) has none: choose an LM "
+            "with biases (qwen2, gpt2, ...) or another method"
+        )
+    for bias in biases:
+        bias.requires_grad_(True)
 
 
 def _with_adapters(model: LlavaLiteModel, config: TrainConfig, new_rows: list[int]):

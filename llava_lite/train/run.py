@@ -16,9 +16,11 @@ from llava_lite.data.collator import Collator
 from llava_lite.data.dataset import ConversationDataset, load_conversations
 from llava_lite.data.packing import PackedDataset, PackingBudget
 from llava_lite.data.preflight import require_a_sample, require_records
+from llava_lite.data.replay import ReplayMix, read_replay_text, text_windows
 from llava_lite.eval.callback import EvaluationCallback
 from llava_lite.train.config import TrainConfig, resolved
 from llava_lite.train.recipe import build_training_model, training_processor
+from llava_lite.train.regularizers import Objective
 from llava_lite.train.resume import check_same_run, clear_earlier_run, finished_step
 from llava_lite.train.trainer import LlavaTrainer
 
@@ -42,12 +44,17 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
     eval_records, eval_skipped = load_conversations(config.eval_data) if config.eval_data else (None, None)
     if config.eval_data:
         require_records(config.eval_data, eval_records, eval_skipped, "eval_data")
+    replay_text = read_replay_text(config.data) if config.data.replay else None
 
     model = build_training_model(config)
     processor = training_processor(config, model.config, model.tokenizer)
     samples = ConversationDataset(train_records, processor, config.data.on_bad_record)
     require_a_sample(config.data, samples, skipped_at_load)
     train_dataset = training_dataset(config, samples)
+    if replay_text is not None:
+        replay = config.data.replay
+        windows = text_windows(model.tokenizer, replay_text, replay.window or config.data.max_length)
+        train_dataset = ReplayMix(train_dataset, windows, replay, config.seed)
     eval_dataset = None
     if eval_records is not None:
         eval_dataset = ConversationDataset(eval_records, processor, config.eval_data.on_bad_record)
@@ -69,6 +76,7 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
         },
         callbacks=callbacks,
         group_by_modality_length=config.data.group_by_modality_length,
+        objective=_objective(config, model),
     )
     if config.eval is not None:
         trainer.add_callback(EvaluationCallback(config.eval, trainer))
@@ -93,6 +101,13 @@ def training_dataset(config: TrainConfig, samples: ConversationDataset) -> Conve
         return samples
     budget = PackingBudget(data.pack_length or data.max_length, data.pack_images)
     return PackedDataset(samples, budget, data.pack_window, config.seed)
+
+
+def _objective(config: TrainConfig, model) -> Objective | None:
+    """The loss with its terms apart, when replay text is logged on its own or a KL to the base is added."""
+    if config.data.replay is None and not config.train.kl_to_base:
+        return None
+    return Objective(model, config.train.kl_to_base, config.train.kl_positions)
 
 
 def training_arguments(config: TrainConfig, has_eval: bool = False) -> TrainingArguments:

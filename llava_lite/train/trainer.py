@@ -1,6 +1,7 @@
-"""transformers' Trainer, taught five things: our parameter groups, our folder format, atomic checkpoints,
-batches grouped by modality and length when asked, and logging skipped records. The loop itself (mixed
-precision, accumulation, schedulers, DDP/FSDP/DeepSpeed, logging, resume) is the Trainer's own.
+"""transformers' Trainer, taught six things: our parameter groups, our folder format, atomic checkpoints,
+batches grouped by modality and length when asked, logging skipped records, and the replay and KL-to-base terms
+of the loss (`llava_lite.train.regularizers`). The loop itself (mixed precision, accumulation, schedulers,
+DDP/FSDP/DeepSpeed, logging, resume) is the Trainer's own.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import yaml
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from llava_lite.data.collator import REPLAY_TOKENS
 from llava_lite.data.sampler import ModalityLengthSampler
 from llava_lite.model.saving import load_trained_weights
+from llava_lite.train.regularizers import Objective
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +33,14 @@ class LlavaTrainer(Trainer):
         run_config: dict,
         group_learning_rates: dict[str, float],
         group_by_modality_length: bool = False,
+        objective: Objective | None = None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.run_config = run_config
         self.group_learning_rates = group_learning_rates
         self.group_by_modality_length = group_by_modality_length
+        self.objective = objective
         self._staging = False
 
     # ----- optimizer: the projector (and tower) learn at their own rates -----------------------------------
@@ -73,13 +78,28 @@ class LlavaTrainer(Trainer):
         group = self.args.per_device_train_batch_size * self.args.world_size
         return ModalityLengthSampler(lengths, images, group, seed=self.args.seed)
 
-    # ----- records skipped while the dataset built samples, in the logs (every rank logs at the same steps) --------
+    # ----- replay and KL-to-base: the loss with its terms apart (evaluation keeps the model's own loss) -----------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        replay_tokens = inputs.pop(REPLAY_TOKENS, None)
+        if self.objective is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        unwrapped = self.accelerator.unwrap_model(model)
+        with self.accelerator.autocast():  # the LM head runs outside the model's (autocast) forward
+            loss = self.objective(model, unwrapped, inputs, replay_tokens, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # As the Trainer's own loss: the token count covers every process and DDP averages the gradients.
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return (loss, None) if return_outputs else loss
+
+    # ----- skipped records and the loss terms in the logs (every rank logs at the same steps) ---------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         skips = getattr(self.train_dataset, "skips", None)
         if skips is not None and "loss" in logs:
             skipped = sum(skips.counts_across_processes().values())
             if skipped:
                 logs["skipped_records"] = float(skipped)
+        if self.objective is not None and "loss" in logs:
+            logs.update(self.objective.take_logs(lambda sums: self.accelerator.reduce(sums, reduction="sum")))
         super().log(logs, start_time)
 
     # ----- our folder format, with the resolved config beside every save ---------------------------------

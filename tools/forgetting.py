@@ -1,0 +1,47 @@
+"""Forgetting, measured on tiny models: a small LM pretrained on general text, then stage 2 plainly, with replay of
+that text, and with a KL to the base; prints each run's general-text perplexity ratio (tuned / base) and its
+held-out answer perplexity as a Markdown table (see llava_lite/demo/forgetting.py).
+
+    python tools/forgetting.py [--out runs/forgetting] [--plot forgetting.png] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
+from llava_lite.demo.forgetting import ForgettingSettings, plot, run_forgetting, table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/forgetting", help="folder for the data, runs and results")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="also draw the ratios and perplexities")
+    parser.add_argument("--pretrain-steps", type=int, default=400, help="steps of pretraining on text (400)")
+    parser.add_argument("--stage2-steps", type=int, default=60, help="steps of each stage-2 run (60)")
+    parser.add_argument("--replay-ratio", type=float, default=0.5, help="replayed share of the samples (0.5)")
+    parser.add_argument("--kl", type=float, default=1.0, help="BETA of the KL to the base (1.0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the data and every run (0)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    settings = ForgettingSettings(
+        Path(args.out),
+        pretrain_steps=args.pretrain_steps,
+        stage2_steps=args.stage2_steps,
+        replay_ratio=args.replay_ratio,
+        kl_to_base=args.kl,
+        seed=args.seed,
+    )
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer's progress lines; stdout is the table
+        results = run_forgetting(settings, log=print)
+    print(table(results, settings))
+    if args.plot:
+        plot(results, Path(args.plot))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
