@@ -1,0 +1,190 @@
+"""LLaVA-NeXT's AnyRes layout: grid choice, views, unpadding and token counts as transformers' LlavaNext processor
+makes them; counts known from a file's header; a batch of differently sized images (and text) trains with every
+image's features in its own slots; truncation never splits an image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import processor_for, text_conversation
+from PIL import Image, ImageFile
+from transformers import LlavaNextProcessor
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+from llava_lite.data.collator import Collator
+from llava_lite.data.conversation import Conversation, Message
+from llava_lite.model.llava import LlavaLiteModel
+from llava_lite.model.presets import preset
+from llava_lite.model.processing import build_processor
+
+# (height, width): square, wide, tall, extreme both ways, odd sizes, smaller and larger than every pinpoint.
+SIZES = [(32, 32), (30, 100), (100, 30), (20, 500), (500, 20), (337, 201), (97, 33), (8, 8), (64, 64), (3, 1000)]
+CUSTOM_PINPOINTS = [[32, 32], [32, 128], [96, 64], [64, 96], [128, 128]]
+LLAVA_NEXT_PINPOINTS_AT_32 = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
+
+
+def anyres_config(preset_name: str = "tiny-hf-clip", pinpoints=None, **overrides):
+    tower = {"image_layout": "anyres", **({"grid_pinpoints": pinpoints} if pinpoints else {})}
+    return preset(preset_name, vision_tower=tower, **overrides)
+
+
+@pytest.fixture(scope="module")
+def anyres_model() -> LlavaLiteModel:
+    torch.manual_seed(0)
+    return LlavaLiteModel.from_config(anyres_config())
+
+
+def transformers_processor(tokenizer, pinpoints) -> LlavaNextProcessor:
+    """LlavaNext's processor for the tiny CLIP tower (32-pixel input, 8-pixel patches, CLS dropped)."""
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
+def picture(height: int, width: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("pinpoints", [None, CUSTOM_PINPOINTS], ids=["llava-next-default", "custom"])
+def test_views_and_token_counts_equal_transformers_llava_next(anyres_model, pinpoints):
+    config = anyres_config(pinpoints=pinpoints)
+    ours = build_processor(config, anyres_model.tokenizer)
+    theirs = transformers_processor(anyres_model.tokenizer, pinpoints or LLAVA_NEXT_PINPOINTS_AT_32)
+    for height, width in SIZES:
+        image = picture(height, width)
+        expected = theirs(images=image, text="<image>", return_tensors="pt")
+        slots = int((expected["input_ids"] == anyres_model.image_token_id).sum())
+        assert ours.geometry.tokens_for(image) == slots, (height, width)
+        views = ours.geometry.preprocessor(image)
+        assert views.shape == expected["pixel_values"][0].shape, (height, width)  # grid choice and tile count
+        assert torch.allclose(views, expected["pixel_values"][0], atol=1e-5), (height, width)
+
+
+def test_the_default_pinpoints_are_llava_nexts_in_tiles_of_the_tower():
+    from llava_lite.model.image_layout import image_geometry
+
+    geometry = image_geometry(preset("tiny-hf-clip", vision_tower={"image_layout": "anyres"}))
+    assert [list(p) for p in geometry.anyres.pinpoints] == LLAVA_NEXT_PINPOINTS_AT_32
+    at_336 = [[336 * height // 32, 336 * width // 32] for height, width in LLAVA_NEXT_PINPOINTS_AT_32]
+    assert LlavaNextImageProcessorPil.image_grid_pinpoints == at_336
+
+
+def test_an_image_is_counted_from_its_header_without_decoding_its_pixels(anyres_model, tmp_path, monkeypatch):
+    picture(100, 30).save(tmp_path / "tall.png")
+    expected = processor_for(anyres_model).geometry.tokens_for(picture(100, 30))
+
+    def refuse(self):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+    conversation = Conversation(
+        [Message("user", "<image>\nWhat?"), Message("assistant", "A picture.")], [str(tmp_path / "tall.png")]
+    )
+    encoded = processor_for(anyres_model).encode(conversation)
+    assert encoded.image_tokens == [expected] and expected != processor_for(anyres_model).geometry.tokens_per_image
+
+
+def test_an_unreadable_image_header_is_a_named_bad_record(anyres_model, tmp_path):
+    from llava_lite.data.errors import BadRecordError
+
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    conversation = Conversation(
+        [Message("user", "<image>\nWhat?"), Message("assistant", "A picture.")],
+        [str(tmp_path / "broken.png")],
+        source="rec 7",
+    )
+    with pytest.raises(BadRecordError, match="rec 7: image .*broken.png cannot be read") as err:
+        processor_for(anyres_model).encode(conversation)
+    assert err.value.reason == "corrupt_image"
+
+
+def two_image_record(folder) -> Conversation:
+    picture(30, 100, seed=1).save(folder / "wide.png")
+    picture(100, 30, seed=2).save(folder / "tall.png")
+    return Conversation(
+        [Message("user", "<image>\n<image>\nCompare."), Message("assistant", "One is wide, one is tall.")],
+        [str(folder / "wide.png"), str(folder / "tall.png")],
+        source="two shapes",
+    )
+
+
+def square_record(folder) -> Conversation:
+    picture(64, 64, seed=3).save(folder / "square.png")
+    return Conversation(
+        [Message("user", "<image>\nWhat?"), Message("assistant", "Noise.")], [str(folder / "square.png")], "square"
+    )
+
+
+def test_a_batch_of_differently_sized_images_and_text_trains_each_image_in_its_own_slots(anyres_model, tmp_path):
+    processor = processor_for(anyres_model)
+    samples = [processor.sample(c) for c in (two_image_record(tmp_path), text_conversation(), square_record(tmp_path))]
+    batch = Collator(anyres_model.tokenizer.pad_token_id)(samples)
+    assert isinstance(batch["pixel_values"], list)
+    assert [p.shape[0] for p in batch["pixel_values"]] == [4, 4, 5]  # 1x3, 3x1 and 2x2 tiles plus the whole view
+    assert batch["image_sizes"].tolist() == [[30, 100], [100, 30], [64, 64]]
+    counts = batch["image_tokens"].tolist()
+    assert len(set(counts)) == 3
+
+    anyres_model.train()
+    anyres_model.zero_grad()
+    loss = anyres_model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert anyres_model.projector.linear_1.weight.grad.abs().sum() > 0
+    assert anyres_model.projector.image_newline.grad.abs().sum() > 0
+
+    with torch.no_grad():
+        embeds = anyres_model.embed(
+            batch["input_ids"], batch["pixel_values"], batch["image_tokens"], image_sizes=batch["image_sizes"]
+        )
+        alone = [
+            anyres_model.project(anyres_model.image_features([pixels]), size[None])
+            for pixels, size in zip(batch["pixel_values"], batch["image_sizes"])
+        ]
+    slots = (batch["input_ids"] == anyres_model.image_token_id).nonzero().tolist()
+    expected = torch.cat(alone)
+    assert [len(a) for a in alone] == counts and len(slots) == sum(counts)
+    got = torch.stack([embeds[row, column] for row, column in slots])
+    assert torch.allclose(got, expected, atol=1e-5)
+    newline = anyres_model.projector.image_newline
+    assert int(torch.isclose(expected, newline, atol=1e-6).all(dim=1).sum()) > 0  # row ends carry the newline
+
+
+def test_truncation_keeps_anyres_images_whole(anyres_model, tmp_path):
+    images = two_image_record(tmp_path).images
+    conversation = Conversation(
+        [
+            Message("user", "<image>\nWhat shape?"),
+            Message("assistant", "Wide."),
+            Message("user", "<image>\nAnd this one?"),
+            Message("assistant", "Tall."),
+        ],
+        images,
+        source="two turns",
+    )
+    full = processor_for(anyres_model).encode(conversation)
+    slots = np.flatnonzero(full.input_ids == anyres_model.image_token_id)
+    first = full.image_tokens[0]
+    inside_second = int(slots[first]) + 3
+    cut = processor_for(anyres_model, max_length=inside_second).encode(conversation)
+    assert cut.image_tokens == [first] and cut.images == conversation.images[:1]
+    assert int((cut.input_ids == anyres_model.image_token_id).sum()) == first
+
+
+def test_anyres_refuses_what_it_cannot_arrange():
+    from llava_lite.model.image_layout import image_geometry
+
+    with pytest.raises(ValueError, match="needs vision_tower.cls_token: drop"):
+        image_geometry(preset("tiny-hf-clip", vision_tower={"image_layout": "anyres", "cls_token": "keep"}))
+    with pytest.raises(ValueError, match="grid pinpoint 32x40 is not a whole number"):
+        image_geometry(anyres_config(pinpoints=[[32, 40]]))
+    with pytest.raises(ValueError, match="image_aspect pad does not apply"):
+        preset("tiny", vision_tower={"image_layout": "anyres", "image_aspect": "pad"})
