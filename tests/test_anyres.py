@@ -188,3 +188,72 @@ def test_anyres_refuses_what_it_cannot_arrange():
         image_geometry(anyres_config(pinpoints=[[32, 40]]))
     with pytest.raises(ValueError, match="image_aspect pad does not apply"):
         preset("tiny", vision_tower={"image_layout": "anyres", "image_aspect": "pad"})
+
+
+def data_uri(image: Image.Image) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_request(image: Image.Image):
+    from llava_lite.serve.schemas import ChatCompletionRequest
+
+    content = [{"type": "image_url", "image_url": {"url": data_uri(image)}}, {"type": "text", "text": "What?"}]
+    return ChatCompletionRequest.model_validate(
+        {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": content}]}
+    )
+
+
+def test_the_server_refuses_an_image_over_its_token_limit_before_decoding_it(anyres_model, monkeypatch):
+    import asyncio
+
+    from llava_lite.inference.generator import Generator, SamplingSettings
+    from llava_lite.serve.config import ServeConfig
+    from llava_lite.serve.errors import ApiError
+    from llava_lite.serve.prompts import PromptBuilder
+
+    generator = Generator(anyres_model)
+    square, wide = picture(64, 64), picture(30, 100)
+    counts = [generator.processor.geometry.tokens_for(image) for image in (square, wide)]
+    assert counts[1] < counts[0]
+    builder = PromptBuilder(generator, ServeConfig(model_name="m", max_image_tokens=counts[1]))
+    prompt = asyncio.run(builder.build(image_request(wide)))
+    assert prompt.encoded.image_tokens == [counts[1]] and prompt.images[0].size == (100, 30)
+    assert generator.complete([prompt.encoded], [prompt.images], SamplingSettings(max_new_tokens=2))[0].text is not None
+
+    def refuse(self):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+    with pytest.raises(ApiError) as err:
+        asyncio.run(builder.build(image_request(square)))
+    assert err.value.code == "image_too_many_tokens" and err.value.status == 400
+    assert f"takes {counts[0]} tokens" in err.value.message and err.value.param.endswith("image_url")
+
+
+def test_inspect_data_shows_each_images_tokens_under_anyres(tmp_path, capsys, monkeypatch):
+    from conftest import fixture_path
+
+    from llava_lite.cli import main
+    from llava_lite.model.vision import VisionTower
+
+    def no_tower(self, config):
+        raise AssertionError("inspect-data built the vision tower")
+
+    monkeypatch.setattr(VisionTower, "__init__", no_tower)
+    recipe = tmp_path / "r.yaml"
+    data = fixture_path("data", "mllm_demo", "mllm_demo.json")
+    recipe.write_text(
+        f"recipe: stage2\noutput_dir: {tmp_path / 'run'}\n"
+        "model:\n  preset: tiny\n  vision_tower:\n    image_layout: anyres\n"
+        f"data:\n  sources:\n    - path: {data}\n"
+    )
+    assert main(["inspect-data", str(recipe), "--samples", "3", "--color", "never", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "anyres: tokens per image from its size (16 for the whole view, tiles on 32x64, 64x32" in out
+    assert "tokens per image: min " in out
+    assert " per image), " in out  # a sample with several images lists each one's count
