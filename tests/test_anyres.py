@@ -257,3 +257,44 @@ def test_inspect_data_shows_each_images_tokens_under_anyres(tmp_path, capsys, mo
     assert "anyres: tokens per image from its size (16 for the whole view, tiles on 32x64, 64x32" in out
     assert "tokens per image: min " in out
     assert " per image), " in out  # a sample with several images lists each one's count
+
+
+def test_both_stages_train_an_anyres_model_packed_and_it_reloads(tmp_path):
+
+    from llava_lite.config_io import from_dict
+    from llava_lite.demo import shapes
+    from llava_lite.train.config import TrainConfig
+    from llava_lite.train.run import run_training
+
+    data = shapes.build_dataset(tmp_path / "shapes", 12, 2, 4, seed=0)
+    model = {"preset": "tiny", "vision_tower": {"image_layout": "anyres"}, "projector": {"pixel_shuffle": 2}}
+    quiet = {"report_to": "none", "logging_steps": 1, "save_steps": 1000, "max_steps": 2, "batch_size": 4}
+    stage1 = {
+        "recipe": "stage1",
+        "model": model,
+        "output_dir": str(tmp_path / "stage1"),
+        "data": {"sources": [{"path": str(data["captions"]), "image_folder": str(data["images"])}], "max_length": 96},
+        "train": {**quiet, "learning_rate": 1e-2},
+    }
+    first = run_training(from_dict(TrainConfig, stage1))
+    after_stage1 = LlavaLiteModel.from_pretrained(first)
+    assert not torch.equal(
+        after_stage1.projector.image_newline, LlavaLiteModel.from_config(preset("tiny")).projector.linear_1.bias[:0]
+    )
+    stage2 = {
+        "recipe": "stage2",
+        "init_from": str(first),
+        "output_dir": str(tmp_path / "stage2"),
+        "data": {
+            "sources": [
+                {"path": str(data["questions"]), "image_folder": str(data["images"])},
+                {"path": str(data["text"])},
+            ],
+            "max_length": 160,
+            "packing": True,
+        },
+        "train": {**quiet, "learning_rate": 1e-3},
+    }
+    second = LlavaLiteModel.from_pretrained(run_training(from_dict(TrainConfig, stage2)))
+    assert second.anyres is not None and second.projector.pixel_shuffle == 2
+    assert not torch.equal(second.projector.image_newline, after_stage1.projector.image_newline)
