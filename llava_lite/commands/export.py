@@ -10,11 +10,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export",
         help="write a run in transformers' Llava format, or merge its LoRA adapters",
         description=(
-            "--format hf writes a folder that transformers' LlavaForConditionalGeneration and AutoProcessor load "
-            "with no custom code (and so vLLM, SGLang and TGI): config, safetensors weights, tokenizer with <image> "
-            "and the chat template, image processor. The tower must be a transformers CLIP or SigLIP model or an "
-            "OpenAI-style open_clip ViT (converted to CLIP), the projector linear or mlp2x_gelu; adapters are "
-            "merged first. --format merged writes a llava_lite run folder with LoRA adapters merged into the LM "
+            "--format hf writes a folder that transformers' LlavaForConditionalGeneration (LlavaNext for an anyres "
+            "run) and AutoProcessor load with no custom code (and so vLLM, SGLang and TGI): config, safetensors "
+            "weights, tokenizer with <image> and the chat template, image processor. The tower must be a "
+            "transformers CLIP or SigLIP model or an OpenAI-style open_clip ViT (converted to CLIP), the projector "
+            "linear or mlp2x_gelu with no pixel shuffle; adapters are merged first. --format merged writes a "
+            "llava_lite run folder with LoRA adapters merged into the LM "
             "weights. The output appears whole or not at all."
         ),
     )

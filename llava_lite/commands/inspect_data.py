@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         conversation, encoded = good[number]
         print(
             f"--- {conversation.source} | {len(encoded.images)} image(s) | {len(encoded.input_ids)} tokens, "
-            f"{sum(encoded.image_tokens)} image tokens, {encoded.num_trained_tokens} trained"
+            f"{sum(encoded.image_tokens)} image tokens{_per_image(encoded.image_tokens)}, "
+            f"{encoded.num_trained_tokens} trained"
         )
         print(
             mark_trained(
@@ -145,10 +146,14 @@ def _print_summary(read, considered, good, skipped, processor) -> None:
     import numpy as np
 
     template = processor.template
-    print(
-        f"template: {template.name} (end of turn {template.end_of_turn!r}); "
-        f"{processor.geometry.tokens_per_image} tokens per image"
+    geometry = processor.geometry
+    per_image = (
+        f"{geometry.tokens_per_image} tokens per image"
+        if geometry.anyres is None
+        else f"anyres: tokens per image from its size ({geometry.tokens_per_image} for the whole view, tiles on "
+        f"{', '.join(f'{h}x{w}' for h, w in geometry.anyres.pinpoints)})"
     )
+    print(f"template: {template.name} (end of turn {template.end_of_turn!r}); {per_image}")
     reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items())) or "none"
     print(f"records: {read} read, {considered} considered, {len(good)} usable; skipped: {reasons}")
     if not good:
@@ -163,3 +168,10 @@ def _print_summary(read, considered, good, skipped, processor) -> None:
         f"images: {sum(len(e.images) for e in good)} in all ({sum(sum(e.image_tokens) for e in good)} image tokens); "
         f"samples by image count: {dict(sorted(images.items()))}"
     )
+    counts = [n for encoded in good for n in encoded.image_tokens]
+    if counts and len(set(counts)) > 1:
+        print(f"tokens per image: min {min(counts)}, median {np.median(counts):.0f}, max {max(counts)}")
+
+
+def _per_image(counts: list[int]) -> str:
+    return f" ({', '.join(map(str, counts))} per image)" if len(counts) > 1 else ""

@@ -17,6 +17,7 @@ IMAGE_LIMITS = [
     ("max_images", "images per request"),
     ("max_image_bytes", "bytes per image"),
     ("max_image_pixels", "width x height per image"),
+    ("max_image_tokens", "prompt tokens per image (anyres: from its size, before it is decoded)"),
 ]
 REQUEST_LIMITS = [
     ("max_body_bytes", "request body size"),

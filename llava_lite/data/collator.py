@@ -3,7 +3,8 @@
 A batch is built in two steps: samples are first grouped into rows (`rows`: one sample per row, or the samples
 of a packed item one after another in a row), then rows are padded. Images are listed in row-major token
 order, which is the order in which the model scatters their features into the image-token slots;
-`image_tokens` says how many slots each one fills.
+`image_tokens` says how many slots each one fills, `image_sizes` each one's (height, width) before any resizing
+(AnyRes unpads by it). An AnyRes image is its views, `[views, 3, H, W]`.
 
 Packed rows keep their samples apart by position ids alone: each sample's restart at 0, and the batch has no
 attention mask. transformers reads the restarts as sequence boundaries (`find_packed_sequence_indices`: a
@@ -32,9 +33,10 @@ class Row:
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor
-    pixel_values: list[torch.Tensor] = field(default_factory=list)  # one `[3, H, W]` tensor per image
+    pixel_values: list[torch.Tensor] = field(default_factory=list)  # per image `[3, H, W]` (AnyRes `[views, 3, H, W]`)
     image_tokens: list[int] = field(default_factory=list)
     replay: torch.Tensor | None = None  # per token: part of a replay sample
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -63,6 +65,9 @@ class Collator:
         if images:
             batch["pixel_values"] = stack_images(images)
             batch["image_tokens"] = torch.tensor([n for row in rows for n in row.image_tokens])
+            sizes = [size for row in rows for size in row.image_sizes]
+            if len(sizes) == len(images):  # samples made by hand may leave the sizes out
+                batch["image_sizes"] = torch.tensor(sizes, dtype=torch.long).view(-1, 2)
         return batch
 
     def rows(self, samples: list[dict]) -> list[Row]:
@@ -83,6 +88,7 @@ def _row(sample: dict) -> Row:
         pixel_values=list(sample.get("pixel_values") or []),
         image_tokens=list(sample.get("image_tokens") or []),
         replay=torch.full(sample["input_ids"].shape, bool(sample.get(REPLAY)), dtype=torch.bool),
+        image_sizes=[tuple(size) for size in sample.get("image_sizes") or []],
     )
 
 
@@ -100,6 +106,7 @@ def _packed_row(samples: list[dict]) -> Row:
         pixel_values=[image for p in parts for image in p.pixel_values],
         image_tokens=[n for p in parts for n in p.image_tokens],
         replay=torch.cat([p.replay for p in parts]),
+        image_sizes=[size for p in parts for size in p.image_sizes],
     )
 
 
@@ -113,7 +120,7 @@ def batch_to(batch: dict, device: torch.device | str) -> dict:
 
 
 def stack_images(images: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-    """One `[images, 3, H, W]` tensor when every image has the same shape; else the list, in order."""
+    """One `[images, ...]` tensor when every image has the same shape; else the list, in order."""
     if all(image.shape == images[0].shape for image in images):
         return torch.stack(images)
     return list(images)

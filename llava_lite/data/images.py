@@ -1,15 +1,20 @@
-"""Images: resolved inside their folder, loaded as RGB, optionally padded to a square, then the tower's transform."""
+"""Images: resolved inside their folder, sized from their header, loaded as RGB, optionally padded to a square or
+cut into AnyRes views, then the tower's transform."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from llava_lite.data.errors import BadRecordError
+
+if TYPE_CHECKING:
+    from llava_lite.data.anyres import AnyRes
 
 
 def resolve_image_path(folder: str | Path, relative: str, source: str = "record") -> Path:
@@ -32,6 +37,19 @@ def load_image(path: str | Path, source: str = "record") -> Image.Image:
         raise BadRecordError(source, "corrupt_image", f"image {path} cannot be read ({err})") from None
 
 
+def image_size_of(image: str | Path | Image.Image, source: str = "record") -> tuple[int, int]:
+    """(height, width) of a picture, or of an image file from its header alone (PIL opens lazily)."""
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    try:
+        with Image.open(image) as opened:
+            return opened.height, opened.width
+    except FileNotFoundError:
+        raise BadRecordError(source, "missing_image", f"image {image} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise BadRecordError(source, "corrupt_image", f"image {image} cannot be read ({err})") from None
+
+
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
     """Pad the shorter side equally on both ends with `fill`, keeping the whole image (LLaVA-1.5's `pad`)."""
     width, height = image.size
@@ -45,18 +63,24 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
 
 @dataclass
 class ImagePreprocessor:
-    """PIL image to the tower's `[3, H, W]` tensor; padding first when the model was set up for it."""
+    """PIL image to the tower's `[3, H, W]` tensor, padding first when the model was set up for it; under AnyRes,
+    its views as `[views, 3, H, W]`."""
 
     transform: Callable[[Image.Image], torch.Tensor]
     pad_to_square: bool = False
     fill: tuple[int, int, int] = (0, 0, 0)
+    anyres: AnyRes | None = None
 
     @classmethod
-    def for_mean(cls, transform, pad_to_square: bool, mean: tuple[float, float, float]) -> ImagePreprocessor:
+    def for_mean(
+        cls, transform, pad_to_square: bool, mean: tuple[float, float, float], anyres: AnyRes | None = None
+    ) -> ImagePreprocessor:
         # Truncated, not rounded: LLaVA-1.5 and transformers' LlavaImageProcessor fill with int(255 * mean).
-        return cls(transform, pad_to_square, tuple(int(255 * m) for m in mean))
+        return cls(transform, pad_to_square, tuple(int(255 * m) for m in mean), anyres)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        if self.anyres is not None:
+            return torch.stack([self.transform(view) for view in self.anyres.views(image)])
         if self.pad_to_square:
             image = expand_to_square(image, self.fill)
         return self.transform(image)

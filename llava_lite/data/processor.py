@@ -83,7 +83,10 @@ class Processor:
                 f"the rendered text holds {image_slots} image tokens for {placeholders} placeholder(s)",
             )
         images = list(conversation.images)
-        image_tokens = [self.geometry.tokens_for(image) for image in images]
+        try:
+            image_tokens = [self.geometry.tokens_for(image) for image in images]
+        except BadRecordError as err:  # an image whose header cannot be read, named after this record
+            raise BadRecordError(source, err.reason, err.detail) from None
         tokens = expand_image_tokens(tokens, self.image_token_id, image_tokens)
         if self.max_length is not None and len(tokens.input_ids) > self.max_length:
             if self.overflow == "drop":
@@ -98,20 +101,28 @@ class Processor:
         return encoded
 
     def pixel_values(self, images: list[ImageInput], source: str = "record") -> list[torch.Tensor]:
-        """Each image as the tower's `[3, H, W]` input; paths are loaded here (BadRecordError when they cannot be)."""
+        """Each image as the tower's `[3, H, W]` input (AnyRes: its views, `[views, 3, H, W]`); paths are loaded
+        here (BadRecordError when they cannot be)."""
         preprocess = self.geometry.preprocessor
-        return [preprocess(image if isinstance(image, Image.Image) else load_image(image, source)) for image in images]
+        return [preprocess(image) for image in self._load(images, source)]
+
+    def _load(self, images: list[ImageInput], source: str) -> list[Image.Image]:
+        return [image if isinstance(image, Image.Image) else load_image(image, source) for image in images]
 
     def sample(self, conversation: Conversation, add_generation_prompt: bool = False) -> dict:
-        """A model input for one conversation: `input_ids`, `labels`, and per image its `pixel_values` and
-        `image_tokens` (empty lists for a text-only sample)."""
+        """A model input for one conversation: `input_ids`, `labels`, and per image its `pixel_values`,
+        `image_tokens` and `image_sizes` ((height, width), which AnyRes unpads by) - empty lists for a
+        text-only sample."""
         encoded = self.encode(conversation, add_generation_prompt)
         return self.sample_from(encoded, conversation.source)
 
     def sample_from(self, encoded: EncodedConversation, source: str = "record") -> dict:
+        pictures = self._load(encoded.images, source)
+        preprocess = self.geometry.preprocessor
         return {
             "input_ids": torch.from_numpy(encoded.input_ids),
             "labels": torch.from_numpy(encoded.labels),
-            "pixel_values": self.pixel_values(encoded.images, source),
+            "pixel_values": [preprocess(picture) for picture in pictures],
             "image_tokens": list(encoded.image_tokens),
+            "image_sizes": [(picture.height, picture.width) for picture in pictures],
         }

@@ -13,6 +13,9 @@ What maps, and how:
   folder has the layout the installed transformers writes and reads.
 - tokenizer with `<image>`, our chat template as Jinja, the image processor, and a `LlavaProcessor` that
   expands each `<image>` to as many tokens as the tower gives.
+- the AnyRes layout is transformers' LlavaNext: `LlavaNextForConditionalGeneration` with our `grid_pinpoints` as
+  `image_grid_pinpoints` and the projector's newline as `image_newline`, a `LlavaNextImageProcessor` and a
+  `LlavaNextProcessor`. A pixel shuffle has no equivalent in either and is refused.
 """
 
 from __future__ import annotations
@@ -22,18 +25,28 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import (
+    GenerationConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
+    LlavaProcessor,
+)
 
 from llava_lite.data.templates import ChatTemplate, get_template
 from llava_lite.inference.generator import stop_token_ids
 from llava_lite.interop.chat_template import jinja_chat_template
 from llava_lite.interop.folders import replace_folder_atomically
-from llava_lite.interop.image_processor import export_image_processor
+from llava_lite.interop.image_processor import export_image_processor, open_clip_settings
 from llava_lite.interop.merge import merge_adapters
 from llava_lite.interop.open_clip_to_hf import NotConvertible, clip_vision_config, clip_vision_state_dict
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.projector import Projector
 from llava_lite.model.saving import keep_legacy_flag
+from llava_lite.model.vision.hf_tower import processor_settings
 
 logger = logging.getLogger(__name__)
 
@@ -54,37 +67,51 @@ def export_hf_llava(
     return replace_folder_atomically(out, write, overwrite)
 
 
-def _assemble_for_saving(model: LlavaLiteModel, dtype: torch.dtype | None = None) -> LlavaForConditionalGeneration:
-    """A `LlavaForConditionalGeneration` holding `model`'s weights (shared, not copied, where dtypes allow), to be
-    saved: it is built on the meta device, so nothing is initialised only to be overwritten, and its non-persistent
-    buffers (rotary frequencies, position ids) stay there - transformers rebuilds them when the folder is loaded.
-    `model`'s adapters are merged first."""
+def _assemble_for_saving(model: LlavaLiteModel, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A `LlavaForConditionalGeneration` (`LlavaNextForConditionalGeneration` under AnyRes) holding `model`'s
+    weights (shared, not copied, where dtypes allow), to be saved: it is built on the meta device, so nothing is
+    initialised only to be overwritten, and its non-persistent buffers (rotary frequencies, position ids) stay
+    there - transformers rebuilds them when the folder is loaded. `model`'s adapters are merged first."""
+    if model.projector.pixel_shuffle > 1:
+        raise NotConvertible(
+            "transformers' Llava and LlavaNext have no pixel shuffle before the projector; "
+            "a run with projector.pixel_shuffle > 1 does not export"
+        )
     model = merge_adapters(model)
     lm = model.language_model
     dtype = dtype or lm.get_input_embeddings().weight.dtype
     vision_config, vision_state, strategy = vision_part(model)
     projector_act, projector_state = projector_part(model.projector)
     text_config = lm.config  # read only: `to_dict` below copies it
-    config = LlavaConfig(
-        vision_config=vision_config.to_dict(),
-        text_config=text_config.to_dict(),
-        image_token_id=model.image_token_id,
-        image_seq_length=model.vision_tower.num_patches,
-        vision_feature_layer=model.vision_tower.config.feature_layer,
-        vision_feature_select_strategy=strategy,
-        projector_hidden_act=projector_act,
-        multimodal_projector_bias=True,
-        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
-    )
+    settings = {
+        "vision_config": vision_config.to_dict(),
+        "text_config": text_config.to_dict(),
+        "image_seq_length": model.vision_tower.num_patches,
+        "vision_feature_layer": model.vision_tower.config.feature_layer,
+        "vision_feature_select_strategy": strategy,
+        "projector_hidden_act": projector_act,
+        "multimodal_projector_bias": True,
+        "tie_word_embeddings": bool(getattr(text_config, "tie_word_embeddings", False)),
+    }
+    if model.anyres is not None:
+        pinpoints = [list(p) for p in model.anyres.pinpoints]
+        config = LlavaNextConfig(**settings, image_token_index=model.image_token_id, image_grid_pinpoints=pinpoints)
+        model_class = LlavaNextForConditionalGeneration
+        projector_state["image_newline"] = model.projector.image_newline
+    else:
+        config = LlavaConfig(**settings, image_token_id=model.image_token_id)
+        model_class = LlavaForConditionalGeneration
     for part in (config, config.text_config, config.vision_config):
         part.dtype = dtype
+    newline = projector_state.pop("image_newline", None)
     state = {
+        **({"model.image_newline": newline} if newline is not None else {}),
         **{f"model.vision_tower.{k}": v for k, v in vision_state.items()},
         **{f"model.multi_modal_projector.{k}": v for k, v in projector_state.items()},
         **language_model_state(lm),
     }
     with torch.device("meta"):
-        hf_model = LlavaForConditionalGeneration(config)
+        hf_model = model_class(config)
     _check_names(hf_model, state)
     hf_model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
     hf_model.tie_weights()
@@ -112,7 +139,7 @@ def select_strategy(tower) -> str:
 def projector_part(projector: Projector) -> tuple[str, dict[str, torch.Tensor]]:
     """The activation name and `linear_1`/`linear_2` weights of transformers' two-layer projector."""
     if projector.depth == 2:
-        return "gelu", dict(projector.state_dict())
+        return "gelu", {k: v for k, v in projector.state_dict().items() if k.startswith(("linear_1.", "linear_2."))}
     if projector.depth == 1:
         width = projector.linear_1.out_features
         weight = projector.linear_1.weight
@@ -145,15 +172,21 @@ def language_model_state(lm) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_processor(model: LlavaLiteModel) -> LlavaProcessor:
-    """Tokenizer (with `<image>` and the chat template) and image processor, as one `LlavaProcessor`."""
+def build_processor(model: LlavaLiteModel) -> LlavaProcessor | LlavaNextProcessor:
+    """Tokenizer (with `<image>` and the chat template) and image processor, as one `LlavaProcessor`
+    (`LlavaNextProcessor` under AnyRes)."""
     tower = model.vision_tower
     tokenizer = copy.deepcopy(model.tokenizer)
     template = jinja_chat_template(model_template(model), tokenizer, model.config.image_token)
     tokenizer.chat_template = template
     has_cls = tower.config.type != "hf_siglip"
-    return LlavaProcessor(
-        image_processor=export_image_processor(tower, tower.config.image_aspect == "pad"),
+    if model.anyres is not None:
+        processor_class, image_processor = LlavaNextProcessor, _llava_next_image_processor(model)
+    else:
+        processor_class = LlavaProcessor
+        image_processor = export_image_processor(tower, tower.config.image_aspect == "pad")
+    return processor_class(
+        image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=_patch_size(tower),
         vision_feature_select_strategy=select_strategy(tower),
@@ -162,6 +195,19 @@ def build_processor(model: LlavaLiteModel) -> LlavaProcessor:
         # The processor counts (grid + extra tokens), minus one under `default`; CLIP-style towers add a CLS.
         num_additional_image_tokens=1 if has_cls else 0,
     )
+
+
+def _llava_next_image_processor(model: LlavaLiteModel) -> LlavaNextImageProcessor:
+    """The tower's resize, crop and normalisation with our pinpoints; LlavaNext's `do_pad` pads the views of a
+    batch's images to one count (what our collator's list does), not the image to a square."""
+    tower = model.vision_tower
+    if tower.config.type == "open_clip":
+        settings = open_clip_settings(tower.architecture_config().preprocess or {})
+    else:
+        settings = processor_settings(tower.processor)
+        settings.setdefault("do_center_crop", False)
+    pinpoints = [list(p) for p in model.anyres.pinpoints]
+    return LlavaNextImageProcessor(**settings, image_grid_pinpoints=pinpoints, do_pad=True)
 
 
 def model_template(model: LlavaLiteModel) -> ChatTemplate:

@@ -36,16 +36,35 @@ class VisionTowerConfig:
     frozen: bool = True
     # LLaVA-1.5 pads images to a square with the tower's mean colour instead of centre-cropping.
     image_aspect: Literal["pad", "crop"] = "crop"
+    # single: one view per image. anyres: LLaVA-NeXT's tiles on the best-fitting of `grid_pinpoints` plus the whole
+    # image, padding removed, a learned newline after each row; an image's token count follows from its size.
+    image_layout: Literal["single", "anyres"] = "single"
+    # anyres: [[height, width], ...] in pixels, each a whole number of the tower's tiles; default LLaVA-NeXT's list
+    # in tiles ([[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]] for a 336-pixel tower).
+    grid_pinpoints: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         if self.name is None and self.model_config is None:
             raise ValueError("vision tower needs `name` or `model_config`")
+        if self.grid_pinpoints is not None and self.image_layout != "anyres":
+            raise ValueError("grid_pinpoints apply to image_layout: anyres only")
+        if self.image_layout == "anyres" and self.image_aspect == "pad":
+            raise ValueError(
+                "image_layout anyres squashes the whole view as LLaVA-NeXT does; image_aspect pad does not apply"
+            )
 
 
 @dataclass
 class ProjectorConfig:
     # linear | mlp2x_gelu | mlp{N}x_gelu
     type: str = "mlp2x_gelu"
+    # k > 1: each k x k block of neighbouring patches becomes one token of k * k times the width before the MLP
+    # (pixel shuffle, as nanoVLM and Idefics3): k * k times fewer image tokens, every feature value kept.
+    pixel_shuffle: int = 1
+
+    def __post_init__(self) -> None:
+        if self.pixel_shuffle < 1:
+            raise ValueError(f"projector.pixel_shuffle must be 1 (off) or more, got {self.pixel_shuffle}")
 
 
 @dataclass

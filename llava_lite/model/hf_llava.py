@@ -10,7 +10,10 @@ copied, into our parts, in the folder's dtype (the small projector is copied int
 - `linear_1 -> gelu -> linear_2` becomes an `mlp2x_gelu` projector (an identity activation with an identity
   `linear_2` a `linear` one; a projector without biases gets zero biases);
 - the language model and its head become a causal LM of the text config's type, built from its config;
-- the tokenizer comes with the folder, with the processor's chat template when the tokenizer has none.
+- the tokenizer comes with the folder, with the processor's chat template when the tokenizer has none;
+- a LlavaNext folder (`LlavaNextForConditionalGeneration`) becomes the AnyRes layout: `image_grid_pinpoints` our
+  `grid_pinpoints`, `image_newline` the projector's newline. Refused: CLIP under the `full` strategy (the CLS
+  token cannot sit in a grid of tiles) and pinpoints that are not whole tiles.
 Saving the model then writes a complete, self-contained run folder.
 """
 
@@ -26,6 +29,7 @@ from transformers import (
     AutoProcessor,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
 )
 
 from llava_lite.model.config import (
@@ -43,10 +47,11 @@ from llava_lite.model.vision.hf_tower import processor_settings
 logger = logging.getLogger(__name__)
 
 _TOWER_TYPES = {"clip_vision_model": "hf_clip", "siglip_vision_model": "hf_siglip"}
+_MODEL_CLASSES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
 
 
 def is_hf_llava_folder(folder: str | Path) -> bool:
-    """A folder with transformers' `config.json` of a Llava model, and not one of our run folders."""
+    """A folder with transformers' `config.json` of a Llava or LlavaNext model, and not one of our run folders."""
     folder = Path(folder)
     if (folder / CONFIG_FILE).is_file() or not (folder / "config.json").is_file():
         return False
@@ -54,13 +59,14 @@ def is_hf_llava_folder(folder: str | Path) -> bool:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
-    return isinstance(config, dict) and config.get("model_type") == "llava"
+    return isinstance(config, dict) and config.get("model_type") in _MODEL_CLASSES
 
 
 def load_hf_llava(folder: str | Path) -> ModelParts:
     """The parts of a LlavaLiteModel holding the weights of the transformers Llava model in `folder`."""
     folder = Path(folder)
-    hf_model = LlavaForConditionalGeneration.from_pretrained(folder, dtype="auto")
+    model_type = json.loads((folder / "config.json").read_text(encoding="utf-8"))["model_type"]
+    hf_model = _MODEL_CLASSES[model_type].from_pretrained(folder, dtype="auto")
     hf_config: LlavaConfig = hf_model.config
     # One load gives the tokenizer, the image processor and the processor's chat template and image token.
     processor = AutoProcessor.from_pretrained(folder)
@@ -134,6 +140,21 @@ def _tower_config(folder: Path, hf_config: LlavaConfig, image_processor) -> Visi
     model_config = vision.to_diff_dict()
     for key in ("model_type", "transformers_version"):
         model_config.pop(key, None)
+    if hf_config.model_type == "llava_next":
+        if tower_type == "hf_clip" and strategy == "full":
+            raise ValueError(
+                f"{folder}: LlavaNext under the `full` strategy keeps CLIP's CLS token, which cannot sit in a grid "
+                "of tiles; llava_lite's anyres layout drops it"
+            )
+        return VisionTowerConfig(
+            type=tower_type,
+            model_config=model_config,
+            preprocess=processor_settings(image_processor),
+            feature_layer=layer,
+            cls_token="drop",
+            image_layout="anyres",
+            grid_pinpoints=[list(p) for p in hf_config.image_grid_pinpoints],
+        )
     return VisionTowerConfig(
         type=tower_type,
         model_config=model_config,
@@ -159,11 +180,14 @@ def _tower(tower_config: VisionTowerConfig, loaded: torch.nn.Module):
     return tower
 
 
-def _projector(folder: Path, hf_model: LlavaForConditionalGeneration) -> tuple[str, Projector]:
-    """Our projector type and module holding Llava's projector weights."""
+def _projector(folder: Path, hf_model) -> tuple[str, Projector]:
+    """Our projector type and module holding Llava's projector weights (and LlavaNext's newline)."""
     config = hf_model.config
     source = hf_model.model.multi_modal_projector
     state = {k: v.detach() for k, v in source.state_dict().items()}
+    newline = getattr(hf_model.model, "image_newline", None)
+    if newline is not None:
+        state["image_newline"] = newline.detach()
     for layer in ("linear_1", "linear_2"):
         # A projector built without biases computes what ours computes with zero biases.
         weight = state[f"{layer}.weight"]
@@ -172,13 +196,14 @@ def _projector(folder: Path, hf_model: LlavaForConditionalGeneration) -> tuple[s
     vision_width = state["linear_1.weight"].shape[1]
     act = config.projector_hidden_act
     if act == "gelu":
-        projector = Projector("mlp2x_gelu", vision_width, width)
+        projector = Projector("mlp2x_gelu", vision_width, width, image_newline=newline is not None)
         projector.load_state_dict(state, strict=True)
         return "mlp2x_gelu", projector
     identity = torch.eye(width, dtype=state["linear_2.weight"].dtype)
     if act == "linear" and torch.equal(state["linear_2.weight"], identity) and not state["linear_2.bias"].any():
-        projector = Projector("linear", vision_width, width)
-        projector.load_state_dict({k: v for k, v in state.items() if k.startswith("linear_1.")}, strict=True)
+        projector = Projector("linear", vision_width, width, image_newline=newline is not None)
+        kept = {k: v for k, v in state.items() if not k.startswith("linear_2.")}
+        projector.load_state_dict(kept, strict=True)
         return "linear", projector
     raise ValueError(
         f"{folder}: a projector with activation {act!r} is not one llava_lite has (mlp2x_gelu, or linear "

@@ -11,6 +11,11 @@ In training (and in any distributed run) a text-only batch still runs the tower 
 image whose result enters the embeddings with weight zero: every rank of a run then runs the same modules every
 step, so DDP needs no search for unused parameters, and ZeRO-3 and FSDP gather the same weights on every rank
 (a rank that skipped them would leave the others waiting). The loss and every gradient are unchanged.
+
+Under the AnyRes layout an image is several views (`[views, 3, H, W]`, with its `image_sizes` entry): the tower
+runs on every view of the batch at once, the projector on every view's features, and each image's views become
+one sequence (`llava_lite.data.anyres`: tiles in place, padding removed, the projector's newline after each row),
+whose length is the count the processor gave.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from llava_lite.data.templates import template_special_tokens
 from llava_lite.model.config import ModelConfig
 from llava_lite.model.hf_llava import is_hf_llava_folder, load_hf_llava
+from llava_lite.model.image_layout import image_geometry
 from llava_lite.model.language_model import (
     add_special_tokens,
     build_language_model,
@@ -34,7 +40,7 @@ from llava_lite.model.language_model import (
     prepare_tokenizer,
 )
 from llava_lite.model.loss import body_and_head, head_matches, trained_positions_loss
-from llava_lite.model.projector import Projector
+from llava_lite.model.projector import Projector, projector_for
 from llava_lite.model.prompt_learning import (
     generate_with_virtual_tokens,
     lm_position_ids,
@@ -73,6 +79,7 @@ class LlavaLiteModel(nn.Module):
         # "full" the LM's own head over every position.
         self.loss_kernel = "chunked"
         self._split = self._split_for = None
+        self.anyres = image_geometry(config).anyres if config.vision_tower.image_layout == "anyres" else None
 
     # ----- building and loading -------------------------------------------------------------
     @classmethod
@@ -82,9 +89,7 @@ class LlavaLiteModel(nn.Module):
         language_model = build_language_model(config.language_model)
         fit_embeddings(language_model, tokenizer, new_ids)
         vision_tower = build_vision_tower(config.vision_tower)
-        projector = Projector(
-            config.projector.type, vision_tower.hidden_size, language_model.get_input_embeddings().embedding_dim
-        )
+        projector = projector_for(config, vision_tower.hidden_size, language_model.get_input_embeddings().embedding_dim)
         return cls(config, vision_tower, projector, language_model, tokenizer)
 
     @classmethod
@@ -146,7 +151,12 @@ class LlavaLiteModel(nn.Module):
 
     def image_features(self, pixel_values: Images) -> Images:
         """The tower's features: `[images, tokens, tower_hidden]`, or one `[tokens, tower_hidden]` per image when
-        the images differ in shape (each shape runs through the tower as one batch)."""
+        the images differ in shape (each shape runs through the tower as one batch). Under AnyRes, one
+        `[views, tokens, tower_hidden]` per image, every view of the batch through the tower at once."""
+        if self.anyres is not None:
+            views = list(pixel_values)
+            features = self.vision_tower(torch.cat(views))
+            return list(features.split([v.shape[0] for v in views]))
         if torch.is_tensor(pixel_values):
             return self.vision_tower(pixel_values)
         features: list[torch.Tensor | None] = [None] * len(pixel_values)
@@ -159,11 +169,26 @@ class LlavaLiteModel(nn.Module):
                 features[i] = feature
         return features
 
-    def project(self, image_features: Images) -> torch.Tensor:
+    def project(self, image_features: Images, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """Tower features to LM embeddings, every image's tokens one after another: `[tokens, lm_hidden]`."""
-        flat = torch.cat(list(image_features)) if not torch.is_tensor(image_features) else image_features.flatten(0, 1)
-        projected = self.projector(flat.to(self.projector.linear_1.weight.dtype))
-        return projected.to(self.language_model.get_input_embeddings().weight.dtype)
+        return _flat(self.project_each(image_features, image_sizes))
+
+    def project_each(self, image_features: Images, image_sizes: torch.Tensor | None = None) -> Images:
+        """Tower features to LM embeddings, per image: `[images, tokens, lm_hidden]`, or one `[tokens, lm_hidden]`
+        per image (always under AnyRes, which needs each image's (height, width) in `image_sizes`)."""
+        dtype = self.projector.linear_1.weight.dtype
+        out_dtype = self.language_model.get_input_embeddings().weight.dtype
+        if self.anyres is not None:
+            if image_sizes is None or len(image_sizes) != len(image_features):
+                raise ValueError("the anyres layout needs image_sizes, one (height, width) per image")
+            newline = self.projector.image_newline
+            return [
+                self.anyres.pack(self.projector(f.to(dtype)), tuple(int(v) for v in size), newline).to(out_dtype)
+                for f, size in zip(image_features, image_sizes)
+            ]
+        if torch.is_tensor(image_features):
+            return self.projector(image_features.to(dtype)).to(out_dtype)
+        return [self.projector(f[None].to(dtype))[0].to(out_dtype) for f in image_features]
 
     def embed(
         self,
@@ -171,10 +196,11 @@ class LlavaLiteModel(nn.Module):
         pixel_values: Images | None = None,
         image_tokens: torch.Tensor | None = None,
         image_features: Images | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with each image's projected features in its slots. Give `pixel_values` or
         `image_features` (the tower's output), not both; `image_tokens` (each image's slot count, from the
-        processor) is checked against the features when given."""
+        processor) is checked against the projected features when given."""
         if pixel_values is not None and image_features is not None:
             raise ValueError("give pixel_values or image_features, not both")
         embeds = self.language_model.get_input_embeddings()(input_ids)
@@ -187,15 +213,19 @@ class LlavaLiteModel(nn.Module):
             return embeds  # text-only inference: the tower is not run at all
         if image_features is None:
             image_features = self.image_features(pixel_values)
-        _check_slots(image_features, slots, image_tokens)
-        projected = self.project(image_features)
-        return embeds.masked_scatter(image_positions.unsqueeze(-1), projected)
+        projected = self.project_each(image_features, image_sizes)
+        _check_slots(projected, slots, image_tokens)
+        return embeds.masked_scatter(image_positions.unsqueeze(-1), _flat(projected))
 
     def _with_blank_image(self, embeds: torch.Tensor) -> torch.Tensor:
         """`embeds` unchanged, but tied to one blank image's pass through the tower and projector (weight zero)."""
         blank = embeds.new_zeros(1, 3, *self.vision_tower.image_size)
-        projected = self.project(self.image_features(blank))
-        return embeds + projected.sum() * 0.0
+        features = self.vision_tower(blank)  # one view, whatever the layout
+        used = self.projector(features.to(self.projector.linear_1.weight.dtype)).sum()
+        newline = getattr(self.projector, "image_newline", None)  # AnyRes: used only between rows of tiles
+        if newline is not None:
+            used = used + newline.sum()
+        return embeds + used * 0.0
 
     def forward(
         self,
@@ -206,6 +236,7 @@ class LlavaLiteModel(nn.Module):
         pixel_values: Images | None = None,
         image_tokens: torch.Tensor | None = None,
         image_features: Images | None = None,
+        image_sizes: torch.Tensor | None = None,
         **kwargs,
     ):
         """`kwargs` reach the LM: `num_items_in_batch` from the Trainer makes the loss a sum over the
@@ -215,7 +246,7 @@ class LlavaLiteModel(nn.Module):
         returned, unless `loss_kernel` is "full" or the LM cannot split body and head. Packed rows
         (no attention mask, position ids restarting per sample) keep their samples apart: no KV cache is made here,
         so transformers reads the restarts as boundaries."""
-        inputs_embeds = self.embed(input_ids, pixel_values, image_tokens, image_features)
+        inputs_embeds = self.embed(input_ids, pixel_values, image_tokens, image_features, image_sizes)
         kwargs.setdefault("use_cache", False)  # a forward pass needs no cache (`generate` makes its own)
         if labels is not None:
             split = self._body_and_head() if self.loss_kernel != "full" else None
@@ -258,10 +289,11 @@ class LlavaLiteModel(nn.Module):
         pixel_values: Images | None = None,
         image_tokens: torch.Tensor | None = None,
         image_features: Images | None = None,
+        image_sizes: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """Token ids of the answers only: the LM's own `generate` (KV cache, sampling, stopping) on our embeddings."""
-        inputs_embeds = self.embed(input_ids, pixel_values, image_tokens, image_features)
+        inputs_embeds = self.embed(input_ids, pixel_values, image_tokens, image_features, image_sizes)
         if prompt_learning_config(self.language_model) is not None:  # peft's generate would drop the images
             return generate_with_virtual_tokens(self.language_model, inputs_embeds, attention_mask, **kwargs)
         return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
@@ -283,8 +315,13 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _flat(per_image: Images) -> torch.Tensor:
+    return per_image.flatten(0, 1) if torch.is_tensor(per_image) else torch.cat(list(per_image))
+
+
 def _check_slots(image_features: Images, slots: int, image_tokens: torch.Tensor | None) -> None:
-    """Every image's features fill exactly its own slots: the counts the processor gave, and the batch's slots."""
+    """Every image's projected features fill exactly its own slots: the counts the processor gave, and the
+    batch's slots."""
     per_image = (
         [image_features.shape[1]] * image_features.shape[0]
         if torch.is_tensor(image_features)

@@ -10,8 +10,8 @@ from transformers import PreTrainedTokenizerBase
 from llava_lite.data.processor import Overflow, Processor
 from llava_lite.data.templates import get_template
 from llava_lite.model.config import ModelConfig
+from llava_lite.model.image_layout import image_geometry
 from llava_lite.model.language_model import prepare_tokenizer
-from llava_lite.model.vision import vision_geometry
 
 
 def build_processor(
@@ -28,5 +28,5 @@ def build_processor(
     name = template or config.chat_template
     if tokenizer is None:
         tokenizer, _ = prepare_tokenizer(config, name)
-    geometry = vision_geometry(config.vision_tower)
+    geometry = image_geometry(config)
     return Processor(tokenizer, get_template(name, tokenizer), geometry, config.image_token, max_length, overflow)

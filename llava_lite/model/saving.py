@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from llava_lite.model.config import ModelConfig, load_model_config, save_model_config
 from llava_lite.model.language_model import build_language_model, fit_embeddings, load_tokenizer
 from llava_lite.model.parts import ModelParts
-from llava_lite.model.projector import Projector
+from llava_lite.model.projector import projector_for
 from llava_lite.model.vision import build_vision_tower
 from llava_lite.model.vision.base import WEIGHTS_FILE as TOWER_WEIGHTS
 
@@ -97,7 +97,7 @@ def load_model(folder: str | Path, trainable_adapters: bool = False, quantizatio
     vision_tower = build_vision_tower(config.vision_tower)
     if (folder / TOWER_DIR / TOWER_WEIGHTS).is_file():
         vision_tower.load_weights(folder / TOWER_DIR)
-    projector = Projector(config.projector.type, vision_tower.hidden_size, _embedding_width(language_model))
+    projector = projector_for(config, vision_tower.hidden_size, _embedding_width(language_model))
     projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
     return ModelParts(config, vision_tower, projector, language_model, tokenizer)
 

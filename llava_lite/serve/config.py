@@ -21,6 +21,7 @@ class ServeConfig:
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 25_000_000
     max_images: int = 4
+    max_image_tokens: int = 4096  # an image's tokens in the prompt (AnyRes: from its size, read from its header)
     max_prompt_tokens: int = 4096
     max_tokens_limit: int = 1024  # the most `max_tokens` a request may ask for
     default_max_tokens: int = 256  # when the request names none
@@ -36,6 +37,7 @@ class ServeConfig:
             "max_image_bytes",
             "max_image_pixels",
             "max_prompt_tokens",
+            "max_image_tokens",
             "max_tokens_limit",
             "concurrency",
             "max_batch_size",

@@ -35,6 +35,13 @@ class ImageLimits:
 
 async def load_request_image(url: str, limits: ImageLimits, param: str) -> Image.Image:
     """The image an `image_url.url` names; ApiError (400 or 413) for anything refused or unreadable."""
+    image = await open_request_image(url, limits, param)
+    return await run_in_threadpool(decode_opened, image, param)
+
+
+async def open_request_image(url: str, limits: ImageLimits, param: str) -> Image.Image:
+    """As `load_request_image`, but only its header read: its size and format are known, its pixels not decoded
+    (`decode_opened` finishes it)."""
     scheme = urlparse(url).scheme.lower() if "://" in url or url.startswith("data:") else ""
     if scheme == "data":
         data = await run_in_threadpool(_from_data_uri, url, limits, param)  # ~13 MB of base64 to decode
@@ -46,12 +53,11 @@ async def load_request_image(url: str, limits: ImageLimits, param: str) -> Image
         raise ApiError(
             400, f"image URLs may be data:, file: or http(s): URLs, not {scheme}:", "invalid_image_url", param
         )
-    return await run_in_threadpool(decode_image, data, limits, param)
+    return await run_in_threadpool(open_image, data, limits, param)
 
 
-def decode_image(data: bytes, limits: ImageLimits, param: str) -> Image.Image:
-    """Bytes to RGB, refusing what is not PNG, JPEG or WebP and what has more pixels than allowed (checked
-    from the header, before the pixels are decoded)."""
+def open_image(data: bytes, limits: ImageLimits, param: str) -> Image.Image:
+    """The image's header read and checked (format, pixel count); its pixels not yet decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own pixel limit decides
@@ -67,6 +73,11 @@ def decode_image(data: bytes, limits: ImageLimits, param: str) -> Image.Image:
         raise ApiError(
             413, f"the image has {width}x{height} pixels; the limit is {limits.max_pixels}", "image_too_large", param
         )
+    return image
+
+
+def decode_opened(image: Image.Image, param: str) -> Image.Image:
+    """An image opened by `open_image`, decoded to RGB."""
     try:
         image.load()
         return image.convert("RGB")

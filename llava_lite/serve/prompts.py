@@ -14,7 +14,7 @@ from llava_lite.data.processor import EncodedConversation
 from llava_lite.inference.generator import Generator, SamplingSettings
 from llava_lite.serve.config import ServeConfig
 from llava_lite.serve.errors import ApiError
-from llava_lite.serve.images import ImageLimits, load_request_image
+from llava_lite.serve.images import ImageLimits, decode_opened, load_request_image, open_request_image
 from llava_lite.serve.schemas import ChatCompletionRequest, ChatMessage, ImagePart, TextPart
 
 
@@ -54,16 +54,37 @@ class PromptBuilder:
             raise ApiError(
                 400, f"{len(refs)} images; this server takes at most {config.max_images}", "too_many_images", "messages"
             )
-        encoded = await run_in_threadpool(self._encode, conversation, len(refs))
+        geometry = self.generator.processor.geometry
+        if geometry.anyres is None:  # every image takes the same tokens: all checked before any image is read
+            self._check_image_tokens([geometry.tokens_per_image] * len(refs), refs)
+            encoded = await run_in_threadpool(self._encode, conversation, [None] * len(refs))
+            self._check_length(len(encoded.input_ids), settings.max_new_tokens)
+            images = [await load_request_image(ref.url, self.image_limits, ref.param) for ref in refs]
+            return Prompt(encoded, images, settings)
+        # AnyRes: an image's tokens follow from its size, read from its header; its pixels are decoded last.
+        opened = [await open_request_image(ref.url, self.image_limits, ref.param) for ref in refs]
+        self._check_image_tokens([geometry.tokens_for(image) for image in opened], refs)
+        encoded = await run_in_threadpool(self._encode, conversation, opened)
         self._check_length(len(encoded.input_ids), settings.max_new_tokens)
-        images = [await load_request_image(ref.url, self.image_limits, ref.param) for ref in refs]
+        images = [await run_in_threadpool(decode_opened, image, ref.param) for image, ref in zip(opened, refs)]
         return Prompt(encoded, images, settings)
 
-    def _encode(self, conversation: Conversation, images: int) -> EncodedConversation:
-        """The prompt's tokens, image tokens included, before any image is read (each image's token count needs
-        no pixels); the chat template's refusals become 400s."""
+    def _check_image_tokens(self, counts: list[int], refs: list[_ImageRef]) -> None:
+        for count, ref in zip(counts, refs):
+            if count > self.config.max_image_tokens:
+                raise ApiError(
+                    400,
+                    f"the image takes {count} tokens; this server takes at most {self.config.max_image_tokens} "
+                    "per image",
+                    "image_too_many_tokens",
+                    ref.param,
+                )
+
+    def _encode(self, conversation: Conversation, images: list) -> EncodedConversation:
+        """The prompt's tokens, image tokens included, before any image is decoded (each image's token count
+        needs at most its size); the chat template's refusals become 400s."""
         try:
-            return self.generator.encode_prompt(conversation, [None] * images)
+            return self.generator.encode_prompt(conversation, images)
         except BadRecordError as err:
             raise ApiError(400, str(err).removeprefix("request: "), "invalid_messages", "messages") from None
 

@@ -87,6 +87,8 @@ class HFVisionTower(VisionTower):
             image_mean=tuple(processor.image_mean),
             transform=_Transform(processor),
             pad_to_square=config.image_aspect == "pad",
+            patch_grid=(grid, grid),
+            resample=int(processor.resample),
         )
 
     def extract_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

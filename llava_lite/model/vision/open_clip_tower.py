@@ -12,6 +12,7 @@ from open_clip.factory import merge_preprocess_dict
 from open_clip.model import CLIPVisionCfg
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.utils import to_2tuple
+from PIL import Image
 
 from llava_lite.data.geometry import ImageGeometry
 from llava_lite.model.config import VisionTowerConfig
@@ -58,6 +59,9 @@ class OpenClipVisionTower(VisionTower):
             image_mean=tuple(preprocess["mean"]),
             transform=_Transform(preprocess),
             pad_to_square=config.image_aspect == "pad",
+            patch_grid=grid,
+            # open_clip's eval transform takes "random" as bicubic.
+            resample=Image.BILINEAR if preprocess.get("interpolation") == "bilinear" else Image.BICUBIC,
         )
 
     def extract_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
