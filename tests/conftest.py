@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from transformers import TrainerCallback
 
 from llava_lite.data.conversation import Conversation, Message
 from llava_lite.model.llava import LlavaLiteModel
@@ -73,6 +74,18 @@ def processor_for(model: LlavaLiteModel, **settings):
     from llava_lite.model.processing import build_processor
 
     return build_processor(model.config, model.tokenizer, **settings)
+
+
+class StopAt(TrainerCallback):
+    """Ends training after `step`, with its checkpoint saved, as a killed run would have."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
 
 
 def solid_image(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> Path:

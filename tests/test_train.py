@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import StopAt
 from transformers import TrainerCallback
 
 from llava_lite.config_io import from_dict
@@ -187,18 +188,6 @@ def test_accumulated_loss_is_normalised_by_target_tokens_not_per_micro_batch(tmp
     assert updates["together"][key].abs().max() > 0
     for name in updates["together"]:
         assert torch.allclose(updates["together"][name], updates["accumulated"][name], atol=1e-5), name
-
-
-class StopAt(TrainerCallback):
-    """Ends training after `step` (its checkpoint saved), as a killed run would have."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_save = True
-            control.should_training_stop = True
 
 
 def losses(folder: Path) -> dict[int, float]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from transformers import TrainerCallback
+from conftest import StopAt
 
 from llava_lite.cli import main
 from llava_lite.demo import shapes
@@ -90,18 +90,6 @@ def test_a_finished_run_with_a_changed_config_is_refused_in_one_line_naming_the_
     assert err.startswith(f"llava-lite train: error: {tmp_path / 'run'} was trained with train.learning_rate: 0.01")
     assert "this config has 0.02" in err and "new output_dir or resume=never" in err
     assert tree(tmp_path / "run") == before
-
-
-class StopAt(TrainerCallback):
-    """Ends training after `step`, with its checkpoint saved, as a killed run would have."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_save = True
-            control.should_training_stop = True
 
 
 def test_a_checkpoint_is_not_continued_by_a_changed_config(tmp_path, shapes_data, capsys):
