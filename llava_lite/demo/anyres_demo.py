@@ -42,7 +42,7 @@ QUESTIONS = {
 }
 LAYOUTS = ("single", "anyres")
 SIZE = 64  # pixels a side; the tiny towers read 32
-MARK = 8  # pixels a side, four 2 x 2 blocks a side
+MARK = 16  # pixels a side: 2 x 2 of the tiles' patches
 GROUND = 215
 PATCH = 8  # the tiny towers' patch: the mark is drawn inside one, as a whole weave
 
@@ -71,9 +71,8 @@ class LayoutResult:
 def draw(colour: str, pattern: str, rng: random.Random) -> Image.Image:
     pixels = [(GROUND,) * 3] * (SIZE * SIZE)
     ink = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLOURS[colour])
-    # Inside one patch, at an even offset, so the weave lines up with the 2 x 2 blocks one view averages.
-    top = rng.randrange(SIZE // PATCH) * PATCH + rng.randrange(0, PATCH - MARK + 1, 2)
-    left = rng.randrange(SIZE // PATCH) * PATCH + rng.randrange(0, PATCH - MARK + 1, 2)
+    # On the tiles' patch grid (so also on the 2 x 2 blocks one view averages).
+    top, left = rng.randrange(0, SIZE - MARK + 1, PATCH), rng.randrange(0, SIZE - MARK + 1, PATCH)
     cells = PATTERNS[pattern]
     phase_y, phase_x = rng.randrange(2), rng.randrange(2)  # which edge a stripe runs along: no side is a clue
     for y in range(MARK):
