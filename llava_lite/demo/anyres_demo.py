@@ -1,10 +1,10 @@
 """Why AnyRes: a task whose answer is a detail one low-resolution view loses, learnt by the same tiny model with one
 view per image and with AnyRes tiles.
 
-Each 64 x 64 picture holds one small mark (8 x 8 pixels, inside one of the tower's patches) on a flat grey ground,
+Each 64 x 64 picture holds one small mark (16 x 16 pixels, on the tiles' 8-pixel patch grid) on a flat grey ground,
 anywhere in it: its colour is one of four, its pattern one of three - stripes across, stripes down or checks, each
 a 1-pixel weave that colours half of every 2 x 2 block. The tiny towers read 32 x 32 pixels. One view squashes the
-picture to that: each 2 x 2 block becomes one pixel and every pattern the same faint 4 x 4 tint. AnyRes
+picture to that: each 2 x 2 block becomes one pixel and every pattern the same flat 8 x 8 tint. AnyRes
 (`grid_pinpoints: [[64, 64]]`) adds the four 32 x 32 quarters at full resolution, where the weave is whole.
 
 Both runs get the same data, recipe (stage 1 on captions, stage 2 on questions), steps and seed; only
