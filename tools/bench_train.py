@@ -385,6 +385,12 @@ def main() -> None:
     if args.quick:
         args.repeats, args.steps, args.batch_size = 1, 3, 4
     sides = [s for s in args.sides.split(",") if s]
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(sides) - set(SIDES)) + sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(
+            f"unknown side or variant {unknown[0]!r}; sides: {', '.join(SIDES)}; variants: {', '.join(VARIANTS)}"
+        )
     if "trl" in sides and not has_trl():
         print('note: TRL is not installed, so its side is skipped (pip install -e ".[bench]")')
         sides.remove("trl")
@@ -392,7 +398,7 @@ def main() -> None:
     print(f"device: {device}; {args.steps} timed steps of {args.batch_size} samples; {args.repeats} repetition(s)")
     results: dict = {"variants": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in [v for v in args.variants.split(",") if v]:
+        for variant in variants:
             folder = Path(tmp) / variant
             tokenizer = str(FIXTURES / "tokenizers" / VARIANTS[variant])
             data = build_data(folder, args.batch_size * (args.steps + 1) * 4)

@@ -88,9 +88,15 @@ def text_windows(tokenizer, documents: list[str], window: int) -> list[np.ndarra
     if not documents:
         return []
     encoded = tokenizer(documents, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    stream = np.fromiter((i for ids in encoded for i in (*ids, *eos)), dtype=np.int64)
+    stream = [i for ids in encoded for i in (*ids, *eos)]
+    return [np.asarray(w, dtype=np.int64) for w in bos_windows(stream, bos, window)]
+
+
+def bos_windows(ids: list[int], bos: list[int], window: int) -> list[list[int]]:
+    """A token stream cut into windows of at most `window` ids, each led by `bos` (BOS, or nothing); a last window
+    of fewer than two ids is dropped (it predicts nothing). Replay and `eval --text` cut text the same way."""
     step = window - len(bos)
-    windows = [np.concatenate([np.asarray(bos, np.int64), stream[s : s + step]]) for s in range(0, len(stream), step)]
+    windows = [bos + ids[start : start + step] for start in range(0, len(ids), step)]
     return [w for w in windows if len(w) >= 2]
 
 

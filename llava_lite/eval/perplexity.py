@@ -29,6 +29,7 @@ from llava_lite.data.dataset import ConversationDataset
 from llava_lite.data.errors import BadRecordError
 from llava_lite.data.formats import read_source
 from llava_lite.data.masking import IGNORE_INDEX
+from llava_lite.data.replay import bos_windows
 from llava_lite.model.processing import build_processor
 
 
@@ -106,10 +107,7 @@ def text_windows(tokenizer, text: str, window: int) -> list[list[int]]:
     if window < 2:
         raise ValueError("the text window must hold at least 2 tokens")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    step = window - len(bos)
-    windows = [bos + ids[start : start + step] for start in range(0, len(ids), step)]
-    return [w for w in windows if len(w) > 1]
+    return bos_windows(ids, [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [], window)
 
 
 @torch.no_grad()

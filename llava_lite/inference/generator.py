@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -179,8 +180,8 @@ class Generator:
         for encoded, prompt_images in zip(prompts, images):
             if len(prompt_images) != len(encoded.image_tokens):
                 raise ValueError(f"a prompt encoded for {len(encoded.image_tokens)} images got {len(prompt_images)}")
-            encoded.images = list(prompt_images)
-            samples.append(self.processor.sample_from(encoded))
+            # The server encodes before the images are read; the pictures join the prompt here, unchanged for it.
+            samples.append(self.processor.sample_from(dataclasses.replace(encoded, images=list(prompt_images))))
         batch = self.collator(samples)
         batch.pop("labels")
         batch.pop("position_ids")  # generate derives positions from the (left-padded) attention mask

@@ -66,10 +66,7 @@ def trained_positions_loss(
     """The causal-LM loss from the body's hidden states `[batch, length, width]` and `labels` `[batch, length]`:
     position t predicts label t + 1; only positions with a target reach the head. `kernel` "liger" hands them to
     liger-kernel's fused linear cross-entropy (CUDA) instead of our chunks."""
-    targets = labels[:, 1:]
-    trained = targets != IGNORE_INDEX
-    selected = hidden[:, :-1][trained]
-    chosen = targets[trained]
+    selected, chosen = trained_positions(hidden, labels)
     if kernel == "liger":
         total = fused_linear_cross_entropy()(head.weight, selected, chosen, head.bias)
     else:
@@ -79,6 +76,14 @@ def trained_positions_loss(
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
+
+def trained_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states `[targets, width]` of the positions that predict a label, and those labels: position t of
+    `hidden` (`[batch, length, width]`, or the `length - 1` predicting positions) predicts `labels[:, t + 1]`."""
+    targets = labels[:, 1:]
+    trained = targets != IGNORE_INDEX
+    return hidden[:, : targets.shape[1]][trained], targets[trained]
 
 
 def fused_linear_cross_entropy():

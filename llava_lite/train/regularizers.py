@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from llava_lite.data.masking import IGNORE_INDEX
+from llava_lite.model.loss import trained_positions
 
 # Running sums, in this order: instruction NLL and tokens, replay NLL and tokens, KL and KL positions.
 SUMS = ("instruction_nll", "instruction_tokens", "replay_nll", "replay_tokens", "kl", "kl_positions")
@@ -96,12 +97,12 @@ class Objective:
         the LlavaLiteModel inside, `replay_tokens` the collator's marks of replay text."""
         labels = inputs["labels"]
         forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        targets = labels[:, 1:]
-        predicted = targets != IGNORE_INDEX
-        hidden = final_hidden(model(**forward_inputs, **HIDDEN_ONLY), labels.shape[1])[predicted]
+        predicted = labels[:, 1:] != IGNORE_INDEX
+        outputs = model(**forward_inputs, **HIDDEN_ONLY)
+        hidden, targets = trained_positions(final_hidden(outputs, labels.shape[1]), labels)
         head = unwrapped.language_model.get_output_embeddings()
         log_probs = F.log_softmax(head(hidden).float(), dim=-1)
-        nll = -log_probs.gather(1, targets[predicted].unsqueeze(1)).squeeze(1)
+        nll = -log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
         replay = replay_tokens[:, 1:][predicted] if replay_tokens is not None else torch.zeros_like(nll, dtype=bool)
         loss = nll.sum()
         kl = nll.new_zeros(0)
