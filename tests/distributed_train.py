@@ -21,6 +21,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from llava_lite import cli
+from llava_lite.train.launch import launch_rank
 from llava_lite.train.trainer import LlavaTrainer
 
 
@@ -61,7 +62,7 @@ def main() -> int:
     if trainers:
         seen["skipped_here"] = dict(trainers[0].train_dataset.skips.counts())
     args.report_dir.mkdir(parents=True, exist_ok=True)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = launch_rank()  # the process group is gone once training has ended
     (args.report_dir / f"rank{rank}.json").write_text(json.dumps(seen), encoding="utf-8")
     return code
 

@@ -110,6 +110,9 @@ def main() -> None:
         report["reloaded_equals_gathered"] = all(torch.equal(reloaded[k], gathered[k]) for k in before)
     reports.mkdir(parents=True, exist_ok=True)
     (reports / f"rank{rank}.json").write_text(json.dumps(report), encoding="utf-8")
+    # Leave together: a rank exiting while another still works leaves gloo's threads running, and can abort.
+    accelerator.wait_for_everyone()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -91,6 +91,10 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
     # Records skipped while samples were built, by any process (DataLoader workers and ranks), each once.
     skipped = skipped_at_load + train_dataset.skips.counts_across_processes()
     logger.info("saved %s%s", output_dir, _skips(skipped))
+    # Every rank waits for the others, then leaves the process group: a rank exiting while gloo's threads still
+    # run can abort ("terminate called without an active exception").
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return output_dir
 
 
