@@ -209,3 +209,11 @@ def test_ia3_through_method_peft_trains_its_vectors_and_reloads(tmp_path, data):
     batch = prompt_batch(trained, data)
     with torch.no_grad():
         assert torch.allclose(trained.eval()(**batch).logits, kept.model.eval()(**batch).logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("peft_type", ["PROMPT_TUNING", "PREFIX_TUNING"])
+def test_prompt_learning_on_packed_rows_is_refused(tmp_path, data, peft_type):
+    config = stage2(tmp_path, data, {"method": "peft", "peft": {"peft_type": peft_type, "num_virtual_tokens": 3}})
+    config.data.packing = True
+    with pytest.raises(ValueError, match=f"finetune.peft {peft_type} cannot train on packed rows.*data.packing false"):
+        build_training_model(resolved(config))

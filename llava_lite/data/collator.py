@@ -1,16 +1,17 @@
 """Samples to a padded batch: ids, labels, attention mask, position ids, and every image with its token count.
 
-A batch is built in two steps: samples are first grouped into rows (`rows`: one sample per row, or the samples
-of a packed item one after another in a row), then rows are padded. Images are listed in row-major token
-order, which is the order in which the model scatters their features into the image-token slots;
-`image_tokens` says how many slots each one fills, `image_sizes` each one's (height, width) before any resizing
-(AnyRes unpads by it). An AnyRes image is its views, `[views, 3, H, W]`.
+A batch is built in two steps: samples are first grouped into rows (`rows`: one sample per row), then rows are
+padded. Images are listed in row-major token order, which is the order in which the model scatters their
+features into the image-token slots; `image_tokens` says how many slots each one fills, `image_sizes` each
+one's (height, width) before any resizing (AnyRes unpads by it). An AnyRes image is its views, `[views, 3, H, W]`.
 
-Packed rows keep their samples apart by position ids alone: each sample's restart at 0, and the batch has no
-attention mask. transformers reads the restarts as sequence boundaries (`find_packed_sequence_indices`: a
-block-diagonal causal mask under sdpa and eager, variable-length kernels under flash attention), so no sample
-attends to another. Right padding needs no mask in training either: a causal token never attends to the
-padding after it, and each padding position (id 0) stands alone.
+Packed items (`llava_lite.data.packing`) make a batch of one row: every sample of every item laid end to end,
+with no padding between them. The samples are kept apart by position ids that restart at 0 for each, and by
+`cu_seq_lens`, their cumulative lengths (a trailing stretch of padding, if any, is one more). The batch has no
+attention mask. The model hands `cu_seq_lens` to the LM's attention: variable-length kernels under flash
+attention, one sdpa call per sample under sdpa (`llava_lite.model.attention`); without them (e.g. eager),
+transformers reads the restarts as boundaries (`find_packed_sequence_indices`: a block-diagonal causal mask).
+Either way no sample attends to another.
 
 A batch holding replay text (`llava_lite.data.replay`) also marks its tokens, `replay_tokens`, for the loss.
 """
@@ -37,6 +38,7 @@ class Row:
     image_tokens: list[int] = field(default_factory=list)
     replay: torch.Tensor | None = None  # per token: part of a replay sample
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    segment_ends: list[int] = field(default_factory=list)  # packed: where each sample ends
 
 
 @dataclass
@@ -47,7 +49,12 @@ class Collator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, samples: list[dict]) -> dict:
-        rows = self.rows(samples)
+        packed = any("packed" in sample for sample in samples)
+        if packed:  # one row; a lone sample beside packed items is an item of one
+            items = [sample.get("packed", [sample]) for sample in samples]
+            rows = [_joined(items, self.rows([{"packed": item} for item in items]))]
+        else:
+            rows = self.rows(samples)
         length = max(len(row.input_ids) for row in rows)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -57,8 +64,10 @@ class Collator:
             "attention_mask": torch.stack([self._pad(torch.ones_like(r.input_ids), length, 0) for r in rows]),
             "position_ids": torch.stack([self._pad(r.position_ids, length, 0) for r in rows]),
         }
-        if any("packed" in sample for sample in samples):
-            batch.pop("attention_mask")  # the position ids' restarts are the boundaries
+        if packed:
+            batch.pop("attention_mask")  # the samples' boundaries are the position ids' restarts and cu_seq_lens
+            ends = [*rows[0].segment_ends, *([length] if length > rows[0].segment_ends[-1] else [])]
+            batch["cu_seq_lens"] = torch.tensor([0, *ends], dtype=torch.int32)
         if any(row.replay is not None and row.replay.any() for row in rows):
             batch[REPLAY_TOKENS] = torch.stack([self._pad(_replay_marks(r), length, False) for r in rows])
         images = [image for row in rows for image in row.pixel_values]
@@ -71,7 +80,8 @@ class Collator:
         return batch
 
     def rows(self, samples: list[dict]) -> list[Row]:
-        """One row per sample; a packed item's samples one after another in one row."""
+        """One row per sample; a packed item's samples one after another in one row (`__call__` then joins
+        the rows of packed items into one)."""
         return [_packed_row(sample["packed"]) if "packed" in sample else _row(sample) for sample in samples]
 
     def _pad(self, values: torch.Tensor, length: int, fill: int) -> torch.Tensor:
@@ -107,6 +117,21 @@ def _packed_row(samples: list[dict]) -> Row:
         image_tokens=[n for p in parts for n in p.image_tokens],
         replay=torch.cat([p.replay for p in parts]),
         image_sizes=[size for p in parts for size in p.image_sizes],
+    )
+
+
+def _joined(items: list[list[dict]], rows: list[Row]) -> Row:
+    """The rows of packed items laid end to end as one row, with the end of every sample in it."""
+    ends = [int(n) for n in torch.tensor([len(s["input_ids"]) for item in items for s in item]).cumsum(0)]
+    return Row(
+        input_ids=torch.cat([r.input_ids for r in rows]),
+        labels=torch.cat([r.labels for r in rows]),
+        position_ids=torch.cat([r.position_ids for r in rows]),
+        pixel_values=[image for r in rows for image in r.pixel_values],
+        image_tokens=[n for r in rows for n in r.image_tokens],
+        replay=torch.cat([_replay_marks(r) for r in rows]),
+        image_sizes=[size for r in rows for size in r.image_sizes],
+        segment_ends=ends,
     )
 
 

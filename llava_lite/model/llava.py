@@ -30,6 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from llava_lite.data.templates import template_special_tokens
+from llava_lite.model.attention import use_varlen_sdpa
 from llava_lite.model.config import ModelConfig
 from llava_lite.model.hf_llava import is_hf_llava_folder, load_hf_llava
 from llava_lite.model.image_layout import image_geometry
@@ -73,6 +74,7 @@ class LlavaLiteModel(nn.Module):
         self.vision_tower = vision_tower
         self.projector = projector
         self.language_model = language_model
+        use_varlen_sdpa(getattr(language_model, "get_base_model", lambda: language_model)())
         self.tokenizer = tokenizer
         self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
         # How the loss meets the LM head (llava_lite.model.loss): "chunked" or "liger" only where a label is,
@@ -237,6 +239,7 @@ class LlavaLiteModel(nn.Module):
         image_tokens: torch.Tensor | None = None,
         image_features: Images | None = None,
         image_sizes: torch.Tensor | None = None,
+        cu_seq_lens: torch.Tensor | None = None,
         **kwargs,
     ):
         """`kwargs` reach the LM: `num_items_in_batch` from the Trainer makes the loss a sum over the
@@ -244,10 +247,17 @@ class LlavaLiteModel(nn.Module):
 
         With `labels`, the loss is computed only where a label is (see `llava_lite.model.loss`) and no logits are
         returned, unless `loss_kernel` is "full" or the LM cannot split body and head. Packed rows
-        (no attention mask, position ids restarting per sample) keep their samples apart: no KV cache is made here,
-        so transformers reads the restarts as boundaries."""
+        (one row, no attention mask, position ids restarting per sample) keep their samples apart: `cu_seq_lens`,
+        the samples' cumulative lengths, reach the LM's attention as variable-length boundaries (flash attention,
+        `llava_lite.model.attention` under sdpa); and no KV cache is made here, so transformers also reads the
+        restarts as boundaries wherever an attention takes a mask."""
         inputs_embeds = self.embed(input_ids, pixel_values, image_tokens, image_features, image_sizes)
         kwargs.setdefault("use_cache", False)  # a forward pass needs no cache (`generate` makes its own)
+        if cu_seq_lens is not None:
+            longest = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
+            kwargs.update(
+                cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=longest, max_length_k=longest
+            )
         if labels is not None:
             split = self._body_and_head() if self.loss_kernel != "full" else None
             if split is not None:

@@ -107,6 +107,12 @@ def _with_adapters(model: LlavaLiteModel, config: TrainConfig, new_rows: list[in
         if not finetune.peft:
             raise ValueError("finetune.method peft needs finetune.peft, a peft config mapping with peft_type")
         peft_config = peft.get_peft_config({"task_type": "CAUSAL_LM", **finetune.peft})
+        if peft_config.is_prompt_learning and config.data.packing:
+            # Virtual tokens (or a prefix cache) come ahead of the whole packed sequence and hide its restarts.
+            raise ValueError(
+                f"finetune.peft {peft_config.peft_type.value} cannot train on packed rows (its virtual tokens would "
+                "let packed samples see each other): set data.packing false"
+            )
     else:
         lora = finetune.lora
         peft_config = peft.LoraConfig(

@@ -1,0 +1,80 @@
+"""Variable-length attention for packed sequences under sdpa: each sample attends only to itself, at its own cost.
+
+A packed batch (`llava_lite.data.collator`) is one row of samples laid end to end, their boundaries given as
+cumulative lengths, `cu_seq_lens` - the form flash attention's variable-length kernels take. Under
+`flash_attention_2/3` transformers uses them as they are. Under sdpa, transformers would mask a packed row with
+a block-diagonal `[tokens, tokens]` mask and compute every block of it, the masked ones included: a row of
+eight 600-token samples costs eight times the attention it needs. `sdpa_varlen` runs sdpa once per sample
+instead, causal and unmasked (its fastest kernels), and is plain sdpa for every other call: with a padding
+mask, with a KV cache, in generation.
+
+It is a transformers attention implementation, registered under `sdpa_varlen` in `AttentionInterface` with
+sdpa's mask function, so the LM's attention modules dispatch to it as to any other. `LlavaLiteModel` sets it on
+an LM that runs sdpa (`use_varlen_sdpa`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+logger = logging.getLogger(__name__)
+
+VARLEN_SDPA = "sdpa_varlen"
+
+
+def varlen_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """sdpa over each `[start, end)` of `cu_seq_lens_q` on its own, causal; plain sdpa when they are absent.
+    Query, key and value are `[1, heads, tokens, head_dim]`; the output is `[1, tokens, heads, head_dim]`."""
+    packed = cu_seq_lens_q is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2]
+    if not packed or (cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_k, cu_seq_lens_q)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    bounds = cu_seq_lens_q.tolist()
+    if bounds[0] != 0 or bounds[-1] != query.shape[2]:
+        raise ValueError(f"cu_seq_lens_q {bounds} do not cover the {query.shape[2]} tokens of the sequence")
+    pieces = [
+        sdpa_attention_forward(
+            module,
+            query[:, :, start:end],
+            key[:, :, start:end],
+            value[:, :, start:end],
+            None,
+            dropout,
+            scaling,
+            is_causal=True,
+        )[0]
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True)
+        if end > start
+    ]
+    return torch.cat(pieces, dim=1), None
+
+
+AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
+# Masks as sdpa's: a padded batch or a cached generation step is masked exactly as under sdpa.
+ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, sdpa_mask)
+
+
+def use_varlen_sdpa(language_model) -> None:
+    """Run `language_model`'s attention as `sdpa_varlen` when it runs sdpa (a no-op otherwise, e.g. under eager
+    or flash attention, or for an LM whose attention transformers cannot switch)."""
+    if getattr(language_model.config, "_attn_implementation", None) != "sdpa":
+        return
+    try:
+        language_model.set_attn_implementation(VARLEN_SDPA)
+    except (ValueError, ImportError, AttributeError) as error:
+        logger.info("%s keeps plain sdpa (%s): packed rows cost their full attention", type(language_model), error)
