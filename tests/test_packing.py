@@ -74,6 +74,55 @@ def test_position_ids_restart_at_each_packed_sample_and_the_batch_has_no_attenti
     assert batch["image_tokens"].tolist() == [16, 16, 16]
 
 
+def test_packed_items_make_one_row_without_padding_and_name_their_samples_boundaries(tiny_model, image_folder):
+    first, second, third = samples_for(tiny_model, image_folder)
+    lengths = [len(s["input_ids"]) for s in (first, second, third)]
+    batch = Collator(tiny_model.tokenizer.pad_token_id)([{"packed": [first, second]}, {"packed": [third]}])
+    assert batch["input_ids"].shape == (1, sum(lengths))
+    assert batch["cu_seq_lens"].tolist() == [0, lengths[0], lengths[0] + lengths[1], sum(lengths)]
+    starts = batch["cu_seq_lens"][:-1].long()
+    assert (batch["labels"][0, starts] == -100).all()  # no sample's first token is predicted from another's
+    padded = Collator(tiny_model.tokenizer.pad_token_id, pad_to_multiple_of=64)([{"packed": [first, second]}])
+    length = padded["input_ids"].shape[1]
+    assert length % 64 == 0 and length > lengths[0] + lengths[1]
+    assert padded["cu_seq_lens"].tolist() == [0, lengths[0], lengths[0] + lengths[1], length]  # padding: its own
+
+
+def test_packed_rows_under_sdpa_attend_one_sample_at_a_time(image_folder, monkeypatch):
+    model = model_with("sdpa").eval()
+    assert model.language_model.config._attn_implementation == "sdpa_varlen"
+    samples = samples_for(model, image_folder)
+    batch = without_labels(Collator(model.tokenizer.pad_token_id)([{"packed": samples}]))
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query, key, value, attn_mask=None, **kwargs):
+        calls.append((query.shape[2], attn_mask is None, kwargs.get("is_causal")))
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    with torch.no_grad():
+        varlen = model(**batch).logits
+        layers = model.language_model.config.num_hidden_layers
+        lengths = [len(s["input_ids"]) for s in samples]
+        assert calls == [(n, True, True) for n in lengths] * layers  # per sample: causal, unmasked
+        model.language_model.set_attn_implementation("sdpa")  # transformers' block-diagonal mask over the row
+        calls.clear()
+        masked = model(**batch).logits
+    assert calls == [(sum(lengths), False, False)] * layers
+    torch.testing.assert_close(varlen, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_a_padded_batch_under_varlen_sdpa_is_plain_sdpa(image_folder):
+    model = model_with("sdpa").eval()
+    batch = without_labels(Collator(model.tokenizer.pad_token_id)(samples_for(model, image_folder)))
+    with torch.no_grad():
+        varlen = model(**batch).logits
+        model.language_model.set_attn_implementation("sdpa")
+        plain = model(**batch).logits
+    assert torch.equal(varlen, plain)
+
+
 def trained_gradients(model: LlavaLiteModel, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     loss = model(**batch).loss
@@ -109,13 +158,15 @@ def test_the_loss_on_trained_positions_equals_the_loss_over_every_position(image
 
 
 class LargestTensor(TorchDispatchMode):
-    """The most elements any operation produced while it was active."""
+    """The most elements any operation produced while it was active, and the operations' names."""
 
     def __init__(self) -> None:
         super().__init__()
         self.largest = 0
+        self.operations: set[str] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.operations.add(func.overloadpacket.__name__)
         out = func(*args, **(kwargs or {}))
         for tensor in out if isinstance(out, tuple | list) else (out,):
             if isinstance(tensor, torch.Tensor):
@@ -229,3 +280,33 @@ def test_the_liger_kernel_is_refused_in_one_line_where_it_cannot_run(tmp_path):
     )
     with pytest.raises(ValueError, match="^train.loss_kernel liger needs the liger-kernel package and a CUDA GPU$"):
         build_training_model(resolved(config))
+
+
+@pytest.mark.parametrize("frozen", ["nothing", "head"])
+def test_the_chunked_loss_gives_the_full_heads_gradients_with_a_bias_and_makes_none_without_grad(frozen, monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 3 * 97)  # chunks of 3 positions, the last one shorter
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 97)
+    head.requires_grad_(frozen != "head")
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 97, (2, 9))
+    labels[0, :4] = -100
+
+    def gradients(loss):
+        hidden.grad = head.weight.grad = head.bias.grad = None
+        loss.backward()
+        return [t.grad for t in (hidden, head.weight, head.bias)]
+
+    ours = gradients(ours_loss := loss_module.trained_positions_loss(hidden, head, labels, num_items_in_batch=7))
+    logits = head(hidden)[:, :-1].flatten(0, 1)
+    full = gradients(
+        full_loss := torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), reduction="sum") / 7
+    )
+    torch.testing.assert_close(ours_loss, full_loss, rtol=1e-6, atol=0)
+    for mine, theirs in zip(ours, full, strict=True):
+        assert (mine is None) == (theirs is None) == (frozen == "head" and mine is not ours[0])
+        if theirs is not None:
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
+    with torch.no_grad(), LargestTensor() as made:
+        assert loss_module.trained_positions_loss(hidden, head, labels, num_items_in_batch=7) == ours_loss
+    assert "mm" not in made.operations and "addmm_" not in made.operations  # no gradient products
