@@ -3,10 +3,10 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_train.py REPORT_DIR \
         [--kill-after-checkpoint N] -- train CONFIG.yaml [key=value ...]
 
-Each rank writes REPORT_DIR/rank{R}.json: per micro-batch its image and text-only rows, the wrapper the Trainer
-put around the model and its `find_unused_parameters`, and the records this rank skipped. With
-`--kill-after-checkpoint N` every rank kills itself (SIGKILL) once checkpoint-N is in place, as a machine lost
-mid-run would.
+Each rank writes REPORT_DIR/rank{R}.json: per micro-batch its image and text-only rows (and, packed, the samples
+in its row), the wrapper the Trainer put around the model and its `find_unused_parameters`, and the records this
+rank skipped. With `--kill-after-checkpoint N` every rank kills itself (SIGKILL) once checkpoint-N is in place,
+as a machine lost mid-run would.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> int:
     parser.add_argument("--kill-after-checkpoint", type=int, default=None)
     split = sys.argv.index("--")
     args, command = parser.parse_args(sys.argv[1:split]), sys.argv[split + 1 :]
-    seen = {"batches": [], "wrapper": None, "find_unused_parameters": None}
+    seen = {"batches": [], "samples_per_row": [], "wrapper": None, "find_unused_parameters": None}
     trainers = []
 
     compute_loss = LlavaTrainer.compute_loss
@@ -43,6 +43,8 @@ def main() -> int:
             seen["find_unused_parameters"] = getattr(model, "find_unused_parameters", None)
         image_rows = (inputs["input_ids"] == self.model.image_token_id).any(dim=1)
         seen["batches"].append([int(image_rows.sum()), int((~image_rows).sum())])
+        if "cu_seq_lens" in inputs:  # a packed batch: one row, its samples' boundaries
+            seen["samples_per_row"].append(len(inputs["cu_seq_lens"]) - 1)
         return compute_loss(self, model, inputs, *rest, **kwargs)
 
     LlavaTrainer.compute_loss = recording_compute_loss

@@ -83,12 +83,14 @@ def launch(command: list[str], timeout: int = 300) -> subprocess.CompletedProces
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def torchrun_train(recipe: Path, output: Path, reports: Path, *extra: str) -> subprocess.CompletedProcess:
+def torchrun_train(
+    recipe: Path, output: Path, reports: Path, *extra: str, overrides: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     """Two ranks under torchrun, each running `llava-lite train` (through tests/distributed_train.py)."""
     return launch(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
         + [str(HELPERS / "distributed_train.py"), str(reports), *extra]
-        + ["--", "train", str(recipe), f"output_dir={output}"]
+        + ["--", "train", str(recipe), f"output_dir={output}", *overrides]
     )
 
 
@@ -141,6 +143,27 @@ def test_two_processes_train_exactly_as_one_with_twice_the_batch(recipe, two_ran
     trained_two = LlavaLiteModel.from_pretrained(two_ranks["output"]).state_dict()
     for name, weight in trained_one.items():
         assert torch.allclose(trained_two[name], weight, rtol=1e-5, atol=1e-6), name
+
+
+def test_two_processes_train_packed_rows_exactly_as_one_with_twice_the_rows(recipe, tmp_path):
+    packing = ("data.packing=true", "data.pack_length=100")  # rows of an image sample and a text-only one
+    output, reports = tmp_path / "two", tmp_path / "reports"
+    done = torchrun_train(recipe, output, reports, overrides=(*packing, "train.batch_size=1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "packed 24 samples into 14 rows" in done.stderr  # 12 rows in 6 steps: all in the first epoch
+    ranks = [json.loads((reports / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for seen in ranks:
+        assert len(seen["batches"]) == STEPS and all(sum(batch) == 1 for batch in seen["batches"])  # one row
+        assert len(seen["samples_per_row"]) == STEPS
+    assert max(n for seen in ranks for n in seen["samples_per_row"]) >= 2  # samples share a row
+    config = load_train_config(recipe, [f"output_dir={tmp_path / 'one'}", *packing, "train.batch_size=2"])
+    expected, got = history(run_training(config)), history(output)
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
+    for step in expected:
+        assert_close(got[step]["loss"], expected[step]["loss"], f"loss at step {step}")
+        # One row of 2 x the samples against two rows averaged by DDP: the sums run in another order.
+        grad_norm = got[step]["grad_norm"]
+        assert abs(grad_norm - expected[step]["grad_norm"]) <= 1e-4 * grad_norm, f"gradient norm at step {step}"
 
 
 def test_two_processes_write_one_run_folder_that_loads_answers_and_counts_both_ranks_skips(recipe, two_ranks):

@@ -5,7 +5,7 @@ One model, one data set, several sides, each in a process of its own, repetition
 - `trl`: TRL's `SFTTrainer` on that same model and the same batches (skipped, with a note, without `trl`:
   `pip install -e ".[bench]"`);
 - `ours`: our stage-2 recipe, padded batches; `ours_grouped`: batches grouped by modality and length;
-  `ours_packed`: packed rows.
+  `ours_packed`: packed rows (a step's rows laid end to end in one padding-free sequence).
 Every side starts from the same weights (ours exported to transformers' format, which `init_from` loads back),
 trains every weight but the frozen tower at one constant learning rate, and - where order matters (plain, trl,
 ours) - meets the same samples in the same order, so their first losses agree.

@@ -66,7 +66,7 @@ class DataConfig:
     # Look for every image file when the data is loaded, so missing images surface before training.
     check_images_exist: bool = True
     # Sequence packing: several samples in one row, each kept apart (position ids restart, no attention across
-    # samples), so little is padding. With packing, `train.batch_size` counts rows.
+    # samples), and a step's rows laid end to end with no padding. With packing, `train.batch_size` counts rows.
     packing: bool = False
     pack_length: int | None = None  # tokens per row; default: max_length
     pack_images: int | None = None  # images per row; default: no limit

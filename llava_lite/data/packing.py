@@ -5,9 +5,10 @@ pixel): the samples, in an order shuffled by the seed, are taken a window at a t
 decreasing into rows that hold at most `tokens` tokens and `images` images. A sample is never split; one longer
 than the budget gets a row of its own. The plan depends on the seed alone, so a resumed run packs the same rows.
 
-Isolation is the model's side: the collator restarts position ids at each sample and sends no attention mask,
-and transformers turns the restarts into a block-diagonal causal mask (sdpa, eager) or variable-length
-attention (flash attention) - see `llava_lite.data.collator`.
+Isolation is the model's side: the collator lays a step's rows end to end, restarts position ids at each
+sample, sends no attention mask and names the samples' boundaries (`cu_seq_lens`); the LM's attention then runs
+each sample alone (flash attention's variable-length kernels, `llava_lite.model.attention` under sdpa) or under
+transformers' block-diagonal mask (eager) - see `llava_lite.data.collator`.
 """
 
 from __future__ import annotations
