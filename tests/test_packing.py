@@ -101,16 +101,62 @@ def test_packed_rows_under_sdpa_attend_one_sample_at_a_time(image_folder, monkey
         return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
-    with torch.no_grad():
+    tokens = batch["input_ids"].shape[1]
+    with torch.no_grad(), SquareMasks(tokens) as varlen_masks:
         varlen = model(**batch).logits
+    assert varlen_masks.made == 0  # no [tokens, tokens] mask is built
+    with torch.no_grad():
         layers = model.language_model.config.num_hidden_layers
         lengths = [len(s["input_ids"]) for s in samples]
         assert calls == [(n, True, True) for n in lengths] * layers  # per sample: causal, unmasked
         model.language_model.set_attn_implementation("sdpa")  # transformers' block-diagonal mask over the row
         calls.clear()
-        masked = model(**batch).logits
-    assert calls == [(sum(lengths), False, False)] * layers
+        with SquareMasks(tokens) as masks:
+            masked = model(**batch).logits
+    assert masks.made > 0 and calls == [(sum(lengths), False, False)] * layers
     torch.testing.assert_close(varlen, masked, rtol=1e-5, atol=1e-5)
+
+
+class SquareMasks(TorchDispatchMode):
+    """How many boolean `[..., tokens, tokens]` tensors operations made while it was active."""
+
+    def __init__(self, tokens: int) -> None:
+        super().__init__()
+        self.tokens, self.made = tokens, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, tuple | list) else (out,):
+            if (
+                isinstance(tensor, torch.Tensor)
+                and tensor.dtype == torch.bool
+                and tensor.shape[-2:] == (self.tokens,) * 2
+            ):
+                self.made += 1
+        return out
+
+
+def test_an_attention_not_handed_the_boundaries_stops_rather_than_mix_packed_samples(image_folder, monkeypatch):
+    model = model_with("sdpa").eval()
+    attention = model.language_model.model.layers[0].self_attn
+    forward = attention.forward
+
+    def dropping(*args, **kwargs):  # as an LM that does not pass its keyword arguments on would
+        kwargs.pop("cu_seq_lens_q"), kwargs.pop("cu_seq_lens_k")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "forward", dropping)
+    batch = without_labels(Collator(model.tokenizer.pad_token_id)([{"packed": samples_for(model, image_folder)}]))
+    with pytest.raises(RuntimeError, match="LlamaAttention was not handed cu_seq_lens.*data.packing false"):
+        model(**batch)
+
+
+def test_a_new_models_first_batch_may_be_packed(image_folder):
+    model = model_with("sdpa").train()  # the loss's one-time probe of the LM runs before the packed forward
+    samples = samples_for(model, image_folder)
+    packed = model(**Collator(model.tokenizer.pad_token_id)([{"packed": samples}])).loss
+    unpacked = model(**Collator(model.tokenizer.pad_token_id)(samples)).loss
+    assert abs(packed - unpacked) / unpacked < 1e-5
 
 
 def test_a_padded_batch_under_varlen_sdpa_is_plain_sdpa(image_folder):

@@ -8,14 +8,19 @@ eight 600-token samples costs eight times the attention it needs. `sdpa_varlen` 
 instead, causal and unmasked (its fastest kernels), and is plain sdpa for every other call: with a padding
 mask, with a KV cache, in generation.
 
-It is a transformers attention implementation, registered under `sdpa_varlen` in `AttentionInterface` with
-sdpa's mask function, so the LM's attention modules dispatch to it as to any other. `LlavaLiteModel` sets it on
-an LM that runs sdpa (`use_varlen_sdpa`).
+It is a transformers attention implementation, registered under `sdpa_varlen` in `AttentionInterface`, so the
+LM's attention modules dispatch to it as to any other; `LlavaLiteModel` sets it on an LM that runs sdpa
+(`use_varlen_sdpa`). Its mask function is sdpa's, except while the model runs the LM on a packed batch
+(`attending_by_segments`): then no `[tokens, tokens]` mask is built at all, and an attention call that did not
+receive the boundaries stops with an error rather than let samples see each other.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from transformers import AttentionInterface
@@ -43,6 +48,11 @@ def varlen_sdpa_attention(
     Query, key and value are `[1, heads, tokens, head_dim]`; the output is `[1, tokens, heads, head_dim]`."""
     packed = cu_seq_lens_q is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2]
     if not packed or (cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_k, cu_seq_lens_q)):
+        if _by_segments.get() and attention_mask is None:
+            raise RuntimeError(
+                f"{type(module).__name__} was not handed cu_seq_lens: this LM cannot attend to packed samples "
+                "one at a time under sdpa; set data.packing false or language_model.attn_implementation eager"
+            )
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     bounds = cu_seq_lens_q.tolist()
     if bounds[0] != 0 or bounds[-1] != query.shape[2]:
@@ -64,9 +74,30 @@ def varlen_sdpa_attention(
     return torch.cat(pieces, dim=1), None
 
 
+# Set while the model runs the LM on a packed batch whose boundaries reach the attention as cu_seq_lens.
+_by_segments: ContextVar[bool] = ContextVar("llava_lite_by_segments", default=False)
+
+
+@contextmanager
+def attending_by_segments() -> Iterator[None]:
+    """While the LM runs on a packed batch: no mask is built, each sample is attended alone."""
+    token = _by_segments.set(True)
+    try:
+        yield
+    finally:
+        _by_segments.reset(token)
+
+
+def varlen_sdpa_mask(**kwargs) -> torch.Tensor | None:
+    """sdpa's mask (a padded batch, a cached generation step), or none on a packed batch, whose samples'
+    boundaries the attention takes from cu_seq_lens."""
+    if _by_segments.get() and kwargs.get("attention_mask") is None:
+        return None
+    return sdpa_mask(**kwargs)
+
+
 AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
-# Masks as sdpa's: a padded batch or a cached generation step is masked exactly as under sdpa.
-ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, sdpa_mask)
+ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, varlen_sdpa_mask)
 
 
 def use_varlen_sdpa(language_model) -> None:

@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from llava_lite.data.templates import template_special_tokens
-from llava_lite.model.attention import use_varlen_sdpa
+from llava_lite.model.attention import attending_by_segments, use_varlen_sdpa
 from llava_lite.model.config import ModelConfig
 from llava_lite.model.hf_llava import is_hf_llava_folder, load_hf_llava
 from llava_lite.model.image_layout import image_geometry
@@ -253,21 +253,25 @@ class LlavaLiteModel(nn.Module):
         restarts as boundaries wherever an attention takes a mask."""
         inputs_embeds = self.embed(input_ids, pixel_values, image_tokens, image_features, image_sizes)
         kwargs.setdefault("use_cache", False)  # a forward pass needs no cache (`generate` makes its own)
-        if cu_seq_lens is not None:
-            longest = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
-            kwargs.update(
-                cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=longest, max_length_k=longest
-            )
-        if labels is not None:
-            split = self._body_and_head() if self.loss_kernel != "full" else None
-            if split is not None:
-                body, head = split
-                num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-                hidden = body(
-                    inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
-                ).last_hidden_state
-                loss = trained_positions_loss(hidden, head, labels, num_items_in_batch, self.loss_kernel)
-                return CausalLMOutputWithPast(loss=loss)
+        # The loss's split of the LM is probed (once, on a few tokens of their own) before any packed forward.
+        split = self._body_and_head() if labels is not None and self.loss_kernel != "full" else None
+        if cu_seq_lens is None:
+            return self._language_model_forward(inputs_embeds, attention_mask, position_ids, labels, split, **kwargs)
+        longest = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
+        kwargs.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=longest, max_length_k=longest)
+        with attending_by_segments():
+            return self._language_model_forward(inputs_embeds, attention_mask, position_ids, labels, split, **kwargs)
+
+    def _language_model_forward(self, inputs_embeds, attention_mask, position_ids, labels, split, **kwargs):
+        """The LM on the embedded batch: with `split` (its body and head), the loss only where trained."""
+        if labels is not None and split is not None:
+            body, head = split
+            num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+            hidden = body(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+            ).last_hidden_state
+            loss = trained_positions_loss(hidden, head, labels, num_items_in_batch, self.loss_kernel)
+            return CausalLMOutputWithPast(loss=loss)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
