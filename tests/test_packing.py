@@ -151,6 +151,24 @@ def test_an_attention_not_handed_the_boundaries_stops_rather_than_mix_packed_sam
         model(**batch)
 
 
+def test_packed_samples_keep_a_sliding_window_under_varlen_sdpa(image_folder):
+    mistral = {"model_type": "mistral", "sliding_window": 8, "head_dim": 16}
+    torch.manual_seed(0)
+    config = {"attn_implementation": "sdpa", "model_config": {**preset("tiny").language_model.model_config, **mistral}}
+    model = LlavaLiteModel.from_config(preset("tiny", language_model=config)).eval()
+    assert model.language_model.config._attn_implementation == "sdpa_varlen"
+    samples = samples_for(model, image_folder)
+    batch = without_labels(Collator(model.tokenizer.pad_token_id)([{"packed": samples}]))
+    with torch.no_grad():
+        varlen = model(**batch).logits
+        model.language_model.set_attn_implementation("eager")  # transformers' sliding block-diagonal mask
+        eager = model(**batch).logits
+        model.language_model.config.sliding_window = None
+        unwindowed = model(**batch).logits
+    torch.testing.assert_close(varlen, eager, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(eager, unwindowed, atol=1e-3)  # the window matters on these samples
+
+
 def test_a_new_models_first_batch_may_be_packed(image_folder):
     model = model_with("sdpa").train()  # the loss's one-time probe of the LM runs before the packed forward
     samples = samples_for(model, image_folder)

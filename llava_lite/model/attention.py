@@ -5,8 +5,8 @@ cumulative lengths, `cu_seq_lens` - the form flash attention's variable-length k
 `flash_attention_2/3` transformers uses them as they are. Under sdpa, transformers would mask a packed row with
 a block-diagonal `[tokens, tokens]` mask and compute every block of it, the masked ones included: a row of
 eight 600-token samples costs eight times the attention it needs. `sdpa_varlen` runs sdpa once per sample
-instead, causal and unmasked (its fastest kernels), and is plain sdpa for every other call: with a padding
-mask, with a KV cache, in generation.
+instead, causal and unmasked (its fastest kernels; a sliding-window layer gets the window as a mask of the
+sample's size), and is plain sdpa for every other call: with a padding mask, with a KV cache, in generation.
 
 It is a transformers attention implementation, registered under `sdpa_varlen` in `AttentionInterface`, so the
 LM's attention modules dispatch to it as to any other; `LlavaLiteModel` sets it on an LM that runs sdpa
@@ -57,21 +57,22 @@ def varlen_sdpa_attention(
     bounds = cu_seq_lens_q.tolist()
     if bounds[0] != 0 or bounds[-1] != query.shape[2]:
         raise ValueError(f"cu_seq_lens_q {bounds} do not cover the {query.shape[2]} tokens of the sequence")
-    pieces = [
-        sdpa_attention_forward(
-            module,
-            query[:, :, start:end],
-            key[:, :, start:end],
-            value[:, :, start:end],
-            None,
-            dropout,
-            scaling,
-            is_causal=True,
-        )[0]
-        for start, end in zip(bounds[:-1], bounds[1:], strict=True)
-        if end > start
-    ]
+    window = kwargs.get("sliding_window")  # a sliding-window layer (Mistral, Qwen2's, Gemma's local layers)
+    pieces = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if end == start:
+            continue
+        mask = _sliding_causal(end - start, window, query.device) if window and end - start > window else None
+        part = (query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], mask, dropout, scaling)
+        pieces.append(sdpa_attention_forward(module, *part, is_causal=mask is None)[0])
     return torch.cat(pieces, dim=1), None
+
+
+def _sliding_causal(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """`[1, 1, length, length]`: query i sees keys i - window < j <= i (transformers' sliding-window rule)."""
+    query = torch.arange(length, device=device)[:, None]
+    key = torch.arange(length, device=device)[None]
+    return ((key <= query) & (key > query - window))[None, None]
 
 
 # Set while the model runs the LM on a packed batch whose boundaries reach the attention as cu_seq_lens.
