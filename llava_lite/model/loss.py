@@ -132,24 +132,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_logits[torch.arange(len(part_targets), device=grad_logits.device), part_targets] -= 1
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
-            grad_logits = grad_logits.to(weight.dtype)
+            if grad_weight is not None:  # summed over the chunks in float32
+                grad_weight.addmm_(grad_logits.t(), part.float())
             if grad_hidden is not None:
-                grad_hidden[start : start + rows] = grad_logits @ weight
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t().to(torch.float32), part.to(torch.float32))
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+                grad_hidden[start : start + rows] = grad_logits.to(weight.dtype) @ weight
+        ctx.save_for_backward(
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+        )
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        weight_dtype, bias_dtype = ctx.dtypes
-        return (
-            None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
-            None if grad_weight is None else (grad_weight * grad_total).to(weight_dtype),
-            None if grad_bias is None else (grad_bias * grad_total).to(bias_dtype),
-            None,
-            None,
-            None,
-        )
+        scaled = [None if grad is None else grad * grad_total.to(grad.dtype) for grad in ctx.saved_tensors]
+        return (*scaled, None, None, None)
