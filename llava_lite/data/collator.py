@@ -18,6 +18,7 @@ A batch holding replay text (`llava_lite.data.replay`) also marks its tokens, `r
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,11 +35,10 @@ class Row:
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor
+    replay: torch.Tensor  # per token: part of a replay sample
     pixel_values: list[torch.Tensor] = field(default_factory=list)  # per image `[3, H, W]` (AnyRes `[views, 3, H, W]`)
     image_tokens: list[int] = field(default_factory=list)
-    replay: torch.Tensor | None = None  # per token: part of a replay sample
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
-    segment_ends: list[int] = field(default_factory=list)  # packed: where each sample ends
 
 
 @dataclass
@@ -49,27 +49,25 @@ class Collator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, samples: list[dict]) -> dict:
-        packed = any("packed" in sample for sample in samples)
-        if packed:  # one row; a lone sample beside packed items is an item of one
-            items = [sample.get("packed", [sample]) for sample in samples]
-            rows = [_joined(items, self.rows([{"packed": item} for item in items]))]
-        else:
-            rows = self.rows(samples)
+        packed = []  # packed items' samples (and any lone sample beside them), all in one row
+        if any("packed" in sample for sample in samples):
+            packed = [part for sample in samples for part in sample.get("packed", [sample])]
+        rows = [_packed_row(packed)] if packed else [_row(sample) for sample in samples]
         length = max(len(row.input_ids) for row in rows)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch = {
             "input_ids": torch.stack([self._pad(r.input_ids, length, self.pad_token_id) for r in rows]),
             "labels": torch.stack([self._pad(r.labels, length, IGNORE_INDEX) for r in rows]),
-            "attention_mask": torch.stack([self._pad(torch.ones_like(r.input_ids), length, 0) for r in rows]),
             "position_ids": torch.stack([self._pad(r.position_ids, length, 0) for r in rows]),
         }
-        if packed:
-            batch.pop("attention_mask")  # the samples' boundaries are the position ids' restarts and cu_seq_lens
-            ends = [*rows[0].segment_ends, *([length] if length > rows[0].segment_ends[-1] else [])]
-            batch["cu_seq_lens"] = torch.tensor([0, *ends], dtype=torch.int32)
-        if any(row.replay is not None and row.replay.any() for row in rows):
-            batch[REPLAY_TOKENS] = torch.stack([self._pad(_replay_marks(r), length, False) for r in rows])
+        if packed:  # no attention mask: the samples' boundaries are the position ids' restarts and cu_seq_lens
+            ends = list(itertools.accumulate(len(sample["input_ids"]) for sample in packed))
+            batch["cu_seq_lens"] = torch.tensor([0, *ends, *([length] if length > ends[-1] else [])], dtype=torch.int32)
+        else:
+            batch["attention_mask"] = torch.stack([self._pad(torch.ones_like(r.input_ids), length, 0) for r in rows])
+        if any(row.replay.any() for row in rows):
+            batch[REPLAY_TOKENS] = torch.stack([self._pad(r.replay, length, False) for r in rows])
         images = [image for row in rows for image in row.pixel_values]
         if images:
             batch["pixel_values"] = stack_images(images)
@@ -78,11 +76,6 @@ class Collator:
             if len(sizes) == len(images):  # samples made by hand may leave the sizes out
                 batch["image_sizes"] = torch.tensor(sizes, dtype=torch.long).view(-1, 2)
         return batch
-
-    def rows(self, samples: list[dict]) -> list[Row]:
-        """One row per sample; a packed item's samples one after another in one row (`__call__` then joins
-        the rows of packed items into one)."""
-        return [_packed_row(sample["packed"]) if "packed" in sample else _row(sample) for sample in samples]
 
     def _pad(self, values: torch.Tensor, length: int, fill: int) -> torch.Tensor:
         padding = values.new_full((length - len(values),), fill)
@@ -118,25 +111,6 @@ def _packed_row(samples: list[dict]) -> Row:
         replay=torch.cat([p.replay for p in parts]),
         image_sizes=[size for p in parts for size in p.image_sizes],
     )
-
-
-def _joined(items: list[list[dict]], rows: list[Row]) -> Row:
-    """The rows of packed items laid end to end as one row, with the end of every sample in it."""
-    ends = [int(n) for n in torch.tensor([len(s["input_ids"]) for item in items for s in item]).cumsum(0)]
-    return Row(
-        input_ids=torch.cat([r.input_ids for r in rows]),
-        labels=torch.cat([r.labels for r in rows]),
-        position_ids=torch.cat([r.position_ids for r in rows]),
-        pixel_values=[image for r in rows for image in r.pixel_values],
-        image_tokens=[n for r in rows for n in r.image_tokens],
-        replay=torch.cat([_replay_marks(r) for r in rows]),
-        image_sizes=[size for r in rows for size in r.image_sizes],
-        segment_ends=ends,
-    )
-
-
-def _replay_marks(row: Row) -> torch.Tensor:
-    return row.replay if row.replay is not None else torch.zeros(len(row.input_ids), dtype=torch.bool)
 
 
 def batch_to(batch: dict, device: torch.device | str) -> dict:
