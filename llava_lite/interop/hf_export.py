@@ -97,19 +97,18 @@ def _assemble_for_saving(model: LlavaLiteModel, dtype: torch.dtype | None = None
         pinpoints = [list(p) for p in model.anyres.pinpoints]
         config = LlavaNextConfig(**settings, image_token_index=model.image_token_id, image_grid_pinpoints=pinpoints)
         model_class = LlavaNextForConditionalGeneration
-        projector_state["image_newline"] = model.projector.image_newline
     else:
         config = LlavaConfig(**settings, image_token_id=model.image_token_id)
         model_class = LlavaForConditionalGeneration
     for part in (config, config.text_config, config.vision_config):
         part.dtype = dtype
-    newline = projector_state.pop("image_newline", None)
     state = {
-        **({"model.image_newline": newline} if newline is not None else {}),
         **{f"model.vision_tower.{k}": v for k, v in vision_state.items()},
         **{f"model.multi_modal_projector.{k}": v for k, v in projector_state.items()},
         **language_model_state(lm),
     }
+    if model.anyres is not None:
+        state["model.image_newline"] = model.projector.image_newline
     with torch.device("meta"):
         hf_model = model_class(config)
     _check_names(hf_model, state)

@@ -47,14 +47,16 @@ def varlen_sdpa_attention(
     """sdpa over each `[start, end)` of `cu_seq_lens_q` on its own, causal; plain sdpa when they are absent.
     Query, key and value are `[1, heads, tokens, head_dim]`; the output is `[1, tokens, heads, head_dim]`."""
     packed = cu_seq_lens_q is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2]
-    if not packed or (cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_k, cu_seq_lens_q)):
+    if packed and cu_seq_lens_k is not None and cu_seq_lens_k is not cu_seq_lens_q:
+        packed = torch.equal(cu_seq_lens_k, cu_seq_lens_q)
+    if not packed:
         if _by_segments.get() and attention_mask is None:
             raise RuntimeError(
                 f"{type(module).__name__} was not handed cu_seq_lens: this LM cannot attend to packed samples "
                 "one at a time under sdpa; set data.packing false or language_model.attn_implementation eager"
             )
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    bounds = cu_seq_lens_q.tolist()
+    bounds = _bounds(cu_seq_lens_q)
     if bounds[0] != 0 or bounds[-1] != query.shape[2]:
         raise ValueError(f"cu_seq_lens_q {bounds} do not cover the {query.shape[2]} tokens of the sequence")
     window = kwargs.get("sliding_window")  # a sliding-window layer (Mistral, Qwen2's, Gemma's local layers)
@@ -66,6 +68,17 @@ def varlen_sdpa_attention(
         part = (query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], mask, dropout, scaling)
         pieces.append(sdpa_attention_forward(module, *part, is_causal=mask is None)[0])
     return torch.cat(pieces, dim=1), None
+
+
+_last_bounds: list = [None, []]  # the last cu_seq_lens seen, and its values
+
+
+def _bounds(cu_seq_lens: torch.Tensor) -> list[int]:
+    """`cu_seq_lens` as a list, read from its device once per forward (every layer is handed the same tensor),
+    not once per layer: on a GPU each read waits for the device."""
+    if _last_bounds[0] is not cu_seq_lens:
+        _last_bounds[:] = [cu_seq_lens, cu_seq_lens.tolist()]
+    return _last_bounds[1]
 
 
 def _sliding_causal(length: int, window: int, device: torch.device) -> torch.Tensor:

@@ -74,7 +74,7 @@ class LlavaLiteModel(nn.Module):
         self.vision_tower = vision_tower
         self.projector = projector
         self.language_model = language_model
-        use_varlen_sdpa(getattr(language_model, "get_base_model", lambda: language_model)())
+        use_varlen_sdpa(self.base_language_model)
         self.tokenizer = tokenizer
         self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
         # How the loss meets the LM head (llava_lite.model.loss): "chunked" or "liger" only where a label is,
@@ -184,9 +184,10 @@ class LlavaLiteModel(nn.Module):
             if image_sizes is None or len(image_sizes) != len(image_features):
                 raise ValueError("the anyres layout needs image_sizes, one (height, width) per image")
             newline = self.projector.image_newline
+            sizes = image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes  # one read, not per image
             return [
-                self.anyres.pack(self.projector(f.to(dtype)), tuple(int(v) for v in size), newline).to(out_dtype)
-                for f, size in zip(image_features, image_sizes)
+                self.anyres.pack(self.projector(f.to(dtype)), tuple(map(int, size)), newline).to(out_dtype)
+                for f, size in zip(image_features, sizes)
             ]
         if torch.is_tensor(image_features):
             return self.projector(image_features.to(dtype)).to(out_dtype)
@@ -347,7 +348,7 @@ def _check_slots(image_features: Images, slots: int, image_tokens: torch.Tensor 
             "every <image> placeholder needs exactly one image"
         )
     if image_tokens is not None:
-        expected = [int(n) for n in image_tokens]
+        expected = image_tokens.tolist() if torch.is_tensor(image_tokens) else [int(n) for n in image_tokens]
         if expected != per_image:
             raise ValueError(
                 f"image features do not fit their slots: {per_image} features per image, but the processor "
