@@ -121,8 +121,7 @@ class Meter:
     """Samples, real tokens and computed positions of the timed steps (every step after the first), wall time,
     and the first losses."""
 
-    def __init__(self, steps: int) -> None:
-        self.steps = steps
+    def __init__(self) -> None:
         self.samples = self.real = self.total = 0
         self.started = self.seconds = 0.0
         self.losses: list[float] = []
@@ -160,9 +159,8 @@ def peak_memory() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def our_batches(data: Path, start: Path, batch_size: int, steps: int) -> list[dict]:
-    """The batches our recipe trains on in the data's order, made by our processor and collator."""
-    from llava_lite.data.collator import Collator
+def our_dataset(data: Path, start: Path):
+    """The data as our processor encodes it for the model in `start`, and that model's tokenizer."""
     from llava_lite.data.config import DataConfig, DataSource
     from llava_lite.data.dataset import build_dataset
     from llava_lite.model.llava import LlavaLiteModel
@@ -170,8 +168,15 @@ def our_batches(data: Path, start: Path, batch_size: int, steps: int) -> list[di
 
     model = LlavaLiteModel.from_pretrained(start)
     processor = build_processor(model.config, model.tokenizer, max_length=2048)
-    dataset = build_dataset(DataConfig(sources=[DataSource(str(data))], max_length=2048), processor)
-    collate = Collator(model.tokenizer.pad_token_id)
+    return build_dataset(DataConfig(sources=[DataSource(str(data))], max_length=2048), processor), model.tokenizer
+
+
+def our_batches(data: Path, start: Path, batch_size: int, steps: int) -> list[dict]:
+    """The batches our recipe trains on in the data's order, made by our processor and collator."""
+    from llava_lite.data.collator import Collator
+
+    dataset, tokenizer = our_dataset(data, start)
+    collate = Collator(tokenizer.pad_token_id)
     return [collate([dataset[i] for i in range(s * batch_size, (s + 1) * batch_size)]) for s in range(steps + 1)]
 
 
@@ -184,7 +189,7 @@ def plain(data: Path, start: Path, args) -> dict:
     model = LlavaForConditionalGeneration.from_pretrained(start, dtype=torch.float32).to(device).train()
     model.model.vision_tower.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE, weight_decay=0)
-    meter = Meter(args.steps)
+    meter = Meter()
     for step, batch in enumerate(batches):
         meter.batch(step, batch)
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
@@ -208,7 +213,7 @@ def trl(data: Path, start: Path, args, out: Path) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     batches = our_batches(data, start, args.batch_size, args.steps)
-    meter = Meter(args.steps)
+    meter = Meter()
     # Rows that name their batch: TRL's data loader draws them in order, the collator hands over that batch.
     samples = Dataset.from_list(
         [{"batch": s, "row": row} for s, b in enumerate(batches) for row in range(b["input_ids"].shape[0])]
@@ -258,7 +263,7 @@ def ours(data: Path, start: Path, args, out: Path, side: str) -> dict:
     from llava_lite.train.config import TrainConfig
     from llava_lite.train.run import run_training
 
-    meter = Meter(args.steps)
+    meter = Meter()
     data_settings = {"sources": [{"path": str(data)}], "max_length": 2048, "shuffle": False}
     if side == "ours_grouped":
         data_settings.update(group_by_modality_length=True, shuffle=True)
@@ -423,14 +428,7 @@ def main() -> None:
 def packed_rows_for(data: Path, start: Path, args) -> int:
     """Rows per packed step that carry about as many samples as an unpacked step: one row holds
     pack_length / mean sample length samples."""
-    from llava_lite.data.config import DataConfig, DataSource
-    from llava_lite.data.dataset import build_dataset
-    from llava_lite.model.llava import LlavaLiteModel
-    from llava_lite.model.processing import build_processor
-
-    model = LlavaLiteModel.from_pretrained(start)
-    processor = build_processor(model.config, model.tokenizer, max_length=2048)
-    lengths, _ = build_dataset(DataConfig(sources=[DataSource(str(data))], max_length=2048), processor).measure()
+    lengths, _ = our_dataset(data, start)[0].measure()
     per_row = args.pack_length / statistics.mean(lengths)
     return max(1, round(args.batch_size / per_row))
 

@@ -17,14 +17,16 @@ from llava_lite.demo.forgetting import ForgettingSettings, plot, run_forgetting,
 
 
 def main(argv: list[str] | None = None) -> int:
+    defaults = ForgettingSettings(Path("runs/forgetting"))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/forgetting", help="folder for the data, runs and results")
-    parser.add_argument("--plot", default=None, metavar="PNG", help="also draw the ratios and perplexities")
-    parser.add_argument("--pretrain-steps", type=int, default=400, help="steps of pretraining on text (400)")
-    parser.add_argument("--stage2-steps", type=int, default=60, help="steps of each stage-2 run (60)")
-    parser.add_argument("--replay-ratio", type=float, default=0.5, help="replayed share of the samples (0.5)")
-    parser.add_argument("--kl", type=float, default=1.0, help="BETA of the KL to the base (1.0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the data and every run (0)")
+    add = parser.add_argument
+    add("--out", default=str(defaults.out), help="folder for the data, runs and results")
+    add("--plot", default=None, metavar="PNG", help="also draw the ratios and perplexities")
+    add("--pretrain-steps", type=int, default=defaults.pretrain_steps, help="pretraining steps on text (%(default)s)")
+    add("--stage2-steps", type=int, default=defaults.stage2_steps, help="steps of each stage-2 run (%(default)s)")
+    add("--replay-ratio", type=float, default=defaults.replay_ratio, help="replayed share of samples (%(default)s)")
+    add("--kl", type=float, default=defaults.kl_to_base, help="BETA of the KL to the base (%(default)s)")
+    add("--seed", type=int, default=defaults.seed, help="seed for the data and every run (%(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     settings = ForgettingSettings(

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 def _print_packing(good, data_config, pack_length: int | None, seed: int) -> None:
     from llava_lite.data.packing import PackingBudget, packing_efficiency, plan_rows
 
-    budget = PackingBudget(pack_length or data_config.pack_length or data_config.max_length, data_config.pack_images)
+    budget = PackingBudget.of(data_config, pack_length)
     lengths = [len(encoded.input_ids) for encoded in good]
     rows = plan_rows(lengths, [len(e.images) for e in good], budget, data_config.pack_window, seed)
     print(

@@ -51,10 +51,6 @@ class AnyRes:
         """Tile rows and columns for an image of `size` (height, width)."""
         return tuple(get_anyres_image_grid_shape(list(size), [list(p) for p in self.pinpoints], self.tile))
 
-    def num_views(self, size: tuple[int, int]) -> int:
-        rows, cols = self.tile_grid(size)
-        return rows * cols + 1
-
     def unpadded_grid(self, size: tuple[int, int]) -> tuple[int, int]:
         """The tiles' feature grid (height, width) once the rows or columns that only saw padding are removed."""
         rows, cols = self.tile_grid(size)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
+from llava_lite.data.config import DataConfig
 from llava_lite.data.dataset import ConversationDataset
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,11 @@ class PackingBudget:
     def __post_init__(self) -> None:
         if self.tokens < 1 or (self.images is not None and self.images < 1):
             raise ValueError(f"a packing budget needs at least one token and one image, got {self}")
+
+    @classmethod
+    def of(cls, data: DataConfig, tokens: int | None = None) -> PackingBudget:
+        """The budget `data` packs with: `tokens` if given, else `pack_length`, else `max_length`."""
+        return cls(tokens or data.pack_length or data.max_length, data.pack_images)
 
 
 def plan_rows(
@@ -93,17 +99,16 @@ class PackedDataset(Dataset):
 
     def __init__(self, samples: ConversationDataset, budget: PackingBudget, window: int = 1000, seed: int = 0) -> None:
         self.samples = samples
-        self.budget = budget
         lengths, images = samples.measure()
         good = [record for record, length in enumerate(lengths) if length > 0]
         if not good:
             raise ValueError("every record of the data is bad; nothing to pack")
         plan = plan_rows([lengths[r] for r in good], [images[r] for r in good], budget, window, seed)
         self.rows = [[good[i] for i in row] for row in plan]
-        self.efficiency = packing_efficiency(plan, [lengths[r] for r in good], budget)
+        efficiency = packing_efficiency(plan, [lengths[r] for r in good], budget)
         logger.info(
             "packed %d samples into %d rows of up to %d tokens (%.1f %% of the rows' tokens filled)",
-            len(good), len(self.rows), budget.tokens, 100 * self.efficiency,
+            len(good), len(self.rows), budget.tokens, 100 * efficiency,
         )  # fmt: skip
 
     def __len__(self) -> int:
@@ -120,7 +125,3 @@ class PackedDataset(Dataset):
     @property
     def skips(self):
         return self.samples.skips
-
-    @property
-    def skipped_at_load(self):
-        return self.samples.skipped_at_load

@@ -100,12 +100,6 @@ class Processor:
             raise BadRecordError(source, "no_trained_tokens", "no assistant token left to train (after truncation)")
         return encoded
 
-    def pixel_values(self, images: list[ImageInput], source: str = "record") -> list[torch.Tensor]:
-        """Each image as the tower's `[3, H, W]` input (AnyRes: its views, `[views, 3, H, W]`); paths are loaded
-        here (BadRecordError when they cannot be)."""
-        preprocess = self.geometry.preprocessor
-        return [preprocess(image) for image in self._load(images, source)]
-
     def _load(self, images: list[ImageInput], source: str) -> list[Image.Image]:
         return [image if isinstance(image, Image.Image) else load_image(image, source) for image in images]
 

@@ -13,10 +13,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from llava_lite.config_io import ConfigError, to_dict
+from llava_lite.config_io import ConfigError, load_yaml, to_dict
 from llava_lite.train.config import TrainConfig
 from llava_lite.train.trainer import RUN_CONFIG_FILE, STAGING_DIR
 
@@ -59,7 +58,7 @@ def check_same_run(config: TrainConfig, run_folder: str | Path | None) -> None:
     `run_folder` (a checkpoint or a finished run); nothing when there is no folder or no saved config."""
     if run_folder is None or not (Path(run_folder) / RUN_CONFIG_FILE).is_file():
         return
-    saved = yaml.safe_load((Path(run_folder) / RUN_CONFIG_FILE).read_text(encoding="utf-8")) or {}
+    saved = load_yaml(Path(run_folder) / RUN_CONFIG_FILE)
     differences = config_differences(saved, to_dict(config))
     if differences:
         key, then, now = differences[0]

@@ -21,7 +21,7 @@ from llava_lite.eval.callback import EvaluationCallback
 from llava_lite.train.config import TrainConfig, resolved
 from llava_lite.train.recipe import build_training_model, training_processor
 from llava_lite.train.regularizers import Objective
-from llava_lite.train.resume import check_same_run, clear_earlier_run, finished_step
+from llava_lite.train.resume import STATE_FILE, check_same_run, clear_earlier_run, finished_step
 from llava_lite.train.trainer import LlavaTrainer
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(str(output_dir))
     if trainer.args.should_save:
-        trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
+        trainer.state.save_to_json(str(output_dir / STATE_FILE))
     # Records skipped while samples were built, by any process (DataLoader workers and ranks), each once.
     skipped = skipped_at_load + train_dataset.skips.counts_across_processes()
     logger.info("saved %s%s", output_dir, _skips(skipped))
@@ -103,8 +103,7 @@ def training_dataset(config: TrainConfig, samples: ConversationDataset) -> Conve
     data = config.data
     if not data.packing:
         return samples
-    budget = PackingBudget(data.pack_length or data.max_length, data.pack_images)
-    return PackedDataset(samples, budget, data.pack_window, config.seed)
+    return PackedDataset(samples, PackingBudget.of(data), data.pack_window, config.seed)
 
 
 def _objective(config: TrainConfig, model) -> Objective | None:
