@@ -12,6 +12,11 @@ REASONS = (
     "image_count_mismatch",
     "too_long",
     "no_trained_tokens",
+    # Preference pairs (llava_lite.data.preference_formats)
+    "no_chosen",
+    "no_rejected",
+    "identical_answers",
+    "prompt_not_ending_on_user",
 )
 
 

@@ -43,9 +43,9 @@ def read_source(
         try:
             if isinstance(row, BadRecordError):
                 raise row
-            conversation = parse_record(_rename(row, source.columns), where, roles)
+            conversation = parse_record(rename_columns(row, source.columns), where, roles)
             conversation.images = [
-                _checked_image(image_folder, image, where, check_images_exist) for image in conversation.images
+                checked_image_path(image_folder, image, where, check_images_exist) for image in conversation.images
             ]
         except BadRecordError as err:
             if on_bad_record == "error":
@@ -71,8 +71,8 @@ def parse_record(
     turns = row.get("conversations", row.get("messages"))
     if not isinstance(turns, list) or not turns:
         raise BadRecordError(where, "malformed", "no `conversations` or `messages` list")
-    images = _as_list(row.get("images", row.get("image")), where)
-    messages = [_parse_message(turn, number, where, roles, images) for number, turn in enumerate(turns, 1)]
+    images = image_list(row.get("images", row.get("image")), where)
+    messages = [parse_message(turn, number, where, roles, images) for number, turn in enumerate(turns, 1)]
     try:
         check_roles(messages, where)
     except TemplateError as err:
@@ -85,7 +85,8 @@ def parse_record(
     return Conversation(messages, images, None if record_id is None else str(record_id), where)
 
 
-def _parse_message(turn: Any, number: int, where: str, roles: dict[str, str], images: list[str]) -> Message:
+def parse_message(turn: Any, number: int, where: str, roles: dict[str, str], images: list[str]) -> Message:
+    """One `{from, value}` or `{role, content}` turn; image parts that carry a path append it to `images`."""
     if not isinstance(turn, dict):
         raise BadRecordError(where, "malformed", f"message {number} is not an object")
     role = turn.get("from", turn.get("role"))
@@ -100,7 +101,8 @@ def _parse_message(turn: Any, number: int, where: str, roles: dict[str, str], im
 
 
 def _flatten_parts(parts: list, number: int, where: str, images: list[str]) -> str:
-    """OpenAI-style content parts: text is joined; each image part becomes a placeholder, its path appended."""
+    """OpenAI-style content parts: text is joined; each image part becomes a placeholder, its path appended. A bare
+    `{"type": "image"}` (TRL's conversational format) stands for the next of the record's own `images`."""
     pieces = []
     for part in parts:
         kind = part.get("type") if isinstance(part, dict) else None
@@ -109,6 +111,9 @@ def _flatten_parts(parts: list, number: int, where: str, images: list[str]) -> s
         elif kind in ("image", "image_url"):
             value = part.get("image") or part.get("path") or part.get("image_url")
             url = value.get("url") if isinstance(value, dict) else value
+            if value is None and kind == "image":  # also as `datasets` reads it back: {"type", "image": None, ...}
+                pieces.append(IMAGE_PLACEHOLDER)
+                continue
             if not isinstance(url, str):
                 raise BadRecordError(where, "malformed", f"message {number} has an image part without a path")
             images.append(url)
@@ -118,7 +123,8 @@ def _flatten_parts(parts: list, number: int, where: str, images: list[str]) -> s
     return "".join(pieces)
 
 
-def _as_list(images: Any, where: str) -> list[str]:
+def image_list(images: Any, where: str) -> list[str]:
+    """A record's `image` or `images` as a list of paths."""
     if images is None or images == "":
         return []
     if isinstance(images, str):
@@ -128,14 +134,16 @@ def _as_list(images: Any, where: str) -> list[str]:
     raise BadRecordError(where, "malformed", "`image`/`images` must be a path or a list of paths")
 
 
-def _checked_image(folder: Path, image: str, where: str, check_exists: bool) -> str:
+def checked_image_path(folder: Path, image: str, where: str, check_exists: bool) -> str:
+    """`image` resolved inside `folder` (never outside it), and there unless `check_exists` is false."""
     path = resolve_image_path(folder, image, where)
     if check_exists and not path.is_file():
         raise BadRecordError(where, "missing_image", f"image {image} not found in {folder}")
     return str(path)
 
 
-def _rename(row: Any, columns: dict[str, str]) -> Any:
+def rename_columns(row: Any, columns: dict[str, str]) -> Any:
+    """`row` with the dataset's column names (values of `columns`) renamed to ours (its keys)."""
     if not columns or not isinstance(row, dict):
         return row
     renamed = {k: v for k, v in row.items() if k not in columns.values()}

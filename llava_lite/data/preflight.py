@@ -22,7 +22,7 @@ class NoRecordsError(ValueError):
 def require_records(config: DataConfig, records: list[Conversation], skipped: Counter, role: str = "data") -> None:
     """NoRecordsError when reading the sources left no record (`skipped`: the records skipped while reading)."""
     if not records:
-        raise NoRecordsError(_message(config, skipped, role))
+        raise NoRecordsError(no_records_message(config, skipped, role))
 
 
 def require_a_sample(
@@ -41,10 +41,11 @@ def require_a_sample(
             skipped[err.reason] += 1
             continue
         return
-    raise NoRecordsError(_message(config, skipped, role))
+    raise NoRecordsError(no_records_message(config, skipped, role))
 
 
-def _message(config: DataConfig, skipped: Counter, role: str) -> str:
+def no_records_message(config: DataConfig, skipped: Counter, role: str) -> str:
+    """The one line saying that `role`'s sources left nothing to train on, with the skips by reason."""
     sources = ", ".join(source.path for source in config.sources)
     if not skipped:
         return f"{role}: no records in {sources}"

@@ -22,7 +22,7 @@ from llava_lite.data.geometry import ImageGeometry, ImageInput
 from llava_lite.data.image_tokens import expand_image_tokens, truncate_keeping_images_whole
 from llava_lite.data.images import load_image
 from llava_lite.data.masking import IGNORE_INDEX, tokenize_rendered
-from llava_lite.data.templates import ChatTemplate, TemplateError
+from llava_lite.data.templates import ChatTemplate, RenderedConversation, TemplateError
 
 Overflow = Literal["truncate", "drop"]
 
@@ -60,8 +60,12 @@ class Processor:
         self.max_length = max_length
         self.overflow = overflow
 
-    def encode(self, conversation: Conversation, add_generation_prompt: bool = False) -> EncodedConversation:
-        """Ids and labels; each image's slots sized by the geometry (from its path or picture, not its pixels)."""
+    def encode(
+        self, conversation: Conversation, add_generation_prompt: bool = False, only_last_answer: bool = False
+    ) -> EncodedConversation:
+        """Ids and labels; each image's slots sized by the geometry (from its path or picture, not its pixels).
+        `only_last_answer` trains the final assistant message alone (a preference pair's completion), masked as
+        every answer is: from the end of the generation prompt through the end-of-turn marker."""
         source = conversation.source
         placeholders = conversation.placeholder_count(self.image_token)
         if placeholders != len(conversation.images):
@@ -74,6 +78,8 @@ class Processor:
             rendered = self.template.render(conversation.messages, add_generation_prompt=add_generation_prompt)
         except TemplateError as err:
             raise BadRecordError(source, "malformed", str(err)) from None
+        if only_last_answer:
+            rendered = RenderedConversation(rendered.text, rendered.assistant_spans[-1:])
         tokens = tokenize_rendered(self.tokenizer, rendered, source)
         image_slots = int((tokens.input_ids == self.image_token_id).sum())
         if image_slots != placeholders:
