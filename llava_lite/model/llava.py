@@ -21,13 +21,14 @@ whose length is the count the processor gave.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 
 from llava_lite.data.templates import template_special_tokens
 from llava_lite.model.attention import attending_by_segments, use_varlen_sdpa
@@ -40,7 +41,13 @@ from llava_lite.model.language_model import (
     fit_embeddings,
     prepare_tokenizer,
 )
-from llava_lite.model.loss import body_and_head, head_matches, trained_positions_loss
+from llava_lite.model.loss import (
+    body_and_head,
+    head_matches,
+    sequence_log_probs,
+    sequence_log_probs_from_logits,
+    trained_positions_loss,
+)
 from llava_lite.model.projector import Projector, projector_for
 from llava_lite.model.prompt_learning import (
     generate_with_virtual_tokens,
@@ -55,6 +62,16 @@ logger = logging.getLogger(__name__)
 
 # Pixels or tower features of a batch's images: one tensor when all share a shape, else one tensor per image.
 Images = torch.Tensor | list[torch.Tensor]
+
+
+@dataclass
+class SequenceLogProbs(ModelOutput):
+    """What `forward(..., sequence_log_probs=True)` returns: each sequence's summed log-probability of its labelled
+    tokens (`[sequences]`, float32), and the tower's features of the batch's images when this pass computed them
+    (so that a second pass over the same images, a reference model's, need not run the tower again)."""
+
+    logps: torch.Tensor | None = None
+    image_features: Images | None = None
 
 
 class LlavaLiteModel(nn.Module):
@@ -200,10 +217,13 @@ class LlavaLiteModel(nn.Module):
         image_tokens: torch.Tensor | None = None,
         image_features: Images | None = None,
         image_sizes: torch.Tensor | None = None,
+        image_order: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with each image's projected features in its slots. Give `pixel_values` or
         `image_features` (the tower's output), not both; `image_tokens` (each image's slot count, from the
-        processor) is checked against the projected features when given."""
+        processor) is checked against the projected features when given. `image_order` says which of the images
+        fills each image block of the text, in token order (a preference pair's two answers share their prompt's
+        images); by default each image fills one block, in order."""
         if pixel_values is not None and image_features is not None:
             raise ValueError("give pixel_values or image_features, not both")
         embeds = self.language_model.get_input_embeddings()(input_ids)
@@ -217,6 +237,10 @@ class LlavaLiteModel(nn.Module):
         if image_features is None:
             image_features = self.image_features(pixel_values)
         projected = self.project_each(image_features, image_sizes)
+        if image_order is not None:
+            projected = (
+                projected[image_order] if torch.is_tensor(projected) else [projected[i] for i in image_order.tolist()]
+            )
         _check_slots(projected, slots, image_tokens)
         return embeds.masked_scatter(image_positions.unsqueeze(-1), _flat(projected))
 
@@ -241,6 +265,8 @@ class LlavaLiteModel(nn.Module):
         image_features: Images | None = None,
         image_sizes: torch.Tensor | None = None,
         cu_seq_lens: torch.Tensor | None = None,
+        image_order: torch.Tensor | None = None,
+        sequence_log_probs: bool = False,
         **kwargs,
     ):
         """`kwargs` reach the LM: `num_items_in_batch` from the Trainer makes the loss a sum over the
@@ -251,28 +277,61 @@ class LlavaLiteModel(nn.Module):
         (one row, no attention mask, position ids restarting per sample) keep their samples apart: `cu_seq_lens`,
         the samples' cumulative lengths, reach the LM's attention as variable-length boundaries (flash attention,
         `llava_lite.model.attention` under sdpa); and no KV cache is made here, so transformers also reads the
-        restarts as boundaries wherever an attention takes a mask."""
-        inputs_embeds = self.embed(input_ids, pixel_values, image_tokens, image_features, image_sizes)
+        restarts as boundaries wherever an attention takes a mask.
+
+        With `sequence_log_probs` (and `labels`), the result is a `SequenceLogProbs`: each sequence's (row's, or
+        packed sample's) summed log-probability of its labelled tokens, from the head at those positions only, and
+        the tower's features of `pixel_values`. `image_order` is `embed`'s."""
+        if sequence_log_probs:
+            if labels is None:
+                raise ValueError("sequence_log_probs needs labels: the tokens whose log-probabilities are summed")
+            if pixel_values is not None and image_features is None:
+                image_features, pixel_values = self.image_features(pixel_values), None
+        inputs_embeds = self.embed(input_ids, pixel_values, image_tokens, image_features, image_sizes, image_order)
         kwargs.setdefault("use_cache", False)  # a forward pass needs no cache (`generate` makes its own)
         # The loss's split of the LM is probed (once, on a few tokens of their own) before any packed forward.
         split = self._body_and_head() if labels is not None and self.loss_kernel != "full" else None
+        if sequence_log_probs:
+            kwargs["sequences"] = cu_seq_lens
         if cu_seq_lens is None:
-            return self._language_model_forward(inputs_embeds, attention_mask, position_ids, labels, split, **kwargs)
-        longest = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
-        kwargs.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=longest, max_length_k=longest)
-        with attending_by_segments():
-            return self._language_model_forward(inputs_embeds, attention_mask, position_ids, labels, split, **kwargs)
+            outputs = self._language_model_forward(inputs_embeds, attention_mask, position_ids, labels, split, **kwargs)
+        else:
+            longest = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
+            kwargs.update(
+                cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=longest, max_length_k=longest
+            )
+            with attending_by_segments():
+                outputs = self._language_model_forward(
+                    inputs_embeds, attention_mask, position_ids, labels, split, **kwargs
+                )
+        if sequence_log_probs:
+            outputs.image_features = image_features
+        return outputs
 
     def _language_model_forward(self, inputs_embeds, attention_mask, position_ids, labels, split, **kwargs):
-        """The LM on the embedded batch: with `split` (its body and head), the loss only where trained."""
+        """The LM on the embedded batch: with `split` (its body and head), the loss only where trained. With a
+        `sequences` keyword (None, or a packed batch's cu_seq_lens), each sequence's log-probability instead."""
+        per_sequence = "sequences" in kwargs
+        sequences = kwargs.pop("sequences", None)
         if labels is not None and split is not None:
             body, head = split
             num_items_in_batch = kwargs.pop("num_items_in_batch", None)
             hidden = body(
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
             ).last_hidden_state
+            if per_sequence:
+                return SequenceLogProbs(logps=sequence_log_probs(hidden, head, labels, sequences))
             loss = trained_positions_loss(hidden, head, labels, num_items_in_batch, self.loss_kernel)
             return CausalLMOutputWithPast(loss=loss)
+        if per_sequence:
+            kwargs.pop("num_items_in_batch", None)
+            logits = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=lm_position_ids(self.language_model, position_ids),
+                **kwargs,
+            ).logits
+            return SequenceLogProbs(logps=sequence_log_probs_from_logits(logits, labels, sequences))
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
