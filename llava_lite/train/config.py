@@ -1,7 +1,8 @@
 """A training run as data: which recipe, which model, which data, and the hyperparameters, with recipe defaults.
 
-Stages are data, not code paths: `recipe: stage1` and `recipe: stage2` differ only in the defaults below
-(what is trained, the template, the learning rate). A YAML file under `configs/` is one run; `key=value`
+Stages are data, not code paths: `recipe: stage1`, `recipe: stage2` and `recipe: preference` (stage 3) differ
+only in the defaults below (what is trained, the template, the learning rate) and, for stage 3, its data (pairs)
+and loss (the `preference` section). A YAML file under `configs/` is one run; `key=value`
 overrides on the command line change any field.
 """
 
@@ -16,7 +17,9 @@ from llava_lite.config_io import ConfigError, apply_overrides, from_dict, load_y
 from llava_lite.data.config import DataConfig
 from llava_lite.eval.config import EvalConfig
 
-Recipe = Literal["stage1", "stage2"]
+Recipe = Literal["stage1", "stage2", "preference"]
+PreferenceLoss = Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"]
+REFERENCE_FREE = ("simpo", "orpo")
 Method = Literal["none", "full", "lora", "qlora", "peft", "bitfit"]
 # Methods that train a small part of the LM: their default learning rate is 2e-4, the projector's 2e-5.
 PARAMETER_EFFICIENT = ("lora", "qlora", "peft", "bitfit")
@@ -87,6 +90,37 @@ class TrainingSettings:
 
 
 @dataclass
+class PreferenceSettings:
+    """Stage 3 (`recipe: preference`): the loss on preference pairs and where the reference's log-probs come from."""
+
+    # sigmoid (DPO), ipo, hinge, robust (DPO unbiased under flipped labels, with label_smoothing); simpo and orpo
+    # need no reference model. As TRL defines each (llava_lite.train.preference_loss).
+    loss: PreferenceLoss = "sigmoid"
+    # DPO's beta (IPO's tau, ORPO's lambda); default 0.1, and 2.0 for simpo (its paper's).
+    beta: float | None = None
+    # Weight of the chosen answer's negative log-likelihood (per token) added to the loss, as RPO and MPO do;
+    # default 0, and 1 for orpo (its own NLL term).
+    sft_weight: float | None = None
+    # The chance a pair's labels are flipped: conservative DPO for sigmoid, robust's and simpo's smoothing.
+    label_smoothing: float = 0.0
+    # SimPO's target reward margin (gamma).
+    simpo_gamma: float = 0.5
+    # auto: the LM with its adapters off under lora/qlora/peft, else log-probs precomputed before training (stored in
+    # the run folder); none for simpo and orpo.
+    reference: Literal["auto", "adapters_off", "precomputed", "none"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.beta is not None and self.beta <= 0:
+            raise ValueError(f"beta must be above 0, got {self.beta}")
+        if self.sft_weight is not None and self.sft_weight < 0:
+            raise ValueError(f"sft_weight must be 0 or more, got {self.sft_weight}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss not in ("sigmoid", "robust", "simpo"):
+            raise ValueError(f"label_smoothing applies to sigmoid, robust and simpo, not {self.loss}")
+
+
+@dataclass
 class TrainConfig:
     recipe: Recipe
     output_dir: str
@@ -101,6 +135,8 @@ class TrainConfig:
     eval: EvalConfig | None = None
     train: TrainingSettings = field(default_factory=TrainingSettings)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # Stage 3 only: the preference loss and its reference (defaults filled in for recipe preference).
+    preference: PreferenceSettings | None = None
     # The template the training data is rendered with; default: `plain` for stage 1 (image, then caption),
     # the model's own chat template for stage 2. The saved model keeps its chat template either way.
     data_template: str | None = None
@@ -137,18 +173,64 @@ def resolved(config: TrainConfig) -> TrainConfig:
         raise ConfigError("eval_data: replay text is mixed into training data only")
     if train.kl_to_base and train.kl_positions == "replay" and config.data.replay is None:
         raise ConfigError("train.kl_positions replay needs replay text (data.replay and a kind: text source)")
-    lr = train.learning_rate or {"none": 1e-3, "full": 2e-5}.get(method, 2e-4)
-    projector_lr = train.projector_lr or (2e-5 if efficient else lr)
+    preference = None
+    if config.recipe == "preference":
+        preference = _resolved_preference(config, method)
+        lr = train.learning_rate or (5e-7 if method == "full" else 5e-6)
+        projector_lr = train.projector_lr or lr
+    else:
+        if config.preference is not None:
+            raise ConfigError(f"the preference section is for recipe preference, not {config.recipe}")
+        lr = train.learning_rate or {"none": 1e-3, "full": 2e-5}.get(method, 2e-4)
+        projector_lr = train.projector_lr or (2e-5 if efficient else lr)
     return dataclasses.replace(
         config,
         data_template=config.data_template or ("plain" if config.recipe == "stage1" else None),
         finetune=dataclasses.replace(finetune, method=method),
+        preference=preference,
         train=dataclasses.replace(
             train,
             learning_rate=lr,
             projector_lr=projector_lr,
             vision_tower_lr=train.vision_tower_lr or lr,
         ),
+    )
+
+
+def _resolved_preference(config: TrainConfig, method: str) -> PreferenceSettings:
+    """Stage 3's checks and defaults: what its data and method may be, and its loss's beta, NLL weight, reference."""
+    data, settings = config.data, config.preference or PreferenceSettings()
+    if method == "none":
+        raise ConfigError("recipe preference tunes the LM: finetune.method must not be none")
+    if data.replay or data.text_sources or config.train.kl_to_base:
+        raise ConfigError(
+            "recipe preference trains on pairs alone: no replay text, no kind: text source, no kl_to_base"
+        )
+    if data.group_by_modality_length:
+        raise ConfigError("recipe preference: data.group_by_modality_length is not supported (pack the pairs instead)")
+    if config.eval_data is not None:
+        raise ConfigError(
+            "recipe preference has no eval_data: measure held-out pairs with llava-lite eval --preference"
+        )
+    reference = settings.reference
+    if settings.loss in REFERENCE_FREE:
+        if reference not in ("auto", "none"):
+            raise ConfigError(f"preference.loss {settings.loss} needs no reference: set preference.reference none")
+        reference = "none"
+    elif reference == "none":
+        raise ConfigError(f"preference.loss {settings.loss} needs a reference (adapters_off or precomputed)")
+    elif reference == "auto":
+        reference = "adapters_off" if method in ("lora", "qlora", "peft") else "precomputed"
+    elif reference == "adapters_off" and method not in ("lora", "qlora", "peft"):
+        raise ConfigError(
+            f"preference.reference adapters_off needs adapters (finetune.method lora, qlora or peft), not {method}: "
+            "use precomputed, which keeps no second copy of the model"
+        )
+    return dataclasses.replace(
+        settings,
+        beta=settings.beta or (2.0 if settings.loss == "simpo" else 0.1),
+        sft_weight=settings.sft_weight if settings.sft_weight is not None else float(settings.loss == "orpo"),
+        reference=reference,
     )
 
 

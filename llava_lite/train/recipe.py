@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerBase, set_seed
 from llava_lite.config_io import ConfigError
 from llava_lite.data.processor import Processor
 from llava_lite.data.templates import template_special_tokens
+from llava_lite.interop.merge import merge_adapters
 from llava_lite.model.config import ModelConfig
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.loss import fused_linear_cross_entropy
@@ -27,6 +28,8 @@ def build_training_model(config: TrainConfig) -> LlavaLiteModel:
     quantization = "4bit" if method == "qlora" else None
     if config.init_from:
         model = LlavaLiteModel.from_pretrained(config.init_from, quantization=quantization)
+        if model.uses_adapters:  # a run trained with adapters (stage 2 with LoRA) goes on from its adapted LM
+            merge_adapters(model)
     else:
         model_config = resolve_model_config(config.model)
         if quantization:
@@ -56,16 +59,20 @@ def build_training_model(config: TrainConfig) -> LlavaLiteModel:
 
 
 def training_processor(
-    config: TrainConfig, model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None
+    config: TrainConfig,
+    model_config: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    truncate: bool = True,
 ) -> Processor:
     """The processor the run's data is encoded with (`config` resolved): the model's tokenizer when the model is
-    built, else the config's prepared as training prepares it - no model is needed."""
+    built, else the config's prepared as training prepares it - no model is needed. Without `truncate` it keeps
+    every token (preference pairs are cut by their own rule)."""
     chat_template, data_template = chosen_templates(config, model_config.chat_template)
     return build_processor(
         dataclasses.replace(model_config, chat_template=chat_template),
         tokenizer,
         template=data_template,
-        max_length=config.data.max_length,
+        max_length=config.data.max_length if truncate else None,
         overflow=config.data.overflow,
     )
 

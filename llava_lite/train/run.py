@@ -19,6 +19,7 @@ from llava_lite.data.preflight import require_a_sample, require_records
 from llava_lite.data.replay import ReplayMix, read_replay_text, text_windows
 from llava_lite.eval.callback import EvaluationCallback
 from llava_lite.train.config import TrainConfig, resolved
+from llava_lite.train.preference import preference_trainer
 from llava_lite.train.recipe import build_training_model, training_processor
 from llava_lite.train.regularizers import Objective
 from llava_lite.train.resume import STATE_FILE, check_same_run, clear_earlier_run, finished_step
@@ -38,6 +39,9 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
         return output_dir
     checkpoint = resume_checkpoint(config)
     check_same_run(config, checkpoint)
+    if config.recipe == "preference":
+        trainer, skipped_at_load = preference_trainer(config, training_arguments(config), _pad_multiple(), callbacks)
+        return _train(trainer, config, checkpoint, skipped_at_load)
     # The data is read before the model is built, so a bad record or a missing file fails in seconds.
     train_records, skipped_at_load = load_conversations(config.data)
     require_records(config.data, train_records, skipped_at_load)
@@ -78,6 +82,12 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
         group_by_modality_length=config.data.group_by_modality_length,
         objective=_objective(config, model),
     )
+    return _train(trainer, config, checkpoint, skipped_at_load)
+
+
+def _train(trainer: LlavaTrainer, config: TrainConfig, checkpoint: str | None, skipped_at_load) -> Path:
+    """Train (from `checkpoint`, or afresh with an earlier run's leftovers cleared), save, sum up the skips, leave."""
+    output_dir = Path(config.output_dir)
     if config.eval is not None:
         trainer.add_callback(EvaluationCallback(config.eval, trainer))
     if checkpoint:
@@ -89,7 +99,7 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
     if trainer.args.should_save:
         trainer.state.save_to_json(str(output_dir / STATE_FILE))
     # Records skipped while samples were built, by any process (DataLoader workers and ranks), each once.
-    skipped = skipped_at_load + train_dataset.skips.counts_across_processes()
+    skipped = skipped_at_load + trainer.train_dataset.skips.counts_across_processes()
     logger.info("saved %s%s", output_dir, _skips(skipped))
     # Every rank waits for the others, then leaves the process group: a rank exiting while gloo's threads still
     # run can abort ("terminate called without an active exception").

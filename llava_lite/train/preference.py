@@ -1,0 +1,203 @@
+"""Stage 3, `recipe: preference`: preference tuning on pairs with images (DPO and its family), in transformers'
+Trainer.
+
+A step: the collator's batch holds each pair's chosen and rejected answer as sequences of their own (padded rows,
+or packed into one padding-free row whose samples attend alone) and each pair's images once. The policy pass runs
+the tower once per image, scatters the features into both answers' image slots, and takes each answer's summed
+log-probability from the chunked LM head at the answer's tokens only. The reference's come from the same model
+with its adapters off (reusing the policy pass's tower features), or from the table computed before training
+(`llava_lite.train.preference_reference`); simpo and orpo need none. The loss and the logged metrics are
+`llava_lite.train.preference_loss`'s, normalised over the whole accumulated batch on every process.
+
+`preference_trainer` builds the trainer from a resolved config; `run_training` runs it like any recipe, so the
+recipe is `llava-lite train CONFIG.yaml` and, from Python, `run_training(config)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments
+
+from llava_lite.config_io import to_dict
+from llava_lite.data.config import DataConfig
+from llava_lite.data.packing import PackedDataset, PackingBudget
+from llava_lite.data.preference_formats import PreferencePair, read_pairs
+from llava_lite.data.preference_pairs import COMPLETION_TOKENS, PAIR_INDEX, PreferenceCollator, PreferenceDataset
+from llava_lite.data.preflight import NoRecordsError, no_records_message, require_records
+from llava_lite.model.pair_log_probs import log_probs_of_pairs, pair_log_probs, split_batch
+from llava_lite.train.config import PreferenceSettings, TrainConfig
+from llava_lite.train.preference_loss import PreferenceMetrics, batch_loss, preference_terms
+from llava_lite.train.preference_reference import (
+    REFERENCE_FILE,
+    AdaptersOffReference,
+    PrecomputedReference,
+    reference_fingerprint,
+    starting_model_context,
+)
+from llava_lite.train.recipe import build_training_model, training_processor
+from llava_lite.train.trainer import LlavaTrainer
+
+logger = logging.getLogger(__name__)
+
+
+class PreferenceTrainer(LlavaTrainer):
+    """LlavaTrainer (parameter groups, folder format, atomic checkpoints, skip counts) with the preference loss."""
+
+    # The loss divides by the pairs and chosen tokens of the whole accumulated batch itself.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, preference: PreferenceSettings, reference=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.preference = preference
+        self.reference = reference  # AdaptersOffReference, PrecomputedReference, or None (simpo, orpo)
+        self.metrics = PreferenceMetrics()
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """[pairs, chosen answer tokens] of the accumulated micro-batches, over every process."""
+        if not batch_samples:
+            return None
+        counts = torch.tensor(
+            [[len(batch[PAIR_INDEX]), int(batch[COMPLETION_TOKENS][0::2].sum())] for batch in batch_samples]
+        ).sum(0)
+        counts = counts.to(device)
+        if self.args.world_size > 1:
+            counts = self.accelerator.gather(counts[None]).sum(0)
+        return counts
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs, pair_index, completion_tokens = split_batch(inputs)
+        policy, image_features = pair_log_probs(model, inputs, completion_tokens)
+        reference = None
+        if self.reference is not None:
+            unwrapped = self.accelerator.unwrap_model(model)
+            with self.accelerator.autocast():  # the reference pass runs outside the wrapped (autocast) forward
+                reference = self.reference.log_probs(unwrapped, inputs, completion_tokens, image_features, pair_index)
+        terms = preference_terms(self.preference, policy, reference)
+        if num_items_in_batch is None:  # evaluation, or a batch on its own
+            num_items_in_batch = torch.stack([torch.tensor(len(pair_index)), completion_tokens[0::2].sum()])
+        counts = num_items_in_batch.to(policy.chosen.device).to(policy.chosen.dtype)
+        loss = batch_loss(self.preference, terms, policy, counts[0], counts[1].clamp(min=1))
+        # DDP averages the gradients over the processes; the counts already cover all of them.
+        loss = loss * self.accelerator.num_processes
+        if model.training:
+            self.metrics.add(terms, policy)
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            settings = self.preference
+            logs.update(
+                self.metrics.take(
+                    lambda sums: self.accelerator.reduce(sums, reduction="sum"),
+                    with_nll=bool(settings.sft_weight),
+                    with_odds=settings.loss == "orpo",
+                )
+            )
+        super().log(logs, start_time)
+
+
+def preference_trainer(
+    config: TrainConfig,
+    args: TrainingArguments,
+    pad_to_multiple_of: int | None = None,
+    callbacks: list | None = None,
+) -> tuple[PreferenceTrainer, Counter]:
+    """The trainer of a resolved `recipe: preference` config, its reference ready (computed or loaded when
+    precomputed), and the pairs skipped while the data was read."""
+    # The pairs are read before the model is built, so a bad record or a missing file fails in seconds.
+    pairs, skipped_at_load = load_pairs(config.data)
+    require_records(config.data, pairs, skipped_at_load)
+    model = build_training_model(config)
+    processor = training_processor(config, model.config, model.tokenizer, truncate=False)
+    data = config.data
+    dataset = PreferenceDataset(pairs, processor, data.max_length, data.overflow, data.on_bad_record)
+    dataset.measure()  # every pair encoded once: bad pairs found now, lengths for packing, the data's fingerprint
+    if dataset.first_good() is None:
+        raise NoRecordsError(no_records_message(data, skipped_at_load + dataset.skips.counts(), "data"))
+    train_dataset = (
+        PackedDataset(dataset, PackingBudget.of(data), data.pack_window, config.seed) if data.packing else dataset
+    )
+    settings = config.preference
+    logger.info(
+        "preference tuning (%s, beta %g%s) on %d pairs%s", settings.loss, settings.beta,
+        f", sft_weight {settings.sft_weight:g}" if settings.sft_weight else "", len(pairs),
+        f"; reference: {settings.reference}",
+    )  # fmt: skip
+    train = config.train
+    trainer = PreferenceTrainer(
+        model=model,
+        args=args,
+        data_collator=PreferenceCollator(model.tokenizer.pad_token_id, pad_to_multiple_of),
+        train_dataset=train_dataset,
+        run_config=to_dict(config),
+        group_learning_rates={
+            "projector": train.projector_lr,
+            "vision_tower": train.vision_tower_lr,
+            "language_model": train.learning_rate,
+        },
+        callbacks=callbacks,
+        preference=settings,
+        reference=AdaptersOffReference(model) if settings.reference == "adapters_off" else None,
+    )
+    if settings.reference == "precomputed":
+        trainer.reference = precomputed_reference(trainer, config, dataset, train_dataset)
+    return trainer, skipped_at_load
+
+
+def load_pairs(data: DataConfig) -> tuple[list[PreferencePair], Counter]:
+    """Every source's pairs, in order, and the pairs skipped while reading them, by reason."""
+    if not data.sources:
+        raise ValueError("data: no sources given")
+    pairs: list[PreferencePair] = []
+    skipped: Counter = Counter()
+    for source in data.sources:
+        found, source_skipped = read_pairs(source, data.on_bad_record, data.check_images_exist)
+        pairs.extend(found)
+        skipped.update(source_skipped)
+        if source_skipped:
+            logger.warning("%s: skipped %s", source.path, dict(source_skipped))
+    return pairs, skipped
+
+
+def precomputed_reference(
+    trainer: PreferenceTrainer, config: TrainConfig, dataset: PreferenceDataset, items
+) -> PrecomputedReference:
+    """The run folder's stored reference log-probabilities when they fit this data and base; else computed now, by
+    the model as it starts, each process taking every N-th item, and stored by rank 0."""
+    fingerprint = reference_fingerprint(config, dataset.fingerprint)
+    path = Path(config.output_dir) / REFERENCE_FILE
+    stored = PrecomputedReference.load(path, fingerprint)
+    if stored is not None:
+        logger.info("reusing the reference log-probs in %s", path)
+        return stored
+    args, accelerator = trainer.args, trainer.accelerator
+    model = trainer.model
+    mine = [items[i] for i in range(args.process_index, len(items), args.world_size)]
+    logger.info("computing the reference log-probs of %d pairs (stored in %s)", len(dataset), path)
+    indices, chosen, rejected = log_probs_of_pairs(
+        model,
+        mine,
+        trainer.data_collator,
+        config.train.batch_size,
+        args.device,
+        starting_model_context(model, accelerator.autocast),
+        total=len(mine),
+        progress=args.process_index == 0,
+    )
+    # Summed over the processes, with how often each pair was met (a skipped item stands in for the next good one).
+    table = torch.zeros(3, len(dataset), dtype=torch.float64)
+    table[0].index_add_(0, indices, chosen.double())
+    table[1].index_add_(0, indices, rejected.double())
+    table[2].index_add_(0, indices, torch.ones_like(chosen, dtype=torch.float64))
+    if args.world_size > 1:
+        table = accelerator.reduce(table.to(args.device), reduction="sum").cpu()
+    met = table[2].clamp(min=1)
+    reference = PrecomputedReference(table[0] / met, table[1] / met)
+    if args.should_save:
+        reference.save(path, fingerprint)
+    accelerator.wait_for_everyone()
+    return reference
