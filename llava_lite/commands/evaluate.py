@@ -11,14 +11,17 @@ from llava_lite.config_io import ConfigError
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="measure what training did: perplexities, VQA accuracy, judged bench score",
+        help="measure what training did: perplexities, VQA accuracy, judged bench score, preference accuracy",
         description=(
             "Evaluate a run on any of: held-out instruction data (--instruct: perplexity of the assistant tokens "
             "only), plain text (--text: perplexity of the tuned LM and of the base LM from --base-lm, or of the LM "
             "with its adapters off, and their ratio - the forgetting measure), VQA questions (--vqa JSONL: VQAv2-"
             "normalised accuracy and multiple-choice accuracy), and a LLaVA-Bench folder (--bench: a judge model "
             "behind an OpenAI-compatible server scores our answers against the reference answers; relative score "
-            "per category). Prints a table; --out writes the results as JSON, --plot draws them. "
+            "per category), and held-out preference pairs (--preference FILE, any format stage 3 reads: the share of "
+            "pairs whose chosen answer the run prefers against its reference, and the mean margin; the reference is "
+            "--reference, else the run's init_from, else the run with its adapters off). "
+            "Prints a table; --out writes the results as JSON, --plot draws them. "
             "--training-log RUN plots the run's loss and logged perplexities over steps (no --model needed)."
         ),
     )
@@ -41,6 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="env variable holding the judge's key")
     parser.add_argument("--judge-concurrency", type=int, default=4, help="judge requests in flight (default: 4)")
     parser.add_argument("--judge-temperature", type=float, default=0.2, help="judge sampling temperature (0.2)")
+    parser.add_argument("--preference", default=None, metavar="PAIRS", help="held-out preference pairs (stage 3)")
+    parser.add_argument("--preference-images", default=None, help="images of --preference (default: its folder)")
+    parser.add_argument("--reference", default=None, help="the reference model of --preference (default: init_from)")
     parser.add_argument("--batch-size", type=int, default=8, help="records per forward or generation batch")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="longest bench answer (default: 512)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N records of each set")
@@ -83,10 +89,12 @@ def run(args: argparse.Namespace) -> int:
     from llava_lite.eval import report
 
     config = eval_config(args)
-    if not config.anything and not args.training_log:
-        raise ConfigError("nothing to evaluate: give --instruct, --text, --vqa or --bench (or --training-log RUN)")
-    if config.anything and not args.model:
-        raise ConfigError("--model is needed to evaluate --instruct, --text, --vqa or --bench")
+    if not config.anything and not args.preference and not args.training_log:
+        raise ConfigError(
+            "nothing to evaluate: give --instruct, --text, --vqa, --bench or --preference (or --training-log RUN)"
+        )
+    if (config.anything or args.preference) and not args.model:
+        raise ConfigError("--model is needed to evaluate --instruct, --text, --vqa, --bench or --preference")
     results: dict = {}
     if config.anything:
         from llava_lite.eval.suite import run_suite
@@ -94,6 +102,21 @@ def run(args: argparse.Namespace) -> int:
 
         generator = Generator.from_folder(args.model, args.device, args.dtype)
         results = {"model": args.model, **run_suite(generator.model, config, generator=generator)}
+        del generator
+    if args.preference:
+        from llava_lite.eval.preference import evaluate_preference
+        from llava_lite.inference.generator import Generator
+
+        results["model"] = args.model
+        results["preference"] = evaluate_preference(
+            args.model,
+            args.preference,
+            lambda folder: Generator.from_folder(folder, args.device, args.dtype).model,
+            args.preference_images,
+            args.reference,
+            args.batch_size,
+            args.limit,
+        )
     log = report.read_training_log(args.training_log) if args.training_log else None
     if args.out:
         report.write_results(args.out, results)

@@ -46,6 +46,12 @@ def table(results: dict) -> str:
             rows.append(
                 (f"  {name}", f"{_percent(c['relative'])}  (ours {c['ours']:.2f} / reference {c['reference']:.2f})")
             )
+    if "preference" in results:
+        p = results["preference"]
+        rows.append(
+            ("preference accuracy", f"{100 * p['accuracy']:.1f}%  ({p['pairs']} pairs, against {p['reference']})")
+        )
+        rows.append(("  mean margin", f"{p['mean_margin']:.4f}  (x beta {p['beta']:g}: {p['mean_reward_margin']:.4f})"))
     width = max((len(name) for name, _ in rows), default=0)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

@@ -1,0 +1,99 @@
+"""`eval --preference FILE`: how often a run prefers the chosen answer of held-out preference pairs, against its
+reference, and by how much.
+
+For each pair: margin = (log p(chosen) - log p_ref(chosen)) - (log p(rejected) - log p_ref(rejected)), the implicit
+reward margin of DPO over beta. Reported: the preference accuracy (the share of pairs with a margin above 0, as TRL's
+`rewards/accuracies`), the mean margin, and beta times it (TRL's `rewards/margins`, with the run's beta).
+
+The reference is `--reference` (a run folder or transformers Llava folder), else the run's `init_from` (from its
+saved `train_config.yaml`), else - for a run with adapters - the run with its adapters off. The pairs are read,
+checked and encoded as training reads them (any of the four formats), with the run's template.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import torch
+
+from llava_lite.config_io import load_yaml
+from llava_lite.data.config import DataSource
+from llava_lite.data.preference_formats import PreferencePair, read_pairs
+from llava_lite.data.preference_pairs import PreferenceCollator, PreferenceDataset
+from llava_lite.model.pair_log_probs import log_probs_of_pairs
+from llava_lite.model.processing import build_processor
+from llava_lite.train.trainer import RUN_CONFIG_FILE
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BETA = 0.1  # when the run does not say (TRL's default too)
+
+
+def evaluate_preference(
+    model_folder: str | Path,
+    pairs_path: str | Path,
+    load,
+    image_folder: str | Path | None = None,
+    reference: str | Path | None = None,
+    batch_size: int = 8,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Preference accuracy and margins of the run in `model_folder` on the pairs in `pairs_path`; `load(folder)`
+    gives a model ready to run (on its device, in its dtype)."""
+    pairs, _ = read_pairs(DataSource(str(pairs_path), str(image_folder) if image_folder else None), "error")
+    pairs = pairs[:limit] if limit else pairs
+    if not pairs:
+        raise ValueError(f"{pairs_path}: no preference pairs to evaluate")
+    run_config = _run_config(Path(model_folder))
+    beta = float(((run_config.get("preference") or {}).get("beta")) or DEFAULT_BETA)
+    model = load(model_folder)
+    chosen, rejected = pair_scores(model, pairs, batch_size, progress=progress)
+    reference = reference or run_config.get("init_from")
+    if reference is not None:
+        if not Path(reference).is_dir():
+            raise ValueError(f"the reference {reference} is not a folder: give one with --reference")
+        del model  # one model in memory at a time
+        reference_model = load(reference)
+        reference_chosen, reference_rejected = pair_scores(reference_model, pairs, batch_size, progress=progress)
+        source = str(reference)
+    elif model.uses_adapters:
+        off = model.language_model.disable_adapter
+        reference_chosen, reference_rejected = pair_scores(model, pairs, batch_size, off, progress)
+        source = "the run with its adapters off"
+    else:
+        raise ValueError(f"{model_folder} names no init_from and has no adapters: give the reference with --reference")
+    margins = (chosen - reference_chosen) - (rejected - reference_rejected)
+    return {
+        "pairs": len(pairs),
+        "accuracy": float((margins > 0).float().mean()),
+        "mean_margin": float(margins.mean()),
+        "beta": beta,
+        "mean_reward_margin": beta * float(margins.mean()),
+        "chosen_logps": float(chosen.mean()),
+        "rejected_logps": float(rejected.mean()),
+        "reference": source,
+    }
+
+
+def pair_scores(
+    model, pairs: list[PreferencePair], batch_size: int, context=contextlib.nullcontext, progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pair's summed log-probability of its chosen and of its rejected answer under `model`, in order."""
+    processor = build_processor(model.config, model.tokenizer)
+    dataset = PreferenceDataset(pairs, processor, max_length=model.context_length)
+    device = next(model.parameters()).device
+    collate = PreferenceCollator(model.tokenizer.pad_token_id)
+    items = (dataset[index] for index in range(len(dataset)))
+    index, chosen, rejected = log_probs_of_pairs(
+        model, items, collate, batch_size, device, context, total=len(dataset), progress=progress
+    )
+    order = torch.argsort(index)
+    return chosen[order], rejected[order]
+
+
+def _run_config(folder: Path) -> dict:
+    path = folder / RUN_CONFIG_FILE
+    return load_yaml(path) if path.is_file() else {}
