@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from llava_lite import cli
 from llava_lite.train.launch import launch_rank
+from llava_lite.train.preference import PreferenceTrainer
 from llava_lite.train.trainer import LlavaTrainer
 
 
@@ -34,9 +35,14 @@ def main() -> int:
     seen = {"batches": [], "samples_per_row": [], "wrapper": None, "find_unused_parameters": None}
     trainers = []
 
-    compute_loss = LlavaTrainer.compute_loss
+    def recording(compute_loss):
+        def recording_compute_loss(self, model, inputs, *rest, **kwargs):
+            record(self, model, inputs)
+            return compute_loss(self, model, inputs, *rest, **kwargs)
 
-    def recording_compute_loss(self, model, inputs, *rest, **kwargs):
+        return recording_compute_loss
+
+    def record(self, model, inputs) -> None:
         if not trainers:
             trainers.append(self)
             seen["wrapper"] = type(model).__name__
@@ -45,9 +51,9 @@ def main() -> int:
         seen["batches"].append([int(image_rows.sum()), int((~image_rows).sum())])
         if "cu_seq_lens" in inputs:  # a packed batch: one row, its samples' boundaries
             seen["samples_per_row"].append(len(inputs["cu_seq_lens"]) - 1)
-        return compute_loss(self, model, inputs, *rest, **kwargs)
 
-    LlavaTrainer.compute_loss = recording_compute_loss
+    for trainer_class in (LlavaTrainer, PreferenceTrainer):  # stage 3's trainer has a loss of its own
+        trainer_class.compute_loss = recording(trainer_class.compute_loss)
 
     if args.kill_after_checkpoint is not None:
         save_checkpoint = LlavaTrainer._save_checkpoint

@@ -1,0 +1,60 @@
+"""`recipe: preference` on two CPU ranks over gloo (DDP): it trains exactly as one process with twice the batch, a run
+killed by SIGKILL after a checkpoint resumes with the same losses, and the precomputed reference is computed once
+(each rank its share) and reused by the resumed run."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+from preference_helpers import QUIET, starting_run, write_pairs
+from test_distributed import history, torchrun_train
+
+from llava_lite.train.config import load_train_config
+from llava_lite.train.preference_reference import REFERENCE_FILE
+from llava_lite.train.run import run_training
+
+STEPS = 4
+
+
+def test_two_ranks_train_as_one_and_a_killed_run_resumes_with_the_same_losses_and_reference(tmp_path):
+    data = write_pairs(tmp_path, 6, text_only=2)  # text-only pairs: some steps one rank has no image
+    config = {
+        "recipe": "preference",
+        "init_from": str(starting_run(tmp_path / "start")),
+        "output_dir": str(tmp_path / "unused"),
+        "data": {"sources": [{"path": str(data["pairs"]), "image_folder": str(data["images"])}], "max_length": 128},
+        "train": {**QUIET, "max_steps": STEPS, "batch_size": 1, "learning_rate": 1e-3, "save_steps": 2},
+        "finetune": {"method": "full"},
+        "preference": {"loss": "sigmoid", "beta": 0.5, "sft_weight": 0.1},
+        "seed": 5,
+    }
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(config))
+    output, reports = tmp_path / "two", tmp_path / "reports"
+
+    killed = torchrun_train(recipe, output, reports, "--kill-after-checkpoint", "2")
+    assert killed.returncode != 0 and "Signal 9 (SIGKILL)" in killed.stderr, killed.stderr[-3000:]
+    assert "computing the reference log-probs of 8 pairs" in killed.stderr
+    stored = output / REFERENCE_FILE
+    written = stored.stat().st_mtime_ns
+    assert (output / "checkpoint-2").is_dir() and not (output / "trainer_state.json").exists()
+
+    resumed = torchrun_train(recipe, output, reports)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {output / 'checkpoint-2'}" in resumed.stderr
+    assert f"reusing the reference log-probs in {stored}" in resumed.stderr
+    assert stored.stat().st_mtime_ns == written
+    ranks = [json.loads((reports / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(
+        rank["wrapper"] == "DistributedDataParallel" and rank["find_unused_parameters"] is False for rank in ranks
+    )
+
+    one = run_training(load_train_config(recipe, [f"output_dir={tmp_path / 'one'}", "train.batch_size=2"]))
+    expected, got = history(one), history(output)
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
+    for step in expected:
+        for key in ("loss", "rewards/margins", "logps/chosen", "nll_loss"):
+            # Near 0 (the first step's margins) the reference's own rounding counts: an absolute floor.
+            assert abs(got[step][key] - expected[step][key]) <= 1e-5 * abs(expected[step][key]) + 1e-6, (step, key)
+    assert got[STEPS]["rewards/margins"] != 0  # the policy moved from its reference
