@@ -25,7 +25,15 @@ def test_shipped_config_validates(path):
         model = resolve_model_config(config.model)
         assert model.vision_tower.name or model.vision_tower.model_config
     else:
-        assert config.recipe == "stage2" and config.init_from
+        assert config.recipe in ("stage2", "preference") and config.init_from
+
+
+def test_stage3_configs_start_from_their_stage2_run():
+    stage3 = [path for path in CONFIGS if load_train_config(path).recipe == "preference"]
+    assert stage3
+    for path in stage3:
+        stage2 = path.with_name(path.name.split("_stage3")[0] + "_stage2.yaml")
+        assert load_train_config(stage2).output_dir == load_train_config(path).init_from, path.name
 
 
 def test_stage2_configs_start_from_their_stage1_run():

@@ -103,7 +103,7 @@ def model_config(tokenizer: str) -> dict:
     return {"vision_tower": TOWER, "language_model": {"tokenizer": tokenizer, "model_config": lm}}
 
 
-def build_start(folder: Path, tokenizer: str) -> Path:
+def build_start(folder: Path, tokenizer: str, chat_template: str | None = None) -> Path:
     """Our model with random weights, written in transformers' Llava format: every side starts from it."""
     from llava_lite.config_io import from_dict
     from llava_lite.interop.hf_export import export_hf_llava
@@ -112,6 +112,8 @@ def build_start(folder: Path, tokenizer: str) -> Path:
 
     torch.manual_seed(0)
     model = LlavaLiteModel.from_config(from_dict(ModelConfig, model_config(tokenizer)))
+    if chat_template:
+        model.set_chat_template(chat_template)
     export_hf_llava(model, folder)
     return folder
 
