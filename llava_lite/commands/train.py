@@ -1,4 +1,4 @@
-"""`llava-lite train CONFIG.yaml [key=value ...]`: run the recipe a config names (stage 1 or stage 2)."""
+"""`llava-lite train CONFIG.yaml [key=value ...]`: run the recipe a config names (stage 1, stage 2 or preference)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ from llava_lite.train.launch import is_main_process
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="run a training recipe (stage 1 or stage 2)",
+        help="run a training recipe (stage 1, stage 2 or stage 3: preference)",
         description=(
             "Train as CONFIG.yaml says: `recipe: stage1` trains the projector on captions, `recipe: stage2` the "
-            "projector and the LM (full or adapters) on instructions. Any field can be overridden as key=value, "
-            "e.g. train.learning_rate=1e-4 data.max_length=1024. Runs unchanged under `accelerate launch` and "
-            "`torchrun` (one process per GPU, or CPU processes over gloo; configs/accelerate/ holds DDP, FSDP2 and "
-            "DeepSpeed configs). With resume=auto (the default) an interrupted run continues from its newest "
-            "checkpoint, a finished one is left as it is, and a run whose config changed is refused; resume=never "
-            "starts over."
+            "projector and the LM (full or adapters) on instructions, `recipe: preference` tunes a stage-2 run on "
+            "preference pairs (DPO, IPO, hinge, robust, SimPO, ORPO; the `preference` section). Any field can be "
+            "overridden as key=value, e.g. train.learning_rate=1e-4 data.max_length=1024. Runs unchanged under "
+            "`accelerate launch` and `torchrun` (one process per GPU, or CPU processes over gloo; configs/accelerate/ "
+            "holds DDP, FSDP2 and DeepSpeed configs). With resume=auto (the default) an interrupted run continues "
+            "from its newest checkpoint, a finished one is left as it is, and a run whose config changed is refused; "
+            "resume=never starts over."
         ),
     )
     parser.add_argument("config", metavar="CONFIG.yaml", help="a recipe config, e.g. configs/demo_stage1.yaml")
