@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import processor_for, solid_image
 
+from llava_lite import cli
 from llava_lite.data.config import DataSource
 from llava_lite.data.errors import BadRecordError
 from llava_lite.data.masking import IGNORE_INDEX
@@ -199,3 +200,16 @@ def test_a_batch_keeps_chosen_and_rejected_apart_and_holds_each_image_once(tiny_
     assert batch["pair_index"].tolist() == [0, 1, 2]
     answers = [int((s[side]["labels"] != IGNORE_INDEX).sum()) for s in samples for side in ("chosen", "rejected")]
     assert batch["completion_tokens"].tolist() == answers
+
+
+def test_inspect_data_shows_each_answer_of_a_pair_with_its_trained_tokens_marked(folder, capsys):
+    path = write_jsonl(folder / "pairs.jsonl", [LLAVA_RLHF, BAD_PAIRS["identical_answers"], LLAMA_FACTORY])
+    code = cli.main(
+        ["inspect-data", str(path), "--pairs", "--samples", "1", "--color", "never", "--pack-length", "200"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "| chosen |" in out and "| rejected |" in out
+    assert "[[It is red." in out and "[[It is green." in out and QUESTION in out
+    assert "records: 3 read" in out and "identical_answers: 1" in out and "pairs: 2 usable" in out
+    assert "packing: 2 samples into" in out

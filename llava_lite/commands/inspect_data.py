@@ -17,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Render a few samples with the trained (assistant) tokens marked - green on a terminal, [[...]] "
             "otherwise - and report token counts, image-token counts and skipped records by reason. "
             "TARGET is a recipe YAML (its data, rendered as that run trains on it: the model of `init_from` or "
-            "`model`, the `data_template`) or a data file."
+            "`model`, the `data_template`; a `recipe: preference` shows each pair's chosen and rejected sequence) or "
+            "a data file (--pairs: preference pairs)."
         ),
     )
     parser.add_argument("target", metavar="CONFIG_OR_FILE", help="recipe .yaml, or a .json/.jsonl/.parquet data file")
@@ -40,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--samples", type=int, default=3, help="how many samples to print (default: 3)")
     parser.add_argument("--limit", type=int, default=None, help="count only the first N records")
     parser.add_argument("--no-image-check", action="store_true", help="do not open every image")
+    parser.add_argument("--pairs", action="store_true", help="the data file holds preference pairs (stage 3)")
     parser.add_argument("--seed", type=int, default=0, help="which samples are shown (default: 0)")
     parser.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     parser.set_defaults(run=run)
@@ -53,8 +55,10 @@ def run(args: argparse.Namespace) -> int:
     from llava_lite.data.images import load_image
     from llava_lite.data.preview import mark_trained
 
-    processor, data_config = _processor(args)
+    processor, data_config, pairs = _processor(args)
     data_config.on_bad_record = "skip"  # inspection counts bad records instead of stopping at the first
+    if pairs:
+        return _inspect_pairs(args, processor, data_config)
     conversations, skipped = load_conversations(data_config)
     read = len(conversations) + sum(skipped.values())
     if args.limit is not None:
@@ -129,17 +133,74 @@ def _processor(args: argparse.Namespace):
         if args.max_length is not None:
             recipe.data.max_length = args.max_length
         model_config = resolve_model_config(args.model or recipe.init_from or recipe.model)
-        return training_processor(recipe, model_config), recipe.data
+        pairs = recipe.recipe == "preference"
+        return training_processor(recipe, model_config, truncate=not pairs), recipe.data, pairs
     if not target.exists():
         raise ConfigError(f"{target}: no such data file")
     data_config = DataConfig(sources=[DataSource(path=str(target), image_folder=args.image_folder)])
     if args.max_length is not None:
         data_config.max_length = args.max_length
     model_config = resolve_model_config(args.model or "tiny")
+    max_length = None if args.pairs else data_config.max_length  # pairs are cut by their own rule
     processor = build_processor(
-        model_config, template=args.template, max_length=data_config.max_length, overflow=data_config.overflow
+        model_config, template=args.template, max_length=max_length, overflow=data_config.overflow
     )
-    return processor, data_config
+    return processor, data_config, args.pairs
+
+
+def _inspect_pairs(args: argparse.Namespace, processor, data_config) -> int:
+    """Preference pairs as stage 3 encodes them: each answer's sequence after the shared prompt, its answer marked."""
+    from llava_lite.data.errors import BadRecordError
+    from llava_lite.data.images import load_image
+    from llava_lite.data.preference_pairs import PreferenceDataset
+    from llava_lite.data.preview import mark_trained
+    from llava_lite.train.preference import load_pairs
+
+    pairs, skipped = load_pairs(data_config)
+    read = len(pairs) + sum(skipped.values())
+    pairs = pairs[: args.limit] if args.limit is not None else pairs
+    dataset = PreferenceDataset(pairs, processor, data_config.max_length, data_config.overflow, "skip")
+    good = []
+    for index, pair in enumerate(pairs):
+        try:
+            encoded = dataset.encode(index)
+            if not args.no_image_check:
+                for path in encoded.chosen.images:
+                    load_image(path, pair.source)
+        except BadRecordError as err:
+            skipped[err.reason] += 1
+            continue
+        good.append((pair, encoded))
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    shown = sorted(random.Random(args.seed).sample(range(len(good)), min(args.samples, len(good))))
+    for number in shown:
+        pair, encoded = good[number]
+        for side in ("chosen", "rejected"):
+            sequence = getattr(encoded, side)
+            print(
+                f"--- {pair.source} | {side} | {len(sequence.input_ids)} tokens, {sequence.num_trained_tokens} trained"
+            )
+            print(mark_trained(processor.tokenizer, sequence.input_ids, sequence.labels, processor.image_token_id,
+                               sequence.image_tokens, color))  # fmt: skip
+        print()
+    sequences = [side for _, encoded in good for side in (encoded.chosen, encoded.rejected)]
+    _print_summary(read, len(pairs), sequences, skipped, processor)
+    cut = sum(encoded.truncated for _, encoded in good)
+    print(
+        f"pairs: {len(good)} usable, each two sequences in the counts above (its images go through the tower once); "
+        f"answers cut to max_length {data_config.max_length}: {cut}"
+    )
+    if data_config.packing or args.pack_length:
+        _print_packing([_Joined(encoded) for _, encoded in good], data_config, args.pack_length, args.seed)
+    return 0
+
+
+class _Joined:
+    """A pair as packing sees it: both sequences' tokens, the prompt's images once."""
+
+    def __init__(self, encoded) -> None:
+        self.input_ids = range(encoded.length)
+        self.images = encoded.chosen.images
 
 
 def _print_summary(read, considered, good, skipped, processor) -> None:
