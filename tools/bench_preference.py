@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +38,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import FIXTURES, build_data, build_start, has_trl, peak_memory  # noqa: E402
+from bench_train import (  # noqa: E402
+    FIXTURES,
+    alternating_runs,
+    build_data,
+    build_start,
+    common_arguments,
+    has_trl,
+    peak_memory,
+    run_child,
+)
 
 SIDES = ("trl", "ours", "ours_packed")
 TOKENIZER = "tinyllama-chat"
@@ -242,12 +250,7 @@ def child(side: str, setup: dict, args) -> dict | None:
         "--steps", str(args.steps), "--pairs", str(args.pairs), "--packed-rows", str(setup["rows"]),
         "--pack-length", str(args.pack_length), "--method", args.method,
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True)
-    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if done.returncode or line is None:
-        print(f"  {side}: failed ({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode})")
-        return None
-    return json.loads(line.removeprefix("RESULT "))
+    return run_child(side, command)
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -306,19 +309,9 @@ def packed_rows_for(pairs: Path, start: Path, args) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a fast look: 2 timed steps of 2 pairs, 1 repetition")
-    parser.add_argument("--repeats", type=int, default=3, help="repetitions of every side, alternating")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per side (after one warm-up step)")
+    common_arguments(parser, "2 timed steps of 2 pairs", steps=5, pack_length=4096, sides=SIDES)
     parser.add_argument("--pairs", type=int, default=4, help="pairs per step (padded sides)")
-    parser.add_argument("--pack-length", type=int, default=4096, help="tokens per packed row")
-    parser.add_argument("--packed-rows", type=int, default=0, help="rows per packed step (default: as many rows "
-                        "as hold --pairs pairs of mean length)")  # fmt: skip
     parser.add_argument("--method", choices=("full", "lora"), default="full", help="what trains (default: full)")
-    parser.add_argument("--sides", default=",".join(SIDES), help="which sides, comma separated")
-    parser.add_argument("--json", metavar="PATH", help="also write the medians as JSON")
-    parser.add_argument("--side", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--start", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         print("RESULT " + json.dumps(run_side(args)))
@@ -340,12 +333,7 @@ def main() -> None:
         pairs = build_pairs(folder, (args.steps + 1) * args.pairs)
         start = build_start(folder / "start", str(FIXTURES / "tokenizers" / TOKENIZER), chat_template="vicuna_v1")
         setup = {"pairs": pairs, "start": start, "rows": args.packed_rows or packed_rows_for(pairs, start, args)}
-        runs: dict[str, list] = {side: [] for side in sides}
-        for _ in range(args.repeats):
-            for side in sides:
-                result = child(side, setup, args)
-                if result:
-                    runs[side].append(result)
+        runs = alternating_runs(sides, args.repeats, lambda side: child(side, setup, args))
     summary = {side: summarise(r) for side, r in runs.items() if r}
     print_table(f"LLaVA-length pairs ({TOKENIZER} tokenizer; packed: {setup['rows']} rows of {args.pack_length} "
                 "tokens a step)", summary)  # fmt: skip

@@ -328,6 +328,11 @@ def child(side: str, variant: dict, args) -> dict | None:
         "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--packed-rows", str(variant["rows"]),
         "--pack-length", str(args.pack_length),
     ]  # fmt: skip
+    return run_child(side, command)
+
+
+def run_child(side: str, command: list[str]) -> dict | None:
+    """The RESULT line a side's process printed, or None (and a line saying why) when it failed."""
     done = subprocess.run(command, capture_output=True, text=True)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if done.returncode or line is None:
@@ -372,19 +377,9 @@ def print_table(name: str, sides: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a fast look: 3 timed steps of 4 samples, 1 repetition")
-    parser.add_argument("--repeats", type=int, default=3, help="repetitions of every side, alternating")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per side (after one warm-up step)")
+    common_arguments(parser, "3 timed steps of 4 samples", steps=6, pack_length=2048, sides=SIDES)
     parser.add_argument("--batch-size", type=int, default=8, help="samples per step (unpacked sides)")
-    parser.add_argument("--pack-length", type=int, default=2048, help="tokens per packed row")
-    parser.add_argument("--packed-rows", type=int, default=0, help="rows per packed step (default: as many "
-                        "rows as hold batch-size samples of mean length)")  # fmt: skip
     parser.add_argument("--variants", default=",".join(VARIANTS), help="which variants, comma separated")
-    parser.add_argument("--sides", default=",".join(SIDES), help="which sides, comma separated")
-    parser.add_argument("--json", metavar="PATH", help="also write the medians as JSON")
-    parser.add_argument("--side", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--start", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         print("RESULT " + json.dumps(run_side(args)))
@@ -411,12 +406,7 @@ def main() -> None:
             data = build_data(folder, args.batch_size * (args.steps + 1) * 4)
             start = build_start(folder / "start", tokenizer)
             setup = {"data": data, "start": start, "rows": args.packed_rows or packed_rows_for(data, start, args)}
-            runs: dict[str, list] = {side: [] for side in sides}
-            for _ in range(args.repeats):
-                for side in sides:
-                    result = child(side, setup, args)
-                    if result:
-                        runs[side].append(result)
+            runs = alternating_runs(sides, args.repeats, lambda side, setup=setup: child(side, setup, args))
             summary = {side: summarise(r) for side, r in runs.items() if r}
             results["variants"][variant] = {"sides": summary}
             title = (
@@ -425,6 +415,32 @@ def main() -> None:
             print_table(title, summary)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
+
+
+def alternating_runs(sides: list[str], repeats: int, run) -> dict[str, list[dict]]:
+    """Each side's results (`run(side)`, None when it failed) over `repeats` rounds, the sides taking turns in each."""
+    runs: dict[str, list] = {side: [] for side in sides}
+    for _ in range(repeats):
+        for side in sides:
+            result = run(side)
+            if result:
+                runs[side].append(result)
+    return runs
+
+
+def common_arguments(parser: argparse.ArgumentParser, quick: str, steps: int, pack_length: int, sides) -> None:
+    """The arguments of every training benchmark here, and the hidden ones each side's process is given."""
+    parser.add_argument("--quick", action="store_true", help=f"a fast look: {quick}, 1 repetition")
+    parser.add_argument("--repeats", type=int, default=3, help="repetitions of every side, alternating")
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per side (after one warm-up step)")
+    parser.add_argument("--pack-length", type=int, default=pack_length, help="tokens per packed row")
+    parser.add_argument("--packed-rows", type=int, default=0, help="rows per packed step (default: as many "
+                        "rows as carry an unpacked step's samples, at their mean length)")  # fmt: skip
+    parser.add_argument("--sides", default=",".join(sides), help="which sides, comma separated")
+    parser.add_argument("--json", metavar="PATH", help="also write the medians as JSON")
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--start", help=argparse.SUPPRESS)
 
 
 def packed_rows_for(data: Path, start: Path, args) -> int:

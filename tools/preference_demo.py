@@ -1,6 +1,6 @@
-"""Stage 3 doing its job: a stage-2 model taught to mirror left and right (corner answers flipped in its data) is
-tuned on pairs whose rejected answer is that mistake, and its held-out accuracy per question is printed before and
-after (see llava_lite/demo/preference_demo.py).
+"""Stage 3 doing its job: a stage-2 model taught corners upside down (top for bottom in its data, as a text-blind
+vertical flip leaves them) is tuned on pairs whose rejected answer is that mistake, and its held-out accuracy per
+question is printed before and after (see llava_lite/demo/preference_demo.py).
 
     python tools/preference_demo.py [--out runs/preference_demo] [--stage3-steps 120] [--seed 0]
 """

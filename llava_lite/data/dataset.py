@@ -12,7 +12,7 @@ from tqdm import tqdm
 from llava_lite.data.config import DataConfig
 from llava_lite.data.conversation import Conversation
 from llava_lite.data.errors import BadRecordError
-from llava_lite.data.formats import read_source
+from llava_lite.data.formats import read_sources
 from llava_lite.data.processor import Processor
 from llava_lite.data.skips import SkipCounter
 
@@ -92,15 +92,7 @@ def load_conversations(config: DataConfig) -> tuple[list[Conversation], Counter]
     Replay text (`kind: text` sources) is read by `llava_lite.data.replay`."""
     if not config.sources:
         raise ValueError("data: no sources given")
-    conversations: list[Conversation] = []
-    skipped: Counter = Counter()
-    for source in config.instruction_sources:
-        records, source_skipped = read_source(source, config.on_bad_record, config.check_images_exist)
-        conversations.extend(records)
-        skipped.update(source_skipped)
-        if source_skipped:
-            logger.warning("%s: skipped %s", source.path, dict(source_skipped))
-    return conversations, skipped
+    return read_sources(config.instruction_sources, config.on_bad_record, config.check_images_exist)
 
 
 def build_dataset(config: DataConfig, processor: Processor) -> ConversationDataset:

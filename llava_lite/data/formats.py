@@ -8,8 +8,9 @@ path is found when the data is loaded rather than hours into training.
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from llava_lite.data.conversation import IMAGE_PLACEHOLDER, ROLES, Conversation,
 from llava_lite.data.errors import BadRecordError
 from llava_lite.data.images import resolve_image_path
 from llava_lite.data.templates.base import TemplateError, check_roles
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_ROLES = {
     "human": "user",
@@ -31,29 +34,51 @@ DEFAULT_ROLES = {
 
 
 def read_source(
-    source: DataSource, on_bad_record: str = "error", check_images_exist: bool = True
+    source: DataSource,
+    on_bad_record: str = "error",
+    check_images_exist: bool = True,
+    parse: Callable[[Any, str, dict[str, str]], Any] | None = None,
 ) -> tuple[list[Conversation], Counter]:
-    """All records of one source as Conversations with absolute image paths, and the skips by reason."""
+    """All records of one source as Conversations with absolute image paths, and the skips by reason. `parse`
+    (default `parse_record`) makes each raw record into one with an `images` list (preference pairs: `parse_pair`)."""
+    parse = parse or parse_record
     path = Path(source.path)
     image_folder = Path(source.image_folder) if source.image_folder else (path.parent if path.is_file() else path)
     roles = {**DEFAULT_ROLES, **source.roles}
-    conversations: list[Conversation] = []
+    records: list = []
     skipped: Counter = Counter()
     for where, row in iter_rows(source):
         try:
             if isinstance(row, BadRecordError):
                 raise row
-            conversation = parse_record(rename_columns(row, source.columns), where, roles)
-            conversation.images = [
-                checked_image_path(image_folder, image, where, check_images_exist) for image in conversation.images
-            ]
+            record = parse(rename_columns(row, source.columns), where, roles)
+            record.images = [checked_image_path(image_folder, p, where, check_images_exist) for p in record.images]
         except BadRecordError as err:
             if on_bad_record == "error":
                 raise
             skipped[err.reason] += 1
             continue
-        conversations.append(conversation)
-    return conversations, skipped
+        records.append(record)
+    return records, skipped
+
+
+def read_sources(
+    sources: list[DataSource],
+    on_bad_record: str = "error",
+    check_images_exist: bool = True,
+    read: Callable[[DataSource, str, bool], tuple[list, Counter]] = read_source,
+) -> tuple[list, Counter]:
+    """Every source's records as `read` reads one source (instruction records by default; preference pairs with
+    `llava_lite.data.preference_formats.read_pairs`), in order, and the records skipped, by reason."""
+    records: list = []
+    skipped: Counter = Counter()
+    for source in sources:
+        found, source_skipped = read(source, on_bad_record, check_images_exist)
+        records.extend(found)
+        skipped.update(source_skipped)
+        if source_skipped:
+            logger.warning("%s: skipped %s", source.path, dict(source_skipped))
+    return records, skipped
 
 
 def parse_record(

@@ -24,20 +24,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from llava_lite.data.config import DataSource
 from llava_lite.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message, images_first
 from llava_lite.data.errors import BadRecordError
-from llava_lite.data.formats import (
-    DEFAULT_ROLES,
-    checked_image_path,
-    image_list,
-    iter_rows,
-    parse_message,
-    rename_columns,
-)
+from llava_lite.data.formats import DEFAULT_ROLES, image_list, parse_message, read_source
 
 
 @dataclass
@@ -60,24 +52,7 @@ def read_pairs(
     source: DataSource, on_bad_record: str = "error", check_images_exist: bool = True
 ) -> tuple[list[PreferencePair], Counter]:
     """Every pair of one source, images resolved inside its image folder, and the pairs skipped, by reason."""
-    path = Path(source.path)
-    image_folder = Path(source.image_folder) if source.image_folder else (path.parent if path.is_file() else path)
-    roles = {**DEFAULT_ROLES, **source.roles}
-    pairs: list[PreferencePair] = []
-    skipped: Counter = Counter()
-    for where, row in iter_rows(source):
-        try:
-            if isinstance(row, BadRecordError):
-                raise row
-            pair = parse_pair(rename_columns(row, source.columns), where, roles)
-            pair.images = [checked_image_path(image_folder, image, where, check_images_exist) for image in pair.images]
-        except BadRecordError as err:
-            if on_bad_record == "error":
-                raise
-            skipped[err.reason] += 1
-            continue
-        pairs.append(pair)
-    return pairs, skipped
+    return read_source(source, on_bad_record, check_images_exist, parse=parse_pair)
 
 
 def parse_pair(row: Any, where: str, roles: dict[str, str] | None = None) -> PreferencePair:

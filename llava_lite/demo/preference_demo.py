@@ -2,12 +2,14 @@
 on pairs whose rejected answer is its kind of mistake.
 
 The error is taught by the data, as real data teaches it: stage 2 learns from questions whose corner answers are
-mirrored, left for right - what a horizontal-flip augmentation that does not flip the text leaves behind. The
-model then answers "top right" for a shape in the top left, confidently, and its held-out corner accuracy is near
-zero while colour and shape are learnt. Stage 3 (`recipe: preference`, DPO) tunes it on pairs about its own
-training pictures: "Which corner is the shape in?", the true corner chosen, its mirror (the model's mistake)
-rejected. The held-out pictures are answered before and after (`llava-lite generate`), and the held-out pairs
-scored against the stage-2 model (`llava-lite eval --preference`).
+upside down, top for bottom - what a vertical-flip augmentation that does not flip the text leaves behind. The
+model then answers "bottom left" for a shape in the top left, confidently: its held-out corner accuracy is near
+zero while colour and shape are learnt. (Top from bottom is what the tiny model learns early; left from right only
+after a long plateau, see the README's demo section, so a short stage 2 answers left and right by chance.) Stage 3
+(`recipe: preference`, DPO) tunes it on pairs about its own training pictures: "Which corner is the shape in?",
+the true corner chosen, the same corner upside down (the model's mistake) rejected. The held-out pictures are
+answered before and after (`llava-lite generate`) and scored per question, the corner's top/bottom half on its own
+too; the held-out pairs are scored against the stage-2 model (`llava-lite eval --preference`).
 
 Everything lands in `out`: the data, the three recipe configs (re-run them with `llava-lite train`), the runs,
 the held-out answers of both stages and `preference_demo.json` with the table's numbers.
@@ -32,6 +34,7 @@ from llava_lite.train.config import load_train_config
 from llava_lite.train.run import run_training
 
 CORNER_QUESTION = shapes.QUESTIONS["corner"][0]
+TOP_OR_BOTTOM = "corner: top/bottom"  # the corner answer's first word alone: the half stage 2 learnt upside down
 
 
 @dataclass
@@ -41,7 +44,7 @@ class PreferenceDemoSettings:
     eval_images: int = 100
     text_records: int = 200
     stage1_epochs: float = 2.0
-    stage2_epochs: float = 16.0
+    stage2_epochs: float = 4.0
     stage3_steps: int = 120
     stage3_batch_size: int = 8
     stage3_learning_rate: float = 2e-4
@@ -58,13 +61,13 @@ class PreferenceDemoResult:
     seconds: dict[str, float]
 
 
-def mirrored(corner: str) -> str:
-    """The corner on the other side, left for right."""
-    return corner.replace("left", "\0").replace("right", "left").replace("\0", "right")
+def upside_down(corner: str) -> str:
+    """The corner at the other end, top for bottom."""
+    return corner.replace("top", "\0").replace("bottom", "top").replace("\0", "bottom")
 
 
 def corner_pairs(questions: list[dict]) -> list[dict]:
-    """TRL's conversational preference rows, one per picture: which corner, the truth chosen, its mirror rejected."""
+    """TRL's conversational preference rows, one per picture: which corner, the truth chosen, upside down rejected."""
     rows = []
     for record in questions:
         turns = record["conversations"]
@@ -75,21 +78,21 @@ def corner_pairs(questions: list[dict]) -> list[dict]:
                     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"\n{CORNER_QUESTION}"}]}
                 ],
                 "chosen": [{"role": "assistant", "content": corner}],
-                "rejected": [{"role": "assistant", "content": mirrored(corner)}],
+                "rejected": [{"role": "assistant", "content": upside_down(corner)}],
                 "images": [record["image"]],
             }
         )
     return rows
 
 
-def with_mirrored_corners(questions: list[dict]) -> list[dict]:
-    """The question records as a text-blind horizontal flip leaves them: every corner answer mirrored."""
+def with_flipped_corners(questions: list[dict]) -> list[dict]:
+    """The question records as a text-blind vertical flip leaves them: every corner answer upside down."""
     flipped = json.loads(json.dumps(questions))
     for record in flipped:
         turns = record["conversations"]
         for question, answer in zip(turns[::2], turns[1::2]):
             if question["value"].endswith(CORNER_QUESTION):
-                answer["value"] = mirrored(answer["value"])
+                answer["value"] = upside_down(answer["value"])
     return flipped
 
 
@@ -98,7 +101,7 @@ def build_data(out: Path, settings: PreferenceDemoSettings) -> dict[str, Path]:
         out / "data", settings.train_images, settings.eval_images, settings.text_records, settings.seed
     )
     questions = json.loads(paths["questions"].read_text(encoding="utf-8"))
-    paths["mirrored"] = shapes.write_json(out / "data" / "questions_mirrored.json", with_mirrored_corners(questions))
+    paths["flipped"] = shapes.write_json(out / "data" / "questions_flipped.json", with_flipped_corners(questions))
     paths["pairs"] = out / "data" / "corner_pairs.jsonl"
     write_lines_atomically(paths["pairs"], [json.dumps(row) for row in corner_pairs(questions)])
     # Held-out pairs: the held-out pictures, asked the same question.
@@ -108,7 +111,7 @@ def build_data(out: Path, settings: PreferenceDemoSettings) -> dict[str, Path]:
         {
             "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"\n{r['prompt']}"}]}],
             "chosen": [{"role": "assistant", "content": r["reference"]}],
-            "rejected": [{"role": "assistant", "content": mirrored(r["reference"])}],
+            "rejected": [{"role": "assistant", "content": upside_down(r["reference"])}],
             "images": [r["image"]],
         }
         for r in held_out
@@ -119,14 +122,14 @@ def build_data(out: Path, settings: PreferenceDemoSettings) -> dict[str, Path]:
 
 
 def recipes(out: Path, paths: dict[str, Path], settings: PreferenceDemoSettings) -> dict[str, dict]:
-    """Stage 1 and 2 as the demo trains them (stage 2 on the mirrored corners), and stage 3 on the corner pairs."""
+    """Stage 1 and 2 as the demo trains them (stage 2 on the flipped corners, shorter), and stage 3 on the pairs."""
     base = demo_recipes(
         out,
         DemoSettings(
             out, stage1_epochs=settings.stage1_epochs, stage2_epochs=settings.stage2_epochs, seed=settings.seed
         ),
     )
-    base["stage2"]["data"]["sources"][0]["path"] = str(paths["mirrored"])
+    base["stage2"]["data"]["sources"][0]["path"] = str(paths["flipped"])
     stage3 = {
         "recipe": "preference",
         "init_from": str(out / "stage2"),
@@ -174,27 +177,38 @@ def run_preference_demo(settings: PreferenceDemoSettings, log=print) -> Preferen
         progress=False,
     )
     result = PreferenceDemoResult(
-        accuracy["stage2"], accuracy["stage3"], {a: shapes.chance(a) for a in shapes.QUESTIONS}, held_out_pairs, seconds
+        accuracy["stage2"],
+        accuracy["stage3"],
+        {**{a: shapes.chance(a) for a in shapes.QUESTIONS}, TOP_OR_BOTTOM: 0.5},
+        held_out_pairs,
+        seconds,
     )
     (out / "preference_demo.json").write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
     return result
 
 
 def held_out_accuracy(run: Path, paths: dict[str, Path], answers: Path) -> dict[str, float]:
+    """Exact-match accuracy per question of `run` on the held-out pictures, and of the corner's top/bottom word."""
     generator = Generator.from_folder(run, device="cpu")
     settings = SamplingSettings(max_new_tokens=8)
     generate_file(generator, paths["eval"], answers, settings, paths["images"], 32, overwrite=True)
-    return score(answers)
+    rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()]
+    halves = [_words(r["answer"])[:1] == _words(r["reference"])[:1] for r in rows if r["id"].endswith(":corner")]
+    return {**score(answers), TOP_OR_BOTTOM: sum(halves) / max(len(halves), 1)}
+
+
+def _words(text: str) -> list[str]:
+    return text.strip().lower().rstrip(".").split()
 
 
 def report(result: PreferenceDemoResult) -> str:
-    rows = [f"{'question':<10} {'stage 2':>8} {'stage 3':>8} {'chance':>7}"]
-    for attribute in shapes.QUESTIONS:
+    rows = [f"{'question':<16} {'stage 2':>8} {'stage 3':>8} {'chance':>7}"]
+    for attribute in (*shapes.QUESTIONS, TOP_OR_BOTTOM):
         before, after = result.before[attribute], result.after[attribute]
-        rows.append(f"{attribute:<10} {before:>8.0%} {after:>8.0%} {result.chance[attribute]:>7.0%}")
+        rows.append(f"{attribute:<16} {before:>8.0%} {after:>8.0%} {result.chance[attribute]:>7.0%}")
     pairs = result.held_out_pairs
     rows.append(
-        f"\nheld-out corner pairs ({pairs['pairs']}): stage 3 prefers the true corner to its mirror in "
+        f"\nheld-out corner pairs ({pairs['pairs']}): stage 3 prefers the true corner to it upside down in "
         f"{pairs['accuracy']:.0%} against stage 2 (mean margin {pairs['mean_margin']:.2f} nats)"
     )
     rows.append("training: " + ", ".join(f"{stage} {s:.0f} s" for stage, s in result.seconds.items()))

@@ -81,6 +81,12 @@ class TrainingSettings:
     report_to: list[str] | str = "auto"
     num_workers: int = 0
 
+    @property
+    def part_learning_rates(self) -> dict[str, float]:
+        """The learning rate of each part the optimizer groups apart (once the recipe's defaults are filled in)."""
+        rates = (self.projector_lr, self.vision_tower_lr, self.learning_rate)
+        return dict(zip(("projector", "vision_tower", "language_model"), rates))
+
     def __post_init__(self) -> None:
         # transformers reads a warmup of 1 or more as a number of steps, so a ratio must stay below 1.
         if not 0 <= self.warmup_ratio < 1:

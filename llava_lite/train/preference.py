@@ -24,6 +24,7 @@ from transformers import TrainingArguments
 
 from llava_lite.config_io import to_dict
 from llava_lite.data.config import DataConfig
+from llava_lite.data.formats import read_sources
 from llava_lite.data.packing import PackedDataset, PackingBudget
 from llava_lite.data.preference_formats import PreferencePair, read_pairs
 from llava_lite.data.preference_pairs import COMPLETION_TOKENS, PAIR_INDEX, PreferenceCollator, PreferenceDataset
@@ -134,11 +135,7 @@ def preference_trainer(
         data_collator=PreferenceCollator(model.tokenizer.pad_token_id, pad_to_multiple_of),
         train_dataset=train_dataset,
         run_config=to_dict(config),
-        group_learning_rates={
-            "projector": train.projector_lr,
-            "vision_tower": train.vision_tower_lr,
-            "language_model": train.learning_rate,
-        },
+        group_learning_rates=train.part_learning_rates,
         callbacks=callbacks,
         preference=settings,
         reference=AdaptersOffReference(model) if settings.reference == "adapters_off" else None,
@@ -152,15 +149,7 @@ def load_pairs(data: DataConfig) -> tuple[list[PreferencePair], Counter]:
     """Every source's pairs, in order, and the pairs skipped while reading them, by reason."""
     if not data.sources:
         raise ValueError("data: no sources given")
-    pairs: list[PreferencePair] = []
-    skipped: Counter = Counter()
-    for source in data.sources:
-        found, source_skipped = read_pairs(source, data.on_bad_record, data.check_images_exist)
-        pairs.extend(found)
-        skipped.update(source_skipped)
-        if source_skipped:
-            logger.warning("%s: skipped %s", source.path, dict(source_skipped))
-    return pairs, skipped
+    return read_sources(data.sources, data.on_bad_record, data.check_images_exist, read=read_pairs)
 
 
 def precomputed_reference(

@@ -73,11 +73,7 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         run_config=to_dict(config),
-        group_learning_rates={
-            "projector": settings.projector_lr,
-            "vision_tower": settings.vision_tower_lr,
-            "language_model": settings.learning_rate,
-        },
+        group_learning_rates=settings.part_learning_rates,
         callbacks=callbacks,
         group_by_modality_length=config.data.group_by_modality_length,
         objective=_objective(config, model),
