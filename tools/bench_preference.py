@@ -45,6 +45,7 @@ from bench_train import (  # noqa: E402
     build_start,
     common_arguments,
     has_trl,
+    losses_callback,
     peak_memory,
     run_child,
 )
@@ -121,20 +122,6 @@ class PairMeter:
             "first_losses": self.losses,
             "reference_s": self.reference_seconds,
         }
-
-
-def losses_callback(meter: PairMeter):
-    from transformers import TrainerCallback
-
-    class Losses(TrainerCallback):
-        def on_log(self, args_, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                meter.loss(logs["loss"])
-
-        def on_train_end(self, args_, state, control, **kwargs):
-            meter.seconds = time.perf_counter() - meter.started
-
-    return Losses()
 
 
 # ----- the sides (each in its own process) -----------------------------------------------------------------

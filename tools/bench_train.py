@@ -258,7 +258,6 @@ def trl(data: Path, start: Path, args, out: Path) -> dict:
 
 
 def ours(data: Path, start: Path, args, out: Path, side: str) -> dict:
-    from transformers import TrainerCallback
 
     from llava_lite.config_io import from_dict
     from llava_lite.train import trainer as trainer_module
@@ -297,6 +296,15 @@ def ours(data: Path, start: Path, args, out: Path, side: str) -> dict:
         meter.batch(self.state.global_step, inputs)
         return original(self, model, inputs, *rest, **kwargs)
 
+    trainer_module.LlavaTrainer.compute_loss = counting
+    run_training(config, callbacks=[losses_callback(meter)])
+    return meter.result(peak_memory())
+
+
+def losses_callback(meter):
+    """A TrainerCallback that hands `meter` the logged losses and stops its clock when training ends."""
+    from transformers import TrainerCallback
+
     class Losses(TrainerCallback):
         def on_log(self, args_, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -305,9 +313,7 @@ def ours(data: Path, start: Path, args, out: Path, side: str) -> dict:
         def on_train_end(self, args_, state, control, **kwargs):
             meter.seconds = time.perf_counter() - meter.started
 
-    trainer_module.LlavaTrainer.compute_loss = counting
-    run_training(config, callbacks=[Losses()])
-    return meter.result(peak_memory())
+    return Losses()
 
 
 def run_side(args) -> dict:
