@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -279,7 +280,7 @@ def print_table(title: str, sides: dict) -> None:
 
 
 def packed_rows_for(pairs: Path, start: Path, args) -> int:
-    """Rows per packed step that carry about as many pairs as a padded step of `--pairs` pairs."""
+    """Rows per packed step that carry at least as many pairs as a padded step of `--pairs` pairs, on average."""
     from llava_lite.config_io import from_dict
     from llava_lite.data.config import DataConfig
     from llava_lite.data.preference_pairs import PreferenceDataset
@@ -291,7 +292,7 @@ def packed_rows_for(pairs: Path, start: Path, args) -> int:
     read, _ = load_pairs(from_dict(DataConfig, {"sources": [{"path": str(pairs)}]}))
     lengths, _ = PreferenceDataset(read, build_processor(model.config, model.tokenizer), 4096).measure()
     per_row = args.pack_length / statistics.mean(lengths)
-    return max(1, round(args.pairs / per_row))
+    return max(1, math.ceil(args.pairs / per_row))
 
 
 def main() -> None:

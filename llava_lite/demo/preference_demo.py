@@ -202,10 +202,10 @@ def _words(text: str) -> list[str]:
 
 
 def report(result: PreferenceDemoResult) -> str:
-    rows = [f"{'question':<16} {'stage 2':>8} {'stage 3':>8} {'chance':>7}"]
+    rows = [f"{'question':<18} {'stage 2':>8} {'stage 3':>8} {'chance':>7}"]
     for attribute in (*shapes.QUESTIONS, TOP_OR_BOTTOM):
         before, after = result.before[attribute], result.after[attribute]
-        rows.append(f"{attribute:<16} {before:>8.0%} {after:>8.0%} {result.chance[attribute]:>7.0%}")
+        rows.append(f"{attribute:<18} {before:>8.0%} {after:>8.0%} {result.chance[attribute]:>7.0%}")
     pairs = result.held_out_pairs
     rows.append(
         f"\nheld-out corner pairs ({pairs['pairs']}): stage 3 prefers the true corner to it upside down in "
