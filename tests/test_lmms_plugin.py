@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import shutil
 import string
 import sys
@@ -24,6 +23,7 @@ from llava_lite.data.images import load_image
 from llava_lite.eval.vqa import read_questions
 from llava_lite.inference.generator import Generator, SamplingSettings
 from llava_lite.model.llava import LlavaLiteModel
+from llava_lite.model.presets import preset
 from llava_lite.model.processing import build_processor
 
 SHIPPED = ROOT / "configs" / "eval" / "lmms_eval"
@@ -228,19 +228,40 @@ def test_the_plugin_says_in_one_line_how_to_install_what_lmms_eval_lacks(monkeyp
         importlib.import_module("llava_lite.eval.lmms_plugin.model")
 
 
-def test_likelihoods_of_a_batch_equal_those_of_each_alone(run):
-    from llava_lite.eval.likelihood import LikelihoodScorer
+def scored_model(kind: str, run: Path) -> LlavaLiteModel:
+    if kind == "lora run":
+        return LlavaLiteModel.from_pretrained(run)
+    if kind == "anyres":
+        return LlavaLiteModel.from_config(preset("tiny-hf-clip", vision_tower={"image_layout": "anyres"}))
+    from peft import PromptTuningConfig, get_peft_model
 
-    model = LlavaLiteModel.from_pretrained(run).eval()
+    model = LlavaLiteModel.from_config(preset("tiny"))
+    model.language_model = get_peft_model(
+        model.language_model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    )
+    return model
+
+
+@pytest.mark.parametrize("kind", ["lora run", "anyres", "prompt tuning"])
+def test_a_batch_is_scored_as_each_answer_alone_and_as_response_perplexity_scores_it(kind, run, tmp_path):
+    from llava_lite.eval.likelihood import LikelihoodScorer
+    from llava_lite.eval.perplexity import response_perplexity
+
+    model = scored_model(kind, run).eval()
     scorer = LikelihoodScorer(model)
-    assert scorer.split is not None  # the head runs only where scored
-    picture = load_image(SHIPPED / "data" / "images" / "blue_square.png")
-    prompts = [
-        (Conversation([Message("user", "<image>\nWhat shape?"), Message("assistant", "A square.")]), [picture]),
-        (Conversation([Message("user", "Name a colour."), Message("assistant", "Blue, I think.")]), []),
+    assert (scorer.split is None) == (kind == "prompt tuning")  # else the head runs only where scored
+    wide = tmp_path / "wide.png"
+    load_image(SHIPPED / "data" / "images" / "blue_square.png").resize((96, 40)).save(wide)
+    conversations = [
+        Conversation([Message("user", "<image>\nWhat shape?"), Message("assistant", "A square.")], [str(wide)]),
+        Conversation([Message("user", "Name a colour."), Message("assistant", "Blue, I think.")]),
     ]
-    batched = scorer.score([c for c, _ in prompts], [i for _, i in prompts])
-    alone = [scorer.score([c], [i])[0] for c, i in prompts]
+    pictures = [[load_image(path) for path in c.images] for c in conversations]
+    batched = scorer.score(conversations, pictures)
+    alone = [scorer.score([c], [p])[0] for c, p in zip(conversations, pictures)]
     assert [b.tokens for b in batched] == [a.tokens for a in alone] and batched[1].tokens > batched[0].tokens
     assert [b.log_likelihood for b in batched] == pytest.approx([a.log_likelihood for a in alone], rel=1e-5)
-    assert all(math.isfinite(b.log_likelihood) and b.log_likelihood < 0 for b in batched)
+    for conversation, score in zip(conversations, batched):
+        reference = response_perplexity(model, [conversation])
+        assert reference.tokens == score.tokens
+        assert -score.log_likelihood == pytest.approx(reference.mean_nll * reference.tokens, rel=1e-5)
