@@ -7,6 +7,7 @@ import json
 import sys
 
 import pytest
+import yaml
 from harness_helpers import ROOT, lora_run
 
 from llava_lite.cli import main
@@ -86,3 +87,13 @@ def test_without_lm_eval_the_command_says_in_one_line_how_to_install_it(run, mon
 def test_base_without_lm_eval_tasks_is_refused(run, capsys):
     assert main(["eval", "--model", str(run), "--text", "x.txt", "--base"]) == 2
     assert "--base compares lm-eval tasks: give --lm-eval TASKS too" in capsys.readouterr().err
+
+
+def test_a_task_that_runs_the_models_code_is_refused_unless_asked_for(run, tmp_path, capsys):
+    task = yaml.safe_load((TASKS / f"{TASK}.yaml").read_text())
+    task.update(task="runs_code", unsafe_code=True)
+    (tmp_path / "runs_code.yaml").write_text(yaml.safe_dump(task))
+    command = ["eval", "--model", str(run), "--lm-eval", "runs_code", "--lm-eval-include", str(tmp_path)]
+    assert main([*command, "--limit", "1"]) == 2
+    assert "runs_code which is marked as unsafe" in capsys.readouterr().err
+    assert main([*command, "--limit", "1", "--lm-eval-unsafe-code"]) == 0

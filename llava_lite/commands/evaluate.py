@@ -57,6 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lm_eval.add_argument("--lm-eval-include", default=None, metavar="DIR", help="a folder of local lm-eval task YAMLs")
     lm_eval.add_argument("--lm-eval-fewshot", type=int, default=None, metavar="N", help="few-shot examples per task")
     lm_eval.add_argument("--lm-eval-chat", action="store_true", help="render prompts with the run's chat template")
+    lm_eval.add_argument(
+        "--lm-eval-unsafe-code", action="store_true", help="let tasks that run the model's code (HumanEval) run it here"
+    )
     lm_eval.add_argument("--base", action="store_true", help="also run them on the base LM (--base-lm or adapters off)")
     parser.set_defaults(run=run)
 
@@ -102,6 +105,7 @@ def lm_eval_settings(args: argparse.Namespace):
         limit=args.limit,
         batch_size=args.batch_size,
         chat_template=args.lm_eval_chat,
+        unsafe_code=args.lm_eval_unsafe_code,
         base=args.base,
         base_lm=args.base_lm,
     )

@@ -26,6 +26,7 @@ class LmEvalSettings:
     limit: int | None = None
     batch_size: int = 8
     chat_template: bool = False  # lm-eval's apply_chat_template, with the run's template
+    unsafe_code: bool = False  # let tasks marked unsafe run the model's code on this machine (HumanEval)
     base: bool = False  # also evaluate the base LM
     base_lm: str | None = None
 
@@ -105,6 +106,7 @@ def _evaluate(language_model, tokenizer, settings: LmEvalSettings, task_manager,
             limit=settings.limit,
             task_manager=task_manager,
             apply_chat_template=settings.chat_template,
+            confirm_run_unsafe_code=settings.unsafe_code,
             log_samples=keep_samples,
         )
     finally:
