@@ -33,7 +33,9 @@ from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts  # no
 from lmms_eval.api.model import lmms  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from llava_lite.eval.likelihood import LikelihoodScorer  # noqa: E402
 from llava_lite.eval.lmms_plugin.requests import chat_conversation, sampling_settings, simple_conversation  # noqa: E402
+from llava_lite.inference.generator import Generator  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +62,6 @@ class LlavaLiteSimple(lmms):
             raise ValueError(f"llava_lite takes a whole --batch_size of 1 or more, not {batch_size!r}")
         if dtype not in (None, "auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"llava_lite: dtype must be float32, bfloat16 or float16, not {dtype!r}")
-        from llava_lite.eval.likelihood import LikelihoodScorer
-        from llava_lite.inference.generator import Generator
-
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process per device; lmms-eval shares the documents out
             self.accelerator = Accelerator()
             device = str(self.accelerator.device)
