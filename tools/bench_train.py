@@ -260,10 +260,12 @@ def trl(data: Path, start: Path, args, out: Path) -> dict:
     return meter.result(peak_memory())
 
 
-def ours(data: Path, start: Path, args, out: Path, side: str) -> dict:
+def ours(data: Path, start: Path, args, out: Path, side: str, changes: dict | None = None) -> dict:
+    """Our recipe on `side`'s batches; `changes` are merged into its config (tools/gpu_check.py's variants)."""
     from transformers import TrainerCallback
 
     from llava_lite.config_io import from_dict
+    from llava_lite.model.presets import deep_merge
     from llava_lite.train import trainer as trainer_module
     from llava_lite.train.config import TrainConfig
     from llava_lite.train.run import run_training
@@ -274,27 +276,25 @@ def ours(data: Path, start: Path, args, out: Path, side: str) -> dict:
         data_settings.update(group_by_modality_length=True, shuffle=True)
     if side == "ours_packed":
         data_settings.update(packing=True, pack_length=args.pack_length, shuffle=True)
-    config = from_dict(
-        TrainConfig,
-        {
-            "recipe": "stage2",
-            "init_from": str(start),
-            "output_dir": str(out),
-            "data": data_settings,
-            "train": {
-                "max_steps": args.steps + 1,
-                "batch_size": args.batch_size if side != "ours_packed" else args.packed_rows,
-                "learning_rate": LEARNING_RATE,
-                "scheduler": "constant",
-                "warmup_ratio": 0.0,
-                "report_to": "none",
-                "logging_steps": 1,
-                "save_steps": 100000,
-                "precision": args.precision,
-            },
-            "resume": "never",
+    settings = {
+        "recipe": "stage2",
+        "init_from": str(start),
+        "output_dir": str(out),
+        "data": data_settings,
+        "train": {
+            "max_steps": args.steps + 1,
+            "batch_size": args.batch_size if side != "ours_packed" else args.packed_rows,
+            "learning_rate": LEARNING_RATE,
+            "scheduler": "constant",
+            "warmup_ratio": 0.0,
+            "report_to": "none",
+            "logging_steps": 1,
+            "save_steps": 100000,
+            "precision": args.precision,
         },
-    )
+        "resume": "never",
+    }
+    config = from_dict(TrainConfig, deep_merge(settings, changes or {}))
     original = trainer_module.LlavaTrainer.compute_loss
 
     def counting(self, model, inputs, *rest, **kwargs):
