@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from transformers import TrainerCallback
 
-from llava_lite.config_io import ConfigError, from_dict
+from llava_lite.config_io import ConfigError, from_dict, to_dict
 from llava_lite.data.collator import Collator
 from llava_lite.data.formats import parse_record
 from llava_lite.demo import shapes
@@ -178,6 +178,34 @@ def test_init_from_may_set_how_the_lm_loads_and_nothing_else(stage1, shapes_data
     eager = stage2(stage1, shapes_data, tmp_path / "x", {"attn_implementation": "eager"})
     model = build_training_model(resolved(eager))
     assert model.base_language_model.config._attn_implementation == "eager"
+
+
+def test_under_ddp_a_bf16_loaded_lm_trains_float32_masters_with_float32_moments(stage1, shapes_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import ROOT
+
+    config = stage2(stage1, shapes_data, tmp_path / "run", {"dtype": "bfloat16"}, precision="bf16", max_steps=2)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(to_dict(config)))
+    reports = tmp_path / "reports"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        + [str(ROOT / "tests" / "distributed_train.py"), str(reports), "--", "train", str(recipe)],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        seen = json.loads((reports / f"rank{rank}.json").read_text())
+        assert seen["wrapper"] == "DistributedDataParallel"
+        assert seen["trained_dtypes"] == ["torch.float32"] and seen["moment_dtypes"] == ["torch.float32"]
 
 
 # ----- QLoRA: a real 4-bit NF4 base (bitsandbytes' CPU backend) ------------------------------------------------
