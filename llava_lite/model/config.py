@@ -75,9 +75,14 @@ class LanguageModelConfig:
     model_config: dict[str, Any] | None = None
     # A tokenizer folder or hub name, or "tiny" for the one shipped in the package; default: `name`.
     tokenizer: str | None = None
+    # The dtype the weights are loaded and stored in; in training, what trains is kept in float32 all the same
+    # (train.master_weights), so bfloat16 only halves the frozen parts.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    # transformers' attention (sdpa, eager, flash_attention_2, ...); auto: flash_attention_2 on a CUDA GPU where
+    # flash-attn is installed, else transformers' default.
     attn_implementation: str | None = None
-    # Load the weights quantized (QLoRA: 4bit); needs bitsandbytes and a CUDA GPU.
+    # Load the weights quantized (QLoRA: 4bit NF4 with double quantization); needs bitsandbytes (CUDA or its CPU
+    # backend).
     quantization: Literal["none", "4bit", "8bit"] = "none"
     trust_remote_code: bool = False
 

@@ -96,16 +96,25 @@ class LlavaLiteModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | Path, trainable_adapters: bool = False, quantization: str | None = None
+        cls,
+        folder: str | Path,
+        trainable_adapters: bool = False,
+        quantization: str | None = None,
+        dtype: str | None = None,
+        attn_implementation: str | None = None,
     ) -> LlavaLiteModel:
         """Load a folder written by `save_pretrained` (see `llava_lite.model.saving` for its layout), or a
         transformers Llava folder (see `llava_lite.model.hf_llava`). `quantization` (4bit, 8bit) loads the LM
-        quantized, as QLoRA trains it."""
+        quantized, as QLoRA trains it; `dtype` and `attn_implementation` override how the folder says to load it."""
         if is_hf_llava_folder(folder):
-            if quantization not in (None, "none"):
-                raise ValueError(f"{folder}: a transformers Llava folder cannot be loaded quantized ({quantization})")
+            if quantization not in (None, "none") or dtype or attn_implementation:
+                raise ValueError(
+                    f"{folder}: a transformers Llava folder loads as it is saved; it cannot be loaded quantized or "
+                    "with another dtype or attn_implementation"
+                )
             return cls(*load_hf_llava(folder))
-        return cls(*load_model(folder, trainable_adapters, quantization))
+        overrides = {"dtype": dtype, "attn_implementation": attn_implementation}
+        return cls(*load_model(folder, trainable_adapters, quantization, overrides))
 
     def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """What was trained and what exists nowhere else, as safetensors and JSON; no pickle anywhere."""

@@ -79,14 +79,23 @@ def save_model(model, folder: str | Path, state_dict: dict[str, torch.Tensor] | 
     )
 
 
-def load_model(folder: str | Path, trainable_adapters: bool = False, quantization: str | None = None) -> ModelParts:
+def load_model(
+    folder: str | Path,
+    trainable_adapters: bool = False,
+    quantization: str | None = None,
+    lm_overrides: dict[str, str | None] | None = None,
+) -> ModelParts:
     """The parts of a LlavaLiteModel from a folder written by `save_model`; `quantization` (4bit, 8bit) loads the
-    LM quantized (QLoRA from a saved run), which a folder never records."""
+    LM quantized (QLoRA from a saved run), which a folder never records; `lm_overrides` set the LM config's
+    `dtype` or `attn_implementation` (None values are ignored), and the loaded config says so."""
     folder = Path(folder)
     config = load_model_config(folder)
     lm_config = config.language_model
     if quantization is not None:
         lm_config.quantization = quantization
+    for key, value in (lm_overrides or {}).items():
+        if value is not None:
+            setattr(lm_config, key, value)
     tokenizer = load_tokenizer(lm_config)
     language_model = build_language_model(lm_config)
     fit_embeddings(language_model, tokenizer)

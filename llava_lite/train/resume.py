@@ -34,6 +34,7 @@ NOT_AFFECTING_WEIGHTS = (
     "train.report_to",
     "train.num_workers",
     "train.save_steps",
+    "train.eval_steps",
     "train.save_total_limit",
 )
 

@@ -19,6 +19,7 @@ from llava_lite.data.preflight import require_a_sample, require_records
 from llava_lite.data.replay import ReplayMix, read_replay_text, text_windows
 from llava_lite.eval.callback import EvaluationCallback
 from llava_lite.train.config import TrainConfig, resolved
+from llava_lite.train.precision import mixed_precision
 from llava_lite.train.recipe import build_training_model, training_processor
 from llava_lite.train.regularizers import Objective
 from llava_lite.train.resume import STATE_FILE, check_same_run, clear_earlier_run, finished_step
@@ -115,7 +116,7 @@ def _objective(config: TrainConfig, model) -> Objective | None:
 
 def training_arguments(config: TrainConfig, has_eval: bool = False) -> TrainingArguments:
     settings = config.train
-    bf16, fp16 = _precision(settings.precision)
+    bf16, fp16 = mixed_precision(settings.precision)
     return TrainingArguments(
         output_dir=config.output_dir,
         num_train_epochs=settings.epochs,
@@ -139,7 +140,7 @@ def training_arguments(config: TrainConfig, has_eval: bool = False) -> TrainingA
         save_steps=settings.save_steps,
         save_total_limit=settings.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
-        eval_steps=settings.save_steps if has_eval else None,
+        eval_steps=(settings.eval_steps or settings.save_steps) if has_eval else None,
         report_to=_report_to(settings.report_to),
         dataloader_num_workers=settings.num_workers,
         remove_unused_columns=False,
@@ -187,12 +188,6 @@ def _check_one_device_per_process() -> None:
             f"--num_processes {gpus} -m llava_lite train ..., or torchrun --nproc_per_node {gpus}), or choose one "
             "with CUDA_VISIBLE_DEVICES"
         )
-
-
-def _precision(choice: str) -> tuple[bool, bool]:
-    if choice == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(), False
-    return choice == "bf16", choice == "fp16"
 
 
 def _pad_multiple() -> int | None:
