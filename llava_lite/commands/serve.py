@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from llava_lite.serve.app import create_app
 
     config = serve_config(args)
-    generator = Generator.from_folder(args.model, args.device, args.dtype)
+    generator = Generator.from_folder(args.model, args.device, args.dtype, args.trust_remote_code)
     app = create_app(generator, config)
     log = logging.getLogger("llava_lite.serve")
     log.info(

@@ -69,7 +69,7 @@ def load_hf_llava(folder: str | Path) -> ModelParts:
     hf_model = _MODEL_CLASSES[model_type].from_pretrained(folder, dtype="auto")
     hf_config: LlavaConfig = hf_model.config
     # One load gives the tokenizer, the image processor and the processor's chat template and image token.
-    processor = AutoProcessor.from_pretrained(folder)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)  # no code from the folder
     image_processor = getattr(processor, "image_processor", None)
     if image_processor is None:
         raise ValueError(f"{folder}: no image processor (preprocessor_config.json) beside the model")

@@ -96,16 +96,21 @@ class LlavaLiteModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | Path, trainable_adapters: bool = False, quantization: str | None = None
+        cls,
+        folder: str | Path,
+        trainable_adapters: bool = False,
+        quantization: str | None = None,
+        trust_remote_code: bool = False,
     ) -> LlavaLiteModel:
         """Load a folder written by `save_pretrained` (see `llava_lite.model.saving` for its layout), or a
         transformers Llava folder (see `llava_lite.model.hf_llava`). `quantization` (4bit, 8bit) loads the LM
-        quantized, as QLoRA trains it."""
+        quantized, as QLoRA trains it. `trust_remote_code` lets code that came with a run folder run; only the
+        person running the command may give it, never the folder."""
         if is_hf_llava_folder(folder):
             if quantization not in (None, "none"):
                 raise ValueError(f"{folder}: a transformers Llava folder cannot be loaded quantized ({quantization})")
             return cls(*load_hf_llava(folder))
-        return cls(*load_model(folder, trainable_adapters, quantization))
+        return cls(*load_model(folder, trainable_adapters, quantization, trust_remote_code))
 
     def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """What was trained and what exists nowhere else, as safetensors and JSON; no pickle anywhere."""

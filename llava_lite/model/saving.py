@@ -79,11 +79,17 @@ def save_model(model, folder: str | Path, state_dict: dict[str, torch.Tensor] | 
     )
 
 
-def load_model(folder: str | Path, trainable_adapters: bool = False, quantization: str | None = None) -> ModelParts:
+def load_model(
+    folder: str | Path,
+    trainable_adapters: bool = False,
+    quantization: str | None = None,
+    trust_remote_code: bool = False,
+) -> ModelParts:
     """The parts of a LlavaLiteModel from a folder written by `save_model`; `quantization` (4bit, 8bit) loads the
-    LM quantized (QLoRA from a saved run), which a folder never records."""
+    LM quantized (QLoRA from a saved run), which a folder never records. Code that came with the folder runs only
+    with `trust_remote_code`, which the person running the command gives (see `load_model_config`)."""
     folder = Path(folder)
-    config = load_model_config(folder)
+    config = load_model_config(folder, trust_remote_code)
     lm_config = config.language_model
     if quantization is not None:
         lm_config.quantization = quantization

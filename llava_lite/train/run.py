@@ -27,9 +27,10 @@ from llava_lite.train.trainer import LlavaTrainer
 logger = logging.getLogger(__name__)
 
 
-def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
+def run_training(config: TrainConfig, callbacks: list | None = None, trust_remote_code: bool = False) -> Path:
     """Train as `config` says; returns the output folder, which then holds the final model and, in
-    `trainer_state.json`, the loss history. `callbacks` are transformers TrainerCallbacks."""
+    `trainer_state.json`, the loss history. `callbacks` are transformers TrainerCallbacks. `trust_remote_code`
+    (the command line's) lets code that came with a saved model folder (`init_from`, `model: FOLDER`) run."""
     config = resolved(config)
     _check_one_device_per_process()
     output_dir = Path(config.output_dir)
@@ -46,7 +47,7 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
         require_records(config.eval_data, eval_records, eval_skipped, "eval_data")
     replay_text = read_replay_text(config.data) if config.data.replay else None
 
-    model = build_training_model(config)
+    model = build_training_model(config, trust_remote_code)
     processor = training_processor(config, model.config, model.tokenizer)
     samples = ConversationDataset(train_records, processor, config.data.on_bad_record)
     require_a_sample(config.data, samples, skipped_at_load)
