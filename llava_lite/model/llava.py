@@ -50,6 +50,7 @@ from llava_lite.model.prompt_learning import (
 )
 from llava_lite.model.saving import load_model, save_model
 from llava_lite.model.vision import VisionTower, build_vision_tower
+from llava_lite.model.weights_files import require_safetensors_folder
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ class LlavaLiteModel(nn.Module):
     def from_config(cls, config: ModelConfig) -> LlavaLiteModel:
         """A new model: tower and LM as the config names them, a freshly initialised projector."""
         tokenizer, new_ids = prepare_tokenizer(config)
+        if config.language_model.name:
+            require_safetensors_folder(config.language_model.name, "language model")  # a local folder: no pickle
         language_model = build_language_model(config.language_model)
         fit_embeddings(language_model, tokenizer, new_ids)
         vision_tower = build_vision_tower(config.vision_tower)
