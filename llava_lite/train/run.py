@@ -18,7 +18,9 @@ from llava_lite.data.packing import PackedDataset, PackingBudget
 from llava_lite.data.preflight import require_a_sample, require_records
 from llava_lite.data.replay import ReplayMix, read_replay_text, text_windows
 from llava_lite.eval.callback import EvaluationCallback
+from llava_lite.train.checkpoints import check_resume_files, finish_rotation
 from llava_lite.train.config import TrainConfig, resolved
+from llava_lite.train.launch import is_main_process
 from llava_lite.train.recipe import build_training_model, training_processor
 from llava_lite.train.regularizers import Objective
 from llava_lite.train.resume import STATE_FILE, check_same_run, clear_earlier_run, finished_step
@@ -39,6 +41,7 @@ def run_training(config: TrainConfig, callbacks: list | None = None, trust_remot
         return output_dir
     checkpoint = resume_checkpoint(config)
     check_same_run(config, checkpoint)
+    check_resume_files(checkpoint)
     # The data is read before the model is built, so a bad record or a missing file fails in seconds.
     train_records, skipped_at_load = load_conversations(config.data)
     require_records(config.data, train_records, skipped_at_load)
@@ -165,6 +168,8 @@ def resume_checkpoint(config: TrainConfig) -> str | None:
         return None
     if config.resume == "auto":
         folder = Path(config.output_dir)
+        if is_main_process():
+            finish_rotation(folder, config.train.save_total_limit)  # what a killed rotation left
         return get_last_checkpoint(str(folder)) if folder.is_dir() else None
     if not Path(config.resume).is_dir():
         raise ConfigError(f"resume: no checkpoint folder {config.resume}")
