@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from conftest import fixture_path
@@ -153,6 +154,7 @@ def test_every_remote_failure_gets_the_same_answer_and_the_log_the_reason(remote
         f"{remote}/text.png": "not a PNG, JPEG or WebP",
         f"{remote}/truncated.png": "truncated or corrupt",
         closed: "ConnectError",
+        "http://[::1/x.png": "InvalidURL",  # a host that does not parse
     }
     answers = set()
     for url, reason in reasons.items():
@@ -162,6 +164,7 @@ def test_every_remote_failure_gets_the_same_answer_and_the_log_the_reason(remote
         assert reason in caplog.text, url
     assert answers == {(400, "image_fetch_failed", "the image URL could not be fetched as an image")}
     assert refused("ftp://127.0.0.1/x.png", allow_remote=True).code == "invalid_image_url"
+    assert refused("file://[::1/x.png", root=Path("/")).code == "invalid_image_url"
 
 
 def _closed_port() -> int:
