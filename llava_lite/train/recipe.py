@@ -26,17 +26,22 @@ from llava_lite.train.precision import (
 logger = logging.getLogger(__name__)
 
 
-def build_training_model(config: TrainConfig) -> LlavaLiteModel:
-    """`config` must be `resolved`. Freezing and adapters follow `config.finetune`; logs what is trained."""
+def build_training_model(config: TrainConfig, trust_remote_code: bool = False) -> LlavaLiteModel:
+    """`config` must be `resolved`. Freezing and adapters follow `config.finetune`; logs what is trained.
+    `trust_remote_code` is the command's leave for a saved folder's own code (a model mapping in the config gives
+    its own)."""
     set_seed(config.seed)  # random-init parts (tiny presets) come out the same on every start and resume
     method = config.finetune.method
     quantization = "4bit" if method == "qlora" else None
     if config.init_from:
         model = LlavaLiteModel.from_pretrained(
-            config.init_from, quantization=quantization, **init_from_overrides(config)
+            config.init_from,
+            quantization=quantization,
+            trust_remote_code=trust_remote_code,
+            **init_from_overrides(config),
         )
     else:
-        model_config = resolve_model_config(config.model)
+        model_config = resolve_model_config(config.model, trust_remote_code=trust_remote_code)
         if quantization:
             model_config.language_model.quantization = quantization
         model = LlavaLiteModel.from_config(model_config)

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import yaml
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava_lite.data.collator import REPLAY_TOKENS
 from llava_lite.data.sampler import ModalityLengthSampler
 from llava_lite.model.saving import load_trained_weights
+from llava_lite.train.checkpoints import rotate_checkpoints
 from llava_lite.train.precision import as_loaded_dtype
 from llava_lite.train.regularizers import Objective
 
@@ -146,5 +147,6 @@ class LlavaTrainer(Trainer):
                 self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
                     f"{os.sep}{STAGING_DIR}", ""
                 )
-            # The Trainer's own rotation ran inside the staging folder; rotate the real ones, by step number.
+            # The Trainer's own rotation ran inside the staging folder; rotate the real ones, by step number (each
+            # renamed away before it is deleted: see llava_lite.train.checkpoints).
             rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
