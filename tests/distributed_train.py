@@ -4,9 +4,9 @@
         [--kill-after-checkpoint N] -- train CONFIG.yaml [key=value ...]
 
 Each rank writes REPORT_DIR/rank{R}.json: per micro-batch its image and text-only rows (and, packed, the samples
-in its row), the wrapper the Trainer put around the model and its `find_unused_parameters`, and the records this
-rank skipped. With `--kill-after-checkpoint N` every rank kills itself (SIGKILL) once checkpoint-N is in place,
-as a machine lost mid-run would.
+in its row), the wrapper the Trainer put around the model and its `find_unused_parameters`, the records this
+rank skipped, and the dtypes its trained weights and their AdamW moments ended in. With `--kill-after-checkpoint N`
+every rank kills itself (SIGKILL) once checkpoint-N is in place, as a machine lost mid-run would.
 """
 
 from __future__ import annotations
@@ -68,7 +68,12 @@ def main() -> int:
 
     code = cli.main(command)
     if trainers:
-        seen["skipped_here"] = dict(trainers[0].train_dataset.skips.counts())
+        trainer = trainers[0]
+        seen["skipped_here"] = dict(trainer.train_dataset.skips.counts())
+        # How the trained weights and their AdamW moments were stored when training ended.
+        seen["trained_dtypes"] = sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad})
+        moments = [t for s in trainer.optimizer.state.values() for k, t in s.items() if k in ("exp_avg", "exp_avg_sq")]
+        seen["moment_dtypes"] = sorted({str(t.dtype) for t in moments})
     args.report_dir.mkdir(parents=True, exist_ok=True)
     rank = launch_rank()  # the process group is gone once training has ended
     (args.report_dir / f"rank{rank}.json").write_text(json.dumps(seen), encoding="utf-8")

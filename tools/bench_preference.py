@@ -41,7 +41,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import (  # noqa: E402
     FIXTURES,
-    alternating_runs,
     build_data,
     build_start,
     common_arguments,
@@ -321,7 +320,11 @@ def main() -> None:
         pairs = build_pairs(folder, (args.steps + 1) * args.pairs)
         start = build_start(folder / "start", str(FIXTURES / "tokenizers" / TOKENIZER), chat_template="vicuna_v1")
         setup = {"pairs": pairs, "start": start, "rows": args.packed_rows or packed_rows_for(pairs, start, args)}
-        runs = alternating_runs(sides, args.repeats, lambda side: child(side, setup, args))
+        runs: dict[str, list] = {side: [] for side in sides}
+        for _ in range(args.repeats):
+            for side in sides:
+                if result := child(side, setup, args):
+                    runs[side].append(result)
     summary = {side: summarise(r) for side, r in runs.items() if r}
     print_table(f"LLaVA-length pairs ({TOKENIZER} tokenizer; packed: {setup['rows']} rows of {args.pack_length} "
                 "tokens a step)", summary)  # fmt: skip

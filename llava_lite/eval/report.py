@@ -52,6 +52,10 @@ def table(results: dict) -> str:
             ("preference accuracy", f"{100 * p['accuracy']:.1f}%  ({p['pairs']} pairs, against {p['reference']})")
         )
         rows.append(("  mean margin", f"{p['mean_margin']:.4f}  (x beta {p['beta']:g}: {p['mean_reward_margin']:.4f})"))
+    if "lm_eval" in results:
+        from llava_lite.eval.lm_eval_bridge import table_rows
+
+        rows += table_rows(results["lm_eval"])
     width = max((len(name) for name, _ in rows), default=0)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

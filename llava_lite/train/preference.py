@@ -106,13 +106,14 @@ def preference_trainer(
     args: TrainingArguments,
     pad_to_multiple_of: int | None = None,
     callbacks: list | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[PreferenceTrainer, Counter]:
     """The trainer of a resolved `recipe: preference` config, its reference ready (computed or loaded when
-    precomputed), and the pairs skipped while the data was read."""
+    precomputed), and the pairs skipped while the data was read. `trust_remote_code` is `run_training`'s."""
     # The pairs are read before the model is built, so a bad record or a missing file fails in seconds.
     pairs, skipped_at_load = load_pairs(config.data)
     require_records(config.data, pairs, skipped_at_load)
-    model = build_training_model(config)
+    model = build_training_model(config, trust_remote_code)
     processor = training_processor(config, model.config, model.tokenizer, truncate=False)
     data = config.data
     dataset = PreferenceDataset(pairs, processor, data.max_length, data.overflow, data.on_bad_record)

@@ -118,6 +118,7 @@ def reference_fingerprint(config: TrainConfig, data_fingerprint: str) -> str:
         "data": data_fingerprint,
         "base": base,
         "precision": config.train.precision,
+        "master_weights": config.train.master_weights,
         "quantized": config.finetune.method == "qlora",
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()

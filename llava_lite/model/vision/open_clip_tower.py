@@ -17,6 +17,7 @@ from PIL import Image
 from llava_lite.data.geometry import ImageGeometry
 from llava_lite.model.config import VisionTowerConfig
 from llava_lite.model.vision.base import VisionTower, hidden_state_index
+from llava_lite.model.weights_files import require_safetensors_file, require_safetensors_folder
 
 
 class OpenClipVisionTower(VisionTower):
@@ -121,6 +122,7 @@ def _create_visual(config: VisionTowerConfig) -> torch.nn.Module:
     if config.model_config is not None:
         model = open_clip.CLIP(**config.model_config)
     else:
+        _require_safe_checkpoint(config)
         model = open_clip.create_model(config.name, pretrained=config.pretrained)
     visual = model.visual
     if not hasattr(visual, "transformer") or not hasattr(visual, "forward_intermediates"):
@@ -128,6 +130,15 @@ def _create_visual(config: VisionTowerConfig) -> torch.nn.Module:
             f"open_clip model {config.name or 'from model_config'} is not a ViT; only ViT towers are supported"
         )
     return visual
+
+
+def _require_safe_checkpoint(config: VisionTowerConfig) -> None:
+    """open_clip unpickles any checkpoint not named .safetensors: a local `pretrained` file, or the weights of a
+    `local-dir:` folder, must be safetensors."""
+    if config.pretrained and Path(config.pretrained).is_file():
+        require_safetensors_file(config.pretrained, "open_clip tower's pretrained checkpoint")
+    if config.name and config.name.startswith("local-dir:"):
+        require_safetensors_folder(config.name.removeprefix("local-dir:"), "open_clip tower")
 
 
 def _model_cfg(config: VisionTowerConfig) -> dict | None:
