@@ -18,8 +18,9 @@ its last question, the picture - a random 224 x 224 one - in the first turn), it
 answer rejected (a real answer to another question about the same picture: plausible, of real length).
 
 The pairs file holds exactly the pairs the padded sides train on, so our reference pass before training covers one
-epoch of them. Printed: pairs/s of the training steps, pairs/s with our reference pass counted in (its time per
-pair added to each pair's), peak memory (peak process RSS on a CPU, peak allocation on a GPU), the first losses, the
+epoch of them. Printed: pairs/s of the training steps, their real (non-padding) tokens/s - the fair measure where the
+packed side's steps hold other pairs than the padded sides' -, pairs/s with our reference pass counted in (its time
+per pair added to each pair's), peak memory (peak process RSS on a CPU, peak allocation on a GPU), the first losses, the
 ratios to `trl` (medians with their spread over repetitions), and the seconds of our reference pass.
 
     python tools/bench_preference.py [--quick] [--repeats 3] [--steps 5] [--pairs 4] [--method full|lora] [--json P]
@@ -97,16 +98,19 @@ class PairMeter:
 
     def __init__(self, data_pairs: int = 0) -> None:
         self.data_pairs = data_pairs  # the pairs the reference pass covers
-        self.pairs = 0
+        self.pairs = self.tokens = 0
         self.started = self.seconds = 0.0
         self.losses: list[float] = []
         self.reference_seconds = 0.0
 
-    def batch(self, step: int, pairs: int) -> None:
+    def batch(self, step: int, pairs: int, batch: dict) -> None:
+        """Step `step`'s batch of `pairs` pairs; its real tokens are its attention mask's, or a packed row's all."""
         if step == 1:
             self.started = time.perf_counter()
         if step >= 1:
             self.pairs += pairs
+            mask = batch.get("attention_mask")
+            self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
     def loss(self, value: float) -> None:
         if len(self.losses) < 3:
@@ -117,6 +121,7 @@ class PairMeter:
         reference = self.reference_seconds * self.pairs / self.data_pairs if self.data_pairs else 0.0
         return {
             "pairs_per_s": self.pairs / seconds,
+            "tokens_per_s": self.tokens / seconds,
             "pairs_per_s_with_reference": self.pairs / (seconds + reference),
             "peak_mib": peak_memory() / 2**20,
             "first_losses": self.losses,
@@ -161,8 +166,9 @@ def trl_side(pairs: Path, start: Path, args, out: Path) -> dict:
     collate, steps = trainer.data_collator, iter(range(10**9))
 
     def counting(examples):  # the Trainer's data loader calls the collator once a step, in order
-        meter.batch(next(steps), len(examples))
-        return collate(examples)
+        batch = collate(examples)
+        meter.batch(next(steps), len(examples), batch)
+        return batch
 
     trainer.data_collator = counting
     trainer.train()
@@ -205,7 +211,7 @@ def our_side(pairs: Path, start: Path, args, out: Path, packed: bool) -> dict:
     compute_loss, reference_pass = trainer_class.compute_loss, preference_module.precomputed_reference
 
     def counting(self, model, inputs, *rest, **kwargs):
-        meter.batch(self.state.global_step, len(inputs["pair_index"]))
+        meter.batch(self.state.global_step, len(inputs["pair_index"]), inputs)
         return compute_loss(self, model, inputs, *rest, **kwargs)
 
     def timed_reference(*a, **k):
@@ -241,7 +247,7 @@ def child(side: str, setup: dict, args) -> dict | None:
 
 
 def summarise(runs: list[dict]) -> dict:
-    keys = ("pairs_per_s", "pairs_per_s_with_reference", "peak_mib", "reference_s")
+    keys = ("pairs_per_s", "tokens_per_s", "pairs_per_s_with_reference", "peak_mib", "reference_s")
     medians = {k: statistics.median(r[k] for r in runs) for k in keys}
     spread = {k: (min(r[k] for r in runs), max(r[k] for r in runs)) for k in medians}
     return {**medians, "first_losses": runs[0]["first_losses"], "spread": spread}
@@ -250,31 +256,27 @@ def summarise(runs: list[dict]) -> dict:
 def print_table(title: str, sides: dict) -> None:
     base = sides.get("trl")
     print(f"\n{title}")
-    header = (
-        "side",
-        "pairs/s",
-        "x trl (spread)",
-        "+ref pass",
-        "x trl",
-        "peak MiB",
-        "x trl",
-        "ref pass",
-        "first losses",
-    )
-    print("{:<13}{:>9}{:>17}{:>10}{:>7}{:>10}{:>7}{:>10}  {}".format(*header))
+    header = ("side", "pairs/s", "x trl (spread)", "tokens/s", "x trl", "+ref pass", "x trl", "peak MiB", "x trl",
+              "ref pass", "first losses")  # fmt: skip
+    print("{:<13}{:>9}{:>17}{:>10}{:>7}{:>10}{:>7}{:>10}{:>7}{:>10}  {}".format(*header))
     for side, figures in sides.items():
-        speed, amortised = figures["pairs_per_s"], figures["pairs_per_s_with_reference"]
-        ratio = with_reference = memory = "-"
+        speed, tokens, amortised = (
+            figures["pairs_per_s"],
+            figures["tokens_per_s"],
+            figures["pairs_per_s_with_reference"],
+        )
+        ratio = token_ratio = with_reference = memory = "-"
         if base:
             low, high = figures["spread"]["pairs_per_s"]
             unit = base["pairs_per_s"]
             ratio = f"{speed / unit:.2f} ({low / unit:.2f}-{high / unit:.2f})"
+            token_ratio = f"{tokens / base['tokens_per_s']:.2f}"
             with_reference = f"{amortised / base['pairs_per_s_with_reference']:.2f}"
             memory = f"{figures['peak_mib'] / base['peak_mib']:.2f}"
         reference = f"{figures['reference_s']:.0f} s" if figures["reference_s"] else "-"
         print(
-            f"{side:<13}{speed:>9.3f}{ratio:>17}{amortised:>10.3f}{with_reference:>7}{figures['peak_mib']:>10.0f}"
-            f"{memory:>7}{reference:>10}  {figures['first_losses']}"
+            f"{side:<13}{speed:>9.3f}{ratio:>17}{tokens:>10.0f}{token_ratio:>7}{amortised:>10.3f}{with_reference:>7}"
+            f"{figures['peak_mib']:>10.0f}{memory:>7}{reference:>10}  {figures['first_losses']}"
         )
 
 

@@ -60,13 +60,15 @@ def varlen_sdpa_attention(
     if bounds[0] != 0 or bounds[-1] != query.shape[2]:
         raise ValueError(f"cu_seq_lens_q {bounds} do not cover the {query.shape[2]} tokens of the sequence")
     window = kwargs.get("sliding_window")  # a sliding-window layer (Mistral, Qwen2's, Gemma's local layers)
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
     pieces = []
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        if end == start:
+    # split, not slicing: its backward joins the pieces' gradients in one pass, where each slice's would make a
+    # gradient the size of the whole row (a packed row of n samples would cost n full-size tensors per layer).
+    for q, k, v, length in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), lengths):
+        if length == 0:
             continue
-        mask = _sliding_causal(end - start, window, query.device) if window and end - start > window else None
-        part = (query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], mask, dropout, scaling)
-        pieces.append(sdpa_attention_forward(module, *part, is_causal=mask is None)[0])
+        mask = _sliding_causal(length, window, query.device) if window and length > window else None
+        pieces.append(sdpa_attention_forward(module, q, k, v, mask, dropout, scaling, is_causal=mask is None)[0])
     return torch.cat(pieces, dim=1), None
 
 
