@@ -143,57 +143,29 @@ def run_score(args: argparse.Namespace) -> int:
 def _judged(args: argparse.Namespace):
     from pathlib import Path
 
-    from llava_lite.improve.score import judge_messages, score_by_judge, settings_for_journal
+    from llava_lite.improve.config import ScoreSettings
+    from llava_lite.improve.judges import judge_for
+    from llava_lite.improve.score import score_by_judge, settings_for_journal
 
     if not args.model:
         raise ValueError(f"--scorer {args.scorer} needs --model (the judge's name or folder, or the run)")
-    settings = settings_for_journal(scorer=args.scorer, backend=args.backend, model=args.model, url=args.base_url)
-    if args.scorer == "judge":
-        backend, messages_for = _judge_backend(args), judge_messages
-    else:
-        from llava_lite.improve.self_judge import ServedRunJudge, self_messages
-
-        folder = args.image_folder or str(Path(args.input).parent)
-        messages_for = lambda row, answer: self_messages(row, answer, folder)  # noqa: E731
-        backend = ServedRunJudge(_openai(args)) if args.base_url else _run_judge(args)
-    return score_by_judge(args.input, args.output, backend, messages_for, settings, args.overwrite)
-
-
-def _openai(args: argparse.Namespace):
-    from llava_lite.datagen.backends.openai import OpenAIBackend
-
-    return OpenAIBackend(
-        args.base_url,
-        args.model,
+    settings = ScoreSettings(
+        scorer=args.scorer,
+        backend=args.backend,
+        model=args.model,
+        base_url=args.base_url,
         api_key_env=args.api_key_env,
         concurrency=args.concurrency,
-        timeout=args.timeout,
         max_retries=args.max_retries,
         backoff=args.backoff,
-        temperature=0.0,
+        timeout=args.timeout,
         max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
     )
-
-
-def _judge_backend(args: argparse.Namespace):
-    if args.backend == "openai":
-        if not args.base_url:
-            raise ValueError("--backend openai needs --base-url (the judge server, e.g. http://127.0.0.1:8000/v1)")
-        return _openai(args)
-    from llava_lite.datagen.backends.hf import HFBackend
-
-    device = None if args.device == "auto" else args.device
-    return HFBackend(
-        args.model, args.batch_size, args.max_tokens, 0.0, device=device, trust_remote_code=args.trust_remote_code
-    )
-
-
-def _run_judge(args: argparse.Namespace):
-    from llava_lite.improve.self_judge import RunJudge
-    from llava_lite.inference.generator import Generator
-
-    generator = Generator.from_folder(args.model, args.device, None, args.trust_remote_code)
-    return RunJudge(generator, args.model, args.batch_size, args.max_tokens)
+    folder = args.image_folder or str(Path(args.input).parent)
+    backend, messages_for = judge_for(settings, folder, args.device, args.trust_remote_code)
+    journal = settings_for_journal(scorer=args.scorer, model=args.model, url=args.base_url)
+    return score_by_judge(args.input, args.output, backend, messages_for, journal, args.overwrite)
 
 
 def run_pairs(args: argparse.Namespace) -> int:

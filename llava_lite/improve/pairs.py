@@ -1,6 +1,6 @@
 """`llava-lite data pairs`: preference pairs and best-answer SFT records from a scored `data sample` file.
 
-Per prompt, candidates without a score are left out and identical ones (after VQAv2's normalisation) count once;
+Per prompt, candidates without a score or without text (`empty_candidate`) are left out, and identical ones (after VQAv2's normalisation) count once;
 a prompt with fewer than two distinct scored candidates gives nothing (`too_few_scored`, `identical_candidates`).
 `best_worst` pairs the best candidate with the worst; `all` pairs every two whose scores differ by at least the
 gap. RLAIF-V's filters follow: a pair needs a score gap above 0 (`tied`) and at least `min_gap` (`small_gap`);
@@ -127,6 +127,10 @@ def _distinct_scored(row: dict, where: str, summary: PairSummary) -> list[tuple[
     summary.candidates += len(candidates)
     summary.distinct_candidates += len({normalize_answer(str(c.get("text", ""))) for c in candidates})
     scored = [c for c in candidates if isinstance(c.get("score"), (int, float))]
+    empty = [c for c in scored if not str(c.get("text", "")).strip()]
+    if empty:  # stage 3 refuses an empty answer: left out, counted
+        summary.dropped["empty_candidate"] += len(empty)
+        scored = [c for c in scored if c not in empty]
     if len(scored) < 2:
         summary.dropped["too_few_scored"] += 1
         return None
