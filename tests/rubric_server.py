@@ -68,13 +68,9 @@ def _handler(state: RubricServer):
             status, text = _reply(match.group(1) if match else "")
             if status != 200:
                 return self._send(status, {"error": {"message": "boom"}})
-            self._send(
-                200,
-                {
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 50, "completion_tokens": 10, "total_tokens": 60},
-                },
-            )
+            message = {"role": "assistant", "content": text}
+            usage = {"prompt_tokens": 50, "completion_tokens": 10, "total_tokens": 60}
+            self._send(200, {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}], "usage": usage})
 
         def _send(self, status: int, data: dict) -> None:
             payload = json.dumps(data).encode()
