@@ -3,12 +3,13 @@
 Per prompt, candidates without a score or without text (`empty_candidate`) are left out, and identical ones
 (after VQAv2's normalisation) count once; a prompt with fewer than two distinct scored candidates gives no pair
 (`too_few_scored`, `identical_candidates`). `best_worst` pairs the best candidate with the worst; `all` pairs every
-two whose scores differ by at least the gap. RLAIF-V's filters follow: a pair needs a score gap above 0 (`tied`) and at least `min_gap` (`small_gap`);
-the chosen answers must not simply be the longer ones - the length ratio (chosen / rejected words) is reported,
-and `balance_length` drops pairs whose chosen answer is the longer one, the longest-chosen first, until such pairs
-are no more than those whose chosen is the shorter (`length_balance`). Pairs are TRL's conversational
-preference rows, which stage 3 reads; SFT records (rejection sampling) are `{"id", "messages", "images"}` with
-each prompt's best candidate as the answer, when its score is at least `sft_min_score`.
+two whose scores differ by at least the gap. RLAIF-V's filters follow: a pair needs a score gap above 0 (`tied`)
+and at least `min_gap` (`small_gap`); the chosen answers must not simply be the longer ones - the length ratio
+(chosen / rejected words) is reported, and `balance_length` drops pairs whose chosen answer is the longer one, the
+longest-chosen first, until such pairs are no more than those whose chosen is the shorter (`length_balance`).
+Pairs are TRL's conversational preference rows, which stage 3 reads; SFT records (rejection sampling) are
+`{"id", "messages", "images"}` with each prompt's best candidate as the answer, when its score is at least
+`sft_min_score`.
 """
 
 from __future__ import annotations
