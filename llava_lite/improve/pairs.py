@@ -132,9 +132,12 @@ def _distinct_scored(row: dict, where: str, summary: PairSummary) -> list[tuple[
     if empty:  # stage 3 refuses an empty answer: left out, counted
         summary.dropped["empty_candidate"] += len(empty)
         scored = [c for c in scored if c not in empty]
-    if len(scored) < 2:
+    if not scored:
         summary.dropped["too_few_scored"] += 1
         return None
+    if len(scored) == 1:
+        summary.dropped["too_few_scored"] += 1
+        return [(scored[0]["text"], float(scored[0]["score"]))]  # no pair, but still the prompt's best for SFT
     seen: dict[str, tuple[str, float]] = {}
     for candidate in scored:
         seen.setdefault(normalize_answer(candidate["text"]), (candidate["text"], float(candidate["score"])))
