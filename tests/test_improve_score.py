@@ -11,8 +11,8 @@ from rubric_server import RubricServer, user_text
 
 from llava_lite.cli import main
 from llava_lite.improve.rubric import parse_rubric
-from llava_lite.improve.score import reference_score
 from llava_lite.improve.sample import journal_path
+from llava_lite.improve.score import reference_score
 
 
 @pytest.mark.parametrize(
