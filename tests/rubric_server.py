@@ -2,8 +2,9 @@
 answer being judged, including malformed replies and requests that always fail.
 
 The answer under review decides the reply: one holding `great` gets 9 and 7, `poor` 2 and 1, `rambling` a reply
-without the scores, `crash` an HTTP 500 every time (the client's retries then give up). It records every request's
-body, so a test can see what the judge was shown (the context, the images)."""
+without the scores, `crash` an HTTP 500 every time (the client's retries then give up), any other 1 + its length
+modulo 10 on both axes. It records every request's body, so a test can see what the judge was shown (the context,
+the images)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def _reply(answer: str) -> tuple[int, str]:
         return 200, "Helpfulness: 9\nFaithfulness: 7\nIt answers the question and matches the image."
     if "poor" in answer:
         return 200, "Helpfulness: 2\nFaithfulness: 1\nIt invents things."
-    return 200, "Helpfulness: 5\nFaithfulness: 5\nAverage."
+    points = 1 + len(answer) % 10  # any other answer: a score that varies with it, so that pairs can be formed
+    return 200, f"Helpfulness: {points}\nFaithfulness: {points}\nAs long as it is."
 
 
 def _handler(state: RubricServer):

@@ -160,7 +160,10 @@ def round_train_config(config: ImproveConfig, start: Path, data: Path, output: P
 def _train(config: ImproveConfig, number: int, start: Path, data: Path, folder: Path, log, callbacks) -> Path:
     output = folder / "run"
     raw = round_train_config(config, start, data, output)
-    write_lines_atomically(folder / "train.yaml", [yaml.safe_dump(raw, sort_keys=False)])
+    text = yaml.safe_dump(raw, sort_keys=False)
+    config_file = folder / "train.yaml"
+    if not config_file.exists() or config_file.read_text(encoding="utf-8") != text + "\n":
+        write_lines_atomically(config_file, [text])  # beside the run, for `llava-lite train` to rerun it
     train_config = from_dict(TrainConfig, raw, f"{folder}/train.yaml")
     if finished_step(resolved(train_config)) is not None:
         return output
