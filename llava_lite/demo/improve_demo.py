@@ -42,7 +42,7 @@ class ImproveDemoSettings:
     stage2_steps: int = 300
     rounds: int = 3
     samples: int = 4
-    round_steps: int = 60
+    round_steps: int = 120
     recipe: str = "stage2"  # stage2: SFT on the best answers; preference: DPO on the pairs
     seed: int = 0
 
