@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 
 import yaml
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
@@ -42,6 +44,18 @@ class LlavaTrainer(Trainer):
         self.group_by_modality_length = group_by_modality_length
         self.objective = objective
         self._staging = False
+
+    # ----- FSDP on CPU processes, as on GPUs ----------------------------------------------------------------------
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if state.distributed_type == DistributedType.MULTI_CPU and parse_flag_from_env("ACCELERATE_USE_FSDP"):
+            # accelerate turns an FSDP launch config on for accelerator devices only: CPU processes (gloo) would
+            # silently train as DDP. torch's fully_shard runs over gloo, so the launcher's plugin is used as given.
+            # AcceleratorState copies PartialState's fields each time it is made, so both say FSDP.
+            PartialState().distributed_type = state.distributed_type = DistributedType.FSDP
+            state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the FSDP_* variables the launcher set
+            self.is_fsdp_enabled = True
 
     # ----- optimizer: the projector (and tower) learn at their own rates -----------------------------------
     def create_optimizer(self, model=None):
