@@ -21,6 +21,7 @@ whose length is the count the processor gave.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -241,10 +242,17 @@ class LlavaLiteModel(nn.Module):
         image_features: Images | None = None,
         image_sizes: torch.Tensor | None = None,
         cu_seq_lens: torch.Tensor | None = None,
+        objective=None,
         **kwargs,
     ):
         """`kwargs` reach the LM: `num_items_in_batch` from the Trainer makes the loss a sum over the
         accumulated batches' target tokens divided by their count, not a mean of micro-batch means.
+
+        `objective` (with `labels`) replaces the loss: it is called here on the embedded batch as
+        `objective(model, input_ids, inputs_embeds, labels, split, **lm_inputs)`, `split` being the LM's (body,
+        head) or None (see `llava_lite.train.regularizers`), and returns the output. It runs the LM inside this
+        forward because engines that shard weights (DeepSpeed ZeRO-3, FSDP) hold a weight whole only there: a head
+        read after the forward would be a placeholder or a shard.
 
         With `labels`, the loss is computed only where a label is (see `llava_lite.model.loss`) and no logits are
         returned, unless `loss_kernel` is "full" or the LM cannot split body and head. Packed rows
@@ -256,11 +264,19 @@ class LlavaLiteModel(nn.Module):
         kwargs.setdefault("use_cache", False)  # a forward pass needs no cache (`generate` makes its own)
         # The loss's split of the LM is probed (once, on a few tokens of their own) before any packed forward.
         split = self._body_and_head() if labels is not None and self.loss_kernel != "full" else None
-        if cu_seq_lens is None:
-            return self._language_model_forward(inputs_embeds, attention_mask, position_ids, labels, split, **kwargs)
-        longest = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
-        kwargs.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=longest, max_length_k=longest)
-        with attending_by_segments():
+        if objective is not None and labels is None:
+            raise ValueError("an objective needs labels")
+        segments = nullcontext()
+        if cu_seq_lens is not None:
+            longest = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
+            kwargs.update(
+                cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=longest, max_length_k=longest
+            )
+            segments = attending_by_segments()
+        with segments:
+            if objective is not None:
+                lm_inputs = {"attention_mask": attention_mask, "position_ids": position_ids, **kwargs}
+                return objective(self, input_ids, inputs_embeds, labels, split, **lm_inputs)
             return self._language_model_forward(inputs_embeds, attention_mask, position_ids, labels, split, **kwargs)
 
     def _language_model_forward(self, inputs_embeds, attention_mask, position_ids, labels, split, **kwargs):

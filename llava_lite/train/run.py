@@ -19,7 +19,9 @@ from llava_lite.data.preflight import require_a_sample, require_records
 from llava_lite.data.replay import ReplayMix, read_replay_text, text_windows
 from llava_lite.eval.callback import EvaluationCallback
 from llava_lite.train.config import TrainConfig, resolved
+from llava_lite.train.launch import sharding_engine
 from llava_lite.train.recipe import build_training_model, training_processor
+from llava_lite.train.reference import refuse_a_copied_base_under_sharding
 from llava_lite.train.regularizers import Objective
 from llava_lite.train.resume import STATE_FILE, check_same_run, clear_earlier_run, finished_step
 from llava_lite.train.trainer import LlavaTrainer
@@ -38,6 +40,7 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
         return output_dir
     checkpoint = resume_checkpoint(config)
     check_same_run(config, checkpoint)
+    refuse_a_copied_base_under_sharding(config.finetune.method, config.train.kl_to_base, sharding_engine())
     # The data is read before the model is built, so a bad record or a missing file fails in seconds.
     train_records, skipped_at_load = load_conversations(config.data)
     require_records(config.data, train_records, skipped_at_load)

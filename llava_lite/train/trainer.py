@@ -97,9 +97,7 @@ class LlavaTrainer(Trainer):
         replay_tokens = inputs.pop(REPLAY_TOKENS, None)
         if self.objective is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        unwrapped = self.accelerator.unwrap_model(model)
-        with self.accelerator.autocast():  # the LM head runs outside the model's (autocast) forward
-            loss = self.objective(model, unwrapped, inputs, replay_tokens, num_items_in_batch)
+        loss = self.objective(model, inputs, replay_tokens, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # As the Trainer's own loss: the token count covers every process and DDP averages the gradients.
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
