@@ -179,19 +179,28 @@ class LlavaLiteModel(nn.Module):
     def project_each(self, image_features: Images, image_sizes: torch.Tensor | None = None) -> Images:
         """Tower features to LM embeddings, per image: `[images, tokens, lm_hidden]`, or one `[tokens, lm_hidden]`
         per image (always under AnyRes, which needs each image's (height, width) in `image_sizes`)."""
-        dtype = self.projector.linear_1.weight.dtype
-        out_dtype = self.language_model.get_input_embeddings().weight.dtype
+        # Dtypes are read from the parameter lists: reading `module.weight` here, outside that module's forward,
+        # would make DeepSpeed ZeRO-3 gather a partitioned weight on this rank alone.
+        dtype = _dtype_of(self.projector)
+        out_dtype = _dtype_of(self.language_model.get_input_embeddings())
         if self.anyres is not None:
             if image_sizes is None or len(image_sizes) != len(image_features):
                 raise ValueError("the anyres layout needs image_sizes, one (height, width) per image")
-            newline = self.projector.image_newline
             sizes = image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes  # one read, not per image
+            # One projector pass over every view of the batch: under ZeRO-3 each pass gathers the projector's
+            # weights, so every rank makes exactly one, whatever its images (a text-only batch's blank image too).
+            views = [f.shape[0] for f in image_features]
+            projected = self.projector(torch.cat(list(image_features)).to(dtype)).split(views)
+            newline = self.projector.image_newline  # after the pass, as the blank image reads it
             return [
-                self.anyres.pack(self.projector(f.to(dtype)), tuple(map(int, size)), newline).to(out_dtype)
-                for f, size in zip(image_features, sizes)
+                self.anyres.pack(p, tuple(map(int, size)), newline).to(out_dtype) for p, size in zip(projected, sizes)
             ]
         if torch.is_tensor(image_features):
             return self.projector(image_features.to(dtype)).to(out_dtype)
+        if self.projector.pixel_shuffle == 1:  # a token-wise MLP: images of any token counts in one pass
+            counts = [f.shape[0] for f in image_features]
+            flat = self.projector(torch.cat(list(image_features)).to(dtype)).to(out_dtype)
+            return list(flat.split(counts))
         return [self.projector(f[None].to(dtype))[0].to(out_dtype) for f in image_features]
 
     def embed(
@@ -225,7 +234,7 @@ class LlavaLiteModel(nn.Module):
         """`embeds` unchanged, but tied to one blank image's pass through the tower and projector (weight zero)."""
         blank = embeds.new_zeros(1, 3, *self.vision_tower.image_size)
         features = self.vision_tower(blank)  # one view, whatever the layout
-        used = self.projector(features.to(self.projector.linear_1.weight.dtype)).sum()
+        used = self.projector(features.to(_dtype_of(self.projector))).sum()
         newline = getattr(self.projector, "image_newline", None)  # AnyRes: used only between rows of tiles
         if newline is not None:
             used = used + newline.sum()
@@ -344,6 +353,10 @@ class LlavaLiteModel(nn.Module):
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
 
 
 def _flat(per_image: Images) -> torch.Tensor:
