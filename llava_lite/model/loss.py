@@ -51,7 +51,8 @@ def body_and_head(language_model) -> tuple[torch.nn.Module, torch.nn.Module] | N
 def head_matches(language_model, body: torch.nn.Module, head: torch.nn.Module, vocab_rows: int = 8) -> bool:
     """Whether the LM's logits are `head(body(...))` exactly, checked on a few tokens."""
     embeddings = language_model.get_input_embeddings()
-    ids = torch.arange(min(vocab_rows, embeddings.num_embeddings), device=embeddings.weight.device)[None]
+    device = next(embeddings.parameters()).device  # not `.weight`: ZeRO-3 would gather it on this rank alone
+    ids = torch.arange(min(vocab_rows, embeddings.num_embeddings), device=device)[None]
     embeds = embeddings(ids)
     was_training = language_model.training
     language_model.eval()

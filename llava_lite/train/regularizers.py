@@ -19,11 +19,13 @@ tokens), `replay_loss` (replay text) and `kl_to_base` (nats per KL position).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from llava_lite.data.masking import IGNORE_INDEX
 from llava_lite.model.loss import HeadReference, chunked_head_terms, trained_positions
@@ -78,48 +80,12 @@ class Objective:
             at = {"both": torch.ones_like(replay), "assistant": ~replay, "replay": replay}[self.kl_positions]
             kl_weights = at.float() * self.beta
         # The base pass runs on every rank every step, KL positions or none: sharded engines gather its weights.
-        if split is not None:
-            total, nll, kl = self._chunked(model, split, input_ids, inputs_embeds, labels, kl_weights, lm_inputs)
-        else:
-            total, nll, kl = self._from_logits(model, input_ids, inputs_embeds, labels, kl_weights, lm_inputs)
+        total, nll, kl = token_terms(model, split, input_ids, inputs_embeds, labels, lm_inputs, self.base, kl_weights)
         self._add(nll, replay, None if kl is None else kl[kl_weights > 0])
         denominator = num_items_in_batch if num_items_in_batch is not None else predicted.sum().clamp(min=1)
         if torch.is_tensor(denominator):
             denominator = denominator.to(total.device)
         return CausalLMOutputWithPast(loss=total / denominator)
-
-    def _chunked(self, model, split, input_ids, inputs_embeds, labels, kl_weights, lm_inputs):
-        """The summed loss, and per token the cross-entropy and KL (detached), through the chunked head."""
-        body, head = split
-        hidden = body(inputs_embeds=inputs_embeds, **lm_inputs).last_hidden_state
-        selected, targets = trained_positions(hidden, labels)
-        reference = None
-        if self.base is not None:
-            with torch.no_grad():
-                base_hidden = self.base.hidden(model, body, input_ids, inputs_embeds, lm_inputs)
-            weight, bias = self.base.head(model, head)
-            reference = HeadReference(trained_positions(base_hidden, labels)[0], weight, bias)
-        terms = chunked_head_terms(
-            selected, head.weight, head.bias, targets, kl_weights=kl_weights, reference=reference
-        )
-        return terms.total, terms.nll, None if reference is None else terms.kl
-
-    def _from_logits(self, model, input_ids, inputs_embeds, labels, kl_weights, lm_inputs):
-        """The same from the LM's own logits at every position (an LM that is more than its body and head)."""
-        lm = model.language_model
-        length = labels.shape[1]
-        lm_inputs = {**lm_inputs, "position_ids": lm_position_ids(lm, lm_inputs.get("position_ids"))}
-        logits = lm(inputs_embeds=inputs_embeds, **lm_inputs).logits[:, -length:]  # virtual tokens lead
-        selected, targets = trained_positions(logits, labels)
-        log_probs = F.log_softmax(selected.float(), dim=-1)
-        nll = -log_probs.gather(1, targets[:, None]).squeeze(1)
-        if self.base is None:
-            return nll.sum(), nll.detach(), None
-        with torch.no_grad():
-            base = self.base.logits(model, input_ids, inputs_embeds, lm_inputs)[:, -length:]
-            base_log_probs = F.log_softmax(trained_positions(base, labels)[0].float(), dim=-1)
-        kl = (log_probs.exp() * (log_probs - base_log_probs)).sum(dim=-1)
-        return nll.sum() + (kl * kl_weights).sum(), nll.detach(), kl.detach()
 
     def _add(self, nll: torch.Tensor, replay: torch.Tensor, kl: torch.Tensor | None) -> None:
         instruction = ~replay
@@ -153,3 +119,75 @@ class Objective:
             if values[count]:
                 logs[name] = values[total] / values[count]
         return logs
+
+
+def token_terms(
+    model,
+    split,
+    input_ids: torch.Tensor,
+    inputs_embeds: torch.Tensor,
+    labels: torch.Tensor,
+    lm_inputs: dict,
+    base: ReferenceLM | None = None,
+    kl_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The summed loss (cross-entropies, plus `kl_weights` x KL against `base` when given), and per target token
+    its cross-entropy and KL (detached): through the chunked head when the LM is `split` into body and head, else
+    from its own logits. Run inside `LlavaLiteModel.forward` (see `Objective.loss`)."""
+    if split is not None:
+        return _chunked(model, split, input_ids, inputs_embeds, labels, lm_inputs, base, kl_weights)
+    return _from_logits(model, input_ids, inputs_embeds, labels, lm_inputs, base, kl_weights)
+
+
+def _chunked(model, split, input_ids, inputs_embeds, labels, lm_inputs, base, kl_weights):
+    body, head = split
+    hidden = body(inputs_embeds=inputs_embeds, **lm_inputs).last_hidden_state
+    selected, targets = trained_positions(hidden, labels)
+    reference = None
+    if base is not None:
+        with torch.no_grad():
+            base_hidden = base.hidden(model, body, input_ids, inputs_embeds, lm_inputs)
+        weight, bias = base.head(model, head)
+        reference = HeadReference(trained_positions(base_hidden, labels)[0], weight, bias)
+    terms = chunked_head_terms(selected, head.weight, head.bias, targets, kl_weights=kl_weights, reference=reference)
+    return terms.total, terms.nll, None if reference is None else terms.kl
+
+
+def _from_logits(model, input_ids, inputs_embeds, labels, lm_inputs, base, kl_weights):
+    """For an LM that is more than its body and head: its own logits at every position."""
+    lm = model.language_model
+    length = labels.shape[1]
+    lm_inputs = {**lm_inputs, "position_ids": lm_position_ids(lm, lm_inputs.get("position_ids"))}
+    logits = lm(inputs_embeds=inputs_embeds, **lm_inputs).logits[:, -length:]  # virtual tokens lead
+    selected, targets = trained_positions(logits, labels)
+    log_probs = F.log_softmax(selected.float(), dim=-1)
+    nll = -log_probs.gather(1, targets[:, None]).squeeze(1)
+    if base is None:
+        return nll.sum(), nll.detach(), None
+    with torch.no_grad():
+        base_logits = base.logits(model, input_ids, inputs_embeds, lm_inputs)[:, -length:]
+        base_log_probs = F.log_softmax(trained_positions(base_logits, labels)[0].float(), dim=-1)
+    kl = (log_probs.exp() * (log_probs - base_log_probs)).sum(dim=-1)
+    return nll.sum() + (kl * kl_weights).sum(), nll.detach(), kl.detach()
+
+
+@dataclass
+class RowLosses(ModelOutput):
+    """Per row of a batch: the summed cross-entropy of its targets and their count (float64)."""
+
+    nll: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+
+
+def row_losses(model, inputs: dict) -> RowLosses:
+    """Each row's summed cross-entropy and target count, from one forward of `model` (maybe wrapped by an engine)
+    through the same head as training's loss: what a token-weighted evaluation adds up."""
+    return model(**inputs, objective=_row_losses)
+
+
+def _row_losses(model, input_ids, inputs_embeds, labels, split, **lm_inputs) -> RowLosses:
+    _, nll, _ = token_terms(model, split, input_ids, inputs_embeds, labels, lm_inputs)
+    rows = (labels[:, 1:] != IGNORE_INDEX).nonzero()[:, 0]
+    sums = nll.new_zeros(labels.shape[0], dtype=torch.float64).index_add_(0, rows, nll.double())
+    counts = torch.bincount(rows, minlength=labels.shape[0]).double()
+    return RowLosses(nll=sums, tokens=counts)
