@@ -108,7 +108,7 @@ class LlavaTrainer(Trainer):
         (the head runs only where a label is). ZeRO-3 gathers a weight for its own module's forward, so the head's
         parameters are registered with the model, as DeepSpeed asks for weights used outside their module: they are
         gathered with the model's own, in training, evaluation and generation alike."""
-        from deepspeed.zero import register_external_parameter
+        from deepspeed.runtime.zero import register_external_parameter
 
         model = self.accelerator.unwrap_model(self.model)
         for param in model.language_model.get_output_embeddings().parameters():
