@@ -180,3 +180,24 @@ def test_replay_and_kl_never_hold_a_quarter_of_the_logits_and_run_the_tower_once
     all_logits = inputs["input_ids"].numel() * vocab
     assert made.largest < all_logits / 4  # the embedding table (vocab x 64) is the largest tensor left
     assert len(tower_runs) == 1  # the base pass reuses the image features
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "zero3"])
+def test_a_kl_to_a_copied_base_is_refused_where_the_engine_shards_the_weights(tmp_path, monkeypatch, engine):
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    environment = {
+        "fsdp": {"ACCELERATE_USE_FSDP": "true"},
+        "zero3": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds_config)},
+    }[engine]
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    base = {"recipe": "stage2", "model": "tiny", "output_dir": str(tmp_path / "run"), "data": {"sources": []}}
+    for method in ("full", "bitfit"):
+        config = from_dict(TrainConfig, {**base, "finetune": {"method": method}, "train": {"kl_to_base": 0.1}})
+        with pytest.raises(ConfigError, match=f"kl_to_base with finetune.method {method} keeps .* use adapters"):
+            run_training(config)
+    # With adapters the base is the LM with its adapters off: the run goes on (and meets its missing data).
+    lora = from_dict(TrainConfig, {**base, "finetune": {"method": "lora"}, "train": {"kl_to_base": 0.1}})
+    with pytest.raises(ValueError, match="data: no sources given"):
+        run_training(lora)

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -25,7 +25,7 @@ def read_cached(path: Path, key: str) -> dict[str, torch.Tensor] | None:
             if (handle.metadata() or {}).get("key") != key:
                 return None
         return load_file(str(path))
-    except (OSError, ValueError, RuntimeError):  # a damaged file is computed again
+    except (OSError, ValueError, RuntimeError, SafetensorError):  # a damaged file is computed again
         return None
 
 
