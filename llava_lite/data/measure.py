@@ -62,6 +62,8 @@ def measure(
     key = fingerprint(conversations, processor)
     cache = Path(cache_dir) / CACHE_FILE if cache_dir is not None else None
     cached = _read(cache, key, len(conversations)) if cache is not None else None
+    if not _everywhere(cached is not None):  # a process that cannot see the cache measures with the others
+        cached = None
     if cached is not None:
         logger.info("token counts of %d records read from %s", len(conversations), cache)
         measured = cached
@@ -116,8 +118,7 @@ def _measure_split(conversations: list[Conversation], processor: Processor) -> M
     table = torch.zeros(4, len(conversations), dtype=torch.int32)
     table[:, start:end] = torch.from_numpy(_measure_range(conversations, processor, start, end))
     if world > 1:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        table = table.to(device)
+        table = table.to(_collective_device())
         dist.all_reduce(table)  # each record is measured by one process, zeros elsewhere
         table = table.cpu()
     lengths, images, trained, reasons = table.numpy()
@@ -190,6 +191,20 @@ def _workers() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     return max(1, cores // per_machine)
+
+
+def _everywhere(flag: bool) -> bool:
+    """Whether `flag` holds on every process of the run (every process must ask)."""
+    if not _distributed():
+        return flag
+    agreed = torch.tensor([int(flag)], device=_collective_device())
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    return bool(agreed.item())
+
+
+def _collective_device() -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo, CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _distributed() -> bool:
