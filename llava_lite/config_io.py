@@ -106,6 +106,11 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        # A value that already is one of the union's types stays that type: a string stays a string where the
+        # type allows one (`target_modules: all-linear` is not the list ['all-linear']), so a saved config loads
+        # back exactly as it was.
+        if isinstance(value, str) and str in args:
+            return value
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:

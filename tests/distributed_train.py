@@ -5,10 +5,10 @@
 
 Each rank writes REPORT_DIR/rank{R}.json: per micro-batch its image and text-only rows (and, packed, the samples
 in its row), the wrapper the Trainer put around the model and its `find_unused_parameters`, the records this
-rank skipped, how many times it encoded a record before training began, and how the engine holds the LM head and
-a decoder matrix before the first forward (their full and local sizes, DeepSpeed's persistence, FSDP's DTensor).
-With `--kill-after-checkpoint N` every rank kills itself (SIGKILL) once checkpoint-N is in place, as a machine lost
-mid-run would (the report is written first).
+rank skipped, the dtypes its trained weights and their AdamW moments ended in, how many times it encoded a record
+before training began, and how the engine holds the LM head and a decoder matrix before the first forward (their
+full and local sizes, DeepSpeed's persistence, FSDP's DTensor). With `--kill-after-checkpoint N` every rank kills
+itself (SIGKILL) once checkpoint-N is in place, as a machine lost mid-run would (the report is written first).
 """
 
 from __future__ import annotations
@@ -82,7 +82,12 @@ def main() -> int:
 
     code = cli.main(command)
     if trainers:
-        seen["skipped_here"] = dict(trainers[0].train_dataset.skips.counts())
+        trainer = trainers[0]
+        seen["skipped_here"] = dict(trainer.train_dataset.skips.counts())
+        # How the trained weights and their AdamW moments were stored when training ended.
+        seen["trained_dtypes"] = sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad})
+        moments = [t for s in trainer.optimizer.state.values() for k, t in s.items() if k in ("exp_avg", "exp_avg_sq")]
+        seen["moment_dtypes"] = sorted({str(t.dtype) for t in moments})
     write_report(args.report_dir, seen)
     return code
 

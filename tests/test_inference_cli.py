@@ -170,6 +170,31 @@ def test_generate_checks_its_paths_before_loading_the_model(tmp_path, capsys):
     one_line_error(capsys, [*command, *no_images], "no-images")
 
 
+@pytest.mark.parametrize("spelling", ["same path", "relative path", "symlink", "hard link", "partial file"])
+def test_generate_never_writes_over_its_input_even_with_overwrite(tmp_path, capsys, monkeypatch, spelling):
+    """The output (or the partial file it is written to first) may not be the input, however it is spelt."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    name = "answers.jsonl.partial" if spelling == "partial file" else "q.jsonl"
+    questions = write_questions(tmp_path / name, [{"id": "0", "prompt": "Q"}])
+    before = questions.read_bytes()
+    output = {
+        "same path": questions,
+        "relative path": Path("sub") / ".." / "q.jsonl",
+        "symlink": tmp_path / "link.jsonl",
+        "hard link": tmp_path / "hard.jsonl",
+        "partial file": tmp_path / "answers.jsonl",  # answers go to answers.jsonl.partial first
+    }[spelling]
+    if spelling == "symlink":
+        output.symlink_to(questions)
+    if spelling == "hard link":
+        os.link(questions, output)
+    command = ["generate", "--model", str(tmp_path / "no-model"), "--input", str(questions), "--output", str(output)]
+    for flags in ([], ["--overwrite"], ["--resume"]):
+        one_line_error(capsys, [*command, *flags], "is the input")
+    assert questions.read_bytes() == before
+
+
 def test_chat_checks_its_image_before_loading_the_model(tmp_path, capsys):
     chat = ["chat", "--model", str(tmp_path / "no-model"), "--prompt", "hi", "--image", str(tmp_path / "gone.png")]
     one_line_error(capsys, chat, "gone.png", "does not exist")

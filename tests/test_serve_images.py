@@ -1,5 +1,6 @@
 """Images named in requests: data URIs, files under the image root, remote URLs only when allowed and then within
-size and time limits (fetched from a real HTTP server on 127.0.0.1)."""
+size and time limits, from public addresses only unless the server allows private ones (fetched from a real HTTP
+server on 127.0.0.1)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,20 @@ import asyncio
 import base64
 import contextlib
 import io
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from conftest import fixture_path
 from PIL import Image
 
+import llava_lite.serve.remote as remote_module
 from llava_lite.serve.errors import ApiError
 from llava_lite.serve.images import ImageLimits, load_request_image
+from llava_lite.serve.remote import is_public
 
 
 def _png(size=(12, 10), colour=(0, 0, 255)) -> bytes:
@@ -53,6 +58,14 @@ class _Images(BaseHTTPRequestHandler):
             self.end_headers()
         elif self.path == "/undeclared-big.png":
             self._send(_png() + b"\0" * 300_000, length=False)
+        elif self.path == "/text.png":
+            self._send(b"just some text, no picture", length=True)
+        elif self.path == "/truncated.png":
+            self._send(_png((64, 64))[:60], length=True)
+        elif self.path == "/to-loopback.png":
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.2:{self.server.server_address[1]}/ok.png")
+            self.end_headers()
         elif self.path == "/slow.png":
             time.sleep(1.5)  # longer than the client's limit, and bounded
             self._send(_png(), length=True)
@@ -125,13 +138,65 @@ def test_local_files_need_an_image_root_and_stay_inside_it(tmp_path):
 
 def test_remote_urls_are_refused_unless_allowed(remote):
     assert refused(f"{remote}/ok.png").code == "remote_images_disabled"
-    assert load(f"{remote}/ok.png", allow_remote=True).size == (12, 10)
+    assert load(f"{remote}/ok.png", allow_remote=True, allow_private_hosts=True).size == (12, 10)
 
 
-def test_remote_images_have_size_and_time_limits(remote):
-    allowed = {"allow_remote": True, "max_bytes": 100_000}
-    assert refused(f"{remote}/declared-big.png", **allowed).status == 413
-    assert refused(f"{remote}/undeclared-big.png", **allowed).status == 413
-    assert refused(f"{remote}/slow.png", remote_timeout=0.3, **allowed).code == "image_fetch_timeout"
-    assert refused(f"{remote}/missing.png", **allowed).code == "image_fetch_failed"
+def test_every_remote_failure_gets_the_same_answer_and_the_log_the_reason(remote, caplog):
+    """A client cannot tell a closed port from a slow host, a 404, an oversized body or a file that is no image: the
+    error says the same each time (no port scanning through error texts); the server's log says why."""
+    allowed = {"allow_remote": True, "allow_private_hosts": True, "max_bytes": 100_000, "remote_timeout": 0.3}
+    closed = f"http://127.0.0.1:{_closed_port()}/x.png"
+    reasons = {
+        f"{remote}/declared-big.png": "declares 5000000 bytes",
+        f"{remote}/undeclared-big.png": "sent more than 100000 bytes",
+        f"{remote}/slow.png": "took longer than 0.3 s",
+        f"{remote}/missing.png": "answered HTTP 404",
+        f"{remote}/text.png": "not a PNG, JPEG or WebP",
+        f"{remote}/truncated.png": "truncated or corrupt",
+        closed: "ConnectError",
+        "http://[::1/x.png": "InvalidURL",  # a host that does not parse
+    }
+    answers = set()
+    for url, reason in reasons.items():
+        caplog.clear()
+        error = refused(url, **allowed)
+        answers.add((error.status, error.code, error.message))
+        assert reason in caplog.text, url
+    assert answers == {(400, "image_fetch_failed", "the image URL could not be fetched as an image")}
     assert refused("ftp://127.0.0.1/x.png", allow_remote=True).code == "invalid_image_url"
+    assert refused("file://[::1/x.png", root=Path("/")).code == "invalid_image_url"
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "localhost", "[::1]", "[::ffff:127.0.0.1]", "169.254.169.254", "10.1.2.3", "192.168.0.1"]
+)
+def test_remote_images_never_reach_loopback_private_or_link_local_addresses(remote, host, caplog):
+    port = remote.rsplit(":", 1)[1]
+    error = refused(f"http://{host}:{port}/ok.png", allow_remote=True)
+    assert (error.status, error.code) == (400, "image_fetch_failed")
+    assert "not public" in caplog.text
+
+
+def test_the_address_is_checked_at_every_connection_redirects_included(remote, monkeypatch, caplog):
+    """127.0.0.1 counted as public for this test: its redirect to another loopback address is refused when that
+    connection is made, after the name is resolved."""
+    monkeypatch.setattr(remote_module, "is_public", lambda address: address == "127.0.0.1")
+    assert load(f"{remote}/ok.png", allow_remote=True).size == (12, 10)
+    error = refused(f"{remote}/to-loopback.png", allow_remote=True)
+    assert error.code == "image_fetch_failed"
+    assert "resolves to 127.0.0.2, not public" in caplog.text
+
+
+def test_public_addresses_are_told_from_the_others():
+    for address in ("93.184.215.14", "8.8.8.8", "2606:4700:4700::1111"):
+        assert is_public(address), address
+    private = ["127.0.0.1", "::1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "fe80::1", "fc00::1"]
+    others = ["100.64.0.1", "0.0.0.0", "::", "224.0.0.1", "::ffff:10.0.0.1", "255.255.255.255"]
+    for address in private + others:
+        assert not is_public(address), address

@@ -150,11 +150,12 @@ def test_recipe_says_once_what_it_trains_and_freezes(tmp_path, shapes_data, capl
     with caplog.at_level(logging.INFO, logger="llava_lite"):
         build_training_model(resolved(config(tmp_path, shapes_data)))
     lines = [r.getMessage() for r in caplog.records if r.name == "llava_lite.train.recipe"]
-    assert len(lines) == 3
+    assert len(lines) == 4
     assert lines[0].startswith("frozen ") and "vision_tower" in lines[0]
     assert lines[1].startswith("trained") and "projector" in lines[1]
     assert lines[2].startswith("frozen ") and "language_model" in lines[2]
-    assert all("params" in line for line in lines)
+    assert all("params" in line and line.endswith("stored in float32") for line in lines[:3])
+    assert lines[3] == "computing in float32"  # no autocast on a CPU under precision auto
 
 
 def test_accumulated_loss_is_normalised_by_target_tokens_not_per_micro_batch(tmp_path):

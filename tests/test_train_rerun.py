@@ -137,3 +137,34 @@ def test_config_differences_name_nested_fields_and_skip_what_does_not_change_the
         "train": {"learning_rate": 0.01, "logging_steps": 5, "report_to": ["tensorboard"]},
     }
     assert config_differences(saved, current) == [("data.sources[0].path", "x.json", "y.json")]
+
+
+def test_a_saved_train_config_fed_back_continues_and_then_is_the_same_finished_run(tmp_path, shapes_data, capsys):
+    """A LoRA run on every linear layer (`target_modules: all-linear`, a string where a list is also allowed): the
+    checkpoint's train_config.yaml, given as the config, resumes that run; the final one is the finished run."""
+    from llava_lite.train.config import load_train_config
+    from llava_lite.train.run import run_training
+
+    raw = {
+        "recipe": "stage2",
+        "model": "tiny",
+        "output_dir": str(tmp_path / "run"),
+        "data": {"sources": [{"path": str(shapes_data["text"])}]},
+        "finetune": {"method": "lora", "lora": {"r": 2, "alpha": 4, "target_modules": "all-linear"}},
+        "train": {"max_steps": 2, "batch_size": 2, "save_steps": 1, "report_to": "none", "logging_steps": 1},
+    }
+    config = tmp_path / "lora.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run_training(load_train_config(config), callbacks=[StopAt(1)])
+    out = tmp_path / "run"
+    saved = out / "checkpoint-1" / "train_config.yaml"
+    assert yaml.safe_load(saved.read_text())["finetune"]["lora"]["target_modules"] == "all-linear"
+    capsys.readouterr()
+
+    assert main(["train", str(saved)]) == 0  # the same run: continued from checkpoint-1 to its end
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    before = tree(out)
+    capsys.readouterr()
+    assert main(["train", str(out / "train_config.yaml")]) == 0
+    assert "already holds this run, finished at step 2: nothing to train" in capsys.readouterr().out
+    assert tree(out) == before

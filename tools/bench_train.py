@@ -16,11 +16,14 @@ Variants: `llava_lengths` (the TinyLlama tokenizer, 32k vocabulary) and `large_v
 The model: a transformers CLIP tower 224/16, 4 x 256 (196 image tokens), frozen; an mlp2x_gelu projector;
 a Llama LM 4 x 512.
 
-Printed per variant and side: samples/s, non-padding tokens/s, the padding share of computed positions, peak
-memory (peak process RSS on a CPU, peak allocation on a GPU), the first losses, and every ratio to `plain`,
-as medians with their spread over repetitions.
+Printed per variant, precision and side: samples/s, non-padding tokens/s, the padding share of computed positions,
+peak memory (peak process RSS on a CPU, peak allocation on a GPU), the first losses, and every ratio to `plain` at
+the same precision, as medians with their spread over repetitions. `--precision fp32,bf16` measures both in one run
+(every side under bf16 autocast with float32 weights, as training runs it) and prints each side's bf16 speed as a
+multiple of its fp32 speed.
 
-    python tools/bench_train.py [--quick] [--repeats 3] [--steps 6] [--batch-size 8] [--json PATH]
+    python tools/bench_train.py [--quick] [--repeats 3] [--steps 6] [--batch-size 8] [--precision fp32,bf16]
+                                [--json PATH]
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 SIDES = ("plain", "trl", "ours", "ours_grouped", "ours_packed")
+PRECISIONS = ("fp32", "bf16")
 VARIANTS = {"llava_lengths": "tinyllama-chat", "large_vocab": "qwen2.5"}
 TOWER = {
     "type": "hf_clip",
@@ -194,7 +198,7 @@ def plain(data: Path, start: Path, args) -> dict:
         meter.batch(step, batch)
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
         pixels = batch.get("pixel_values")
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             loss = model(**inputs, pixel_values=None if pixels is None else pixels.to(device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -246,7 +250,8 @@ def trl(data: Path, start: Path, args, out: Path) -> dict:
         train_sampling_strategy="sequential",
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
-        bf16=torch.cuda.is_available(),
+        bf16=args.precision == "bf16",
+        use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=samples, data_collator=collate, callbacks=[Losses()])
@@ -255,10 +260,12 @@ def trl(data: Path, start: Path, args, out: Path) -> dict:
     return meter.result(peak_memory())
 
 
-def ours(data: Path, start: Path, args, out: Path, side: str) -> dict:
+def ours(data: Path, start: Path, args, out: Path, side: str, changes: dict | None = None) -> dict:
+    """Our recipe on `side`'s batches; `changes` are merged into its config (tools/gpu_check.py's variants)."""
     from transformers import TrainerCallback
 
     from llava_lite.config_io import from_dict
+    from llava_lite.model.presets import deep_merge
     from llava_lite.train import trainer as trainer_module
     from llava_lite.train.config import TrainConfig
     from llava_lite.train.run import run_training
@@ -269,26 +276,25 @@ def ours(data: Path, start: Path, args, out: Path, side: str) -> dict:
         data_settings.update(group_by_modality_length=True, shuffle=True)
     if side == "ours_packed":
         data_settings.update(packing=True, pack_length=args.pack_length, shuffle=True)
-    config = from_dict(
-        TrainConfig,
-        {
-            "recipe": "stage2",
-            "init_from": str(start),
-            "output_dir": str(out),
-            "data": data_settings,
-            "train": {
-                "max_steps": args.steps + 1,
-                "batch_size": args.batch_size if side != "ours_packed" else args.packed_rows,
-                "learning_rate": LEARNING_RATE,
-                "scheduler": "constant",
-                "warmup_ratio": 0.0,
-                "report_to": "none",
-                "logging_steps": 1,
-                "save_steps": 100000,
-            },
-            "resume": "never",
+    settings = {
+        "recipe": "stage2",
+        "init_from": str(start),
+        "output_dir": str(out),
+        "data": data_settings,
+        "train": {
+            "max_steps": args.steps + 1,
+            "batch_size": args.batch_size if side != "ours_packed" else args.packed_rows,
+            "learning_rate": LEARNING_RATE,
+            "scheduler": "constant",
+            "warmup_ratio": 0.0,
+            "report_to": "none",
+            "logging_steps": 1,
+            "save_steps": 100000,
+            "precision": args.precision,
         },
-    )
+        "resume": "never",
+    }
+    config = from_dict(TrainConfig, deep_merge(settings, changes or {}))
     original = trainer_module.LlavaTrainer.compute_loss
 
     def counting(self, model, inputs, *rest, **kwargs):
@@ -324,7 +330,7 @@ def child(side: str, variant: dict, args) -> dict | None:
     command = [
         sys.executable, __file__, "--side", side, "--data", str(variant["data"]), "--start", str(variant["start"]),
         "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--packed-rows", str(variant["rows"]),
-        "--pack-length", str(args.pack_length),
+        "--pack-length", str(args.pack_length), "--precision", variant["precision"],
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -368,6 +374,13 @@ def print_table(name: str, sides: dict) -> None:
         )
 
 
+def print_speedups(fp32: dict, bf16: dict) -> None:
+    """Each side's non-padding tokens/s under bf16 autocast as a multiple of its own fp32 speed."""
+    shown = [f"{side} {bf16[side]['nonpad_tokens_per_s'] / fp32[side]['nonpad_tokens_per_s']:.2f}x" for side in bf16
+             if side in fp32]  # fmt: skip
+    print("bf16 over fp32 (tokens/s): " + ", ".join(shown))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a fast look: 3 timed steps of 4 samples, 1 repetition")
@@ -379,6 +392,8 @@ def main() -> None:
                         "rows as hold batch-size samples of mean length)")  # fmt: skip
     parser.add_argument("--variants", default=",".join(VARIANTS), help="which variants, comma separated")
     parser.add_argument("--sides", default=",".join(SIDES), help="which sides, comma separated")
+    parser.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32",
+                        help="fp32, bf16 (autocast) or both, comma separated (default: bf16 on GPUs)")  # fmt: skip
     parser.add_argument("--json", metavar="PATH", help="also write the medians as JSON")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -391,10 +406,13 @@ def main() -> None:
         args.repeats, args.steps, args.batch_size = 1, 3, 4
     sides = [s for s in args.sides.split(",") if s]
     variants = [v for v in args.variants.split(",") if v]
+    precisions = [p for p in args.precision.split(",") if p]
     unknown = sorted(set(sides) - set(SIDES)) + sorted(set(variants) - set(VARIANTS))
+    unknown += sorted(set(precisions) - set(PRECISIONS))
     if unknown:
         parser.error(
-            f"unknown side or variant {unknown[0]!r}; sides: {', '.join(SIDES)}; variants: {', '.join(VARIANTS)}"
+            f"unknown side, variant or precision {unknown[0]!r}; sides: {', '.join(SIDES)}; variants: "
+            f"{', '.join(VARIANTS)}; precisions: {', '.join(PRECISIONS)}"
         )
     if "trl" in sides and not has_trl():
         print('note: TRL is not installed, so its side is skipped (pip install -e ".[bench]")')
@@ -409,18 +427,22 @@ def main() -> None:
             data = build_data(folder, args.batch_size * (args.steps + 1) * 4)
             start = build_start(folder / "start", tokenizer)
             setup = {"data": data, "start": start, "rows": args.packed_rows or packed_rows_for(data, start, args)}
-            runs: dict[str, list] = {side: [] for side in sides}
+            runs: dict[tuple[str, str], list] = {(p, side): [] for p in precisions for side in sides}
             for _ in range(args.repeats):
-                for side in sides:
-                    result = child(side, setup, args)
+                for precision, side in runs:
+                    result = child(side, {**setup, "precision": precision}, args)
                     if result:
-                        runs[side].append(result)
-            summary = {side: summarise(r) for side, r in runs.items() if r}
-            results["variants"][variant] = {"sides": summary}
-            title = (
-                f"{variant} ({VARIANTS[variant]} tokenizer; packed: {setup['rows']} rows of {args.pack_length} tokens)"
-            )
-            print_table(title, summary)
+                        runs[precision, side].append(result)
+            by_precision = {p: {side: summarise(runs[p, side]) for side in sides if runs[p, side]} for p in precisions}
+            results["variants"][variant] = {"precisions": by_precision}
+            for precision, summary in by_precision.items():
+                title = (
+                    f"{variant}, {precision} ({VARIANTS[variant]} tokenizer; packed: {setup['rows']} rows of "
+                    f"{args.pack_length} tokens)"
+                )
+                print_table(title, summary)
+            if {"fp32", "bf16"} <= set(by_precision):
+                print_speedups(by_precision["fp32"], by_precision["bf16"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
 

@@ -1,4 +1,5 @@
-"""Options shared by the commands that answer with a trained model: `chat`, `generate` and `serve`."""
+"""Options shared by the commands that answer with a trained model: `chat`, `generate` and `serve` (and the trust
+flag, which every command that loads a model folder takes)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,18 @@ if TYPE_CHECKING:  # torch and transformers load at run time, not for `llava-lit
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a trained run folder (what `llava-lite train` saved)")
+    add_trust_argument(parser)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="weights dtype")
+
+
+def add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    """`--trust-remote-code`: the only way code that came with a model folder (`auto_map`) may run."""
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the model folder's own code run (a folder whose config asks for it is refused without this)",
+    )
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

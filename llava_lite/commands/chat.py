@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
 
     settings = sampling_settings(args)
     image = load_image(args.image, "--image") if args.image else None  # a bad image fails before the model loads
-    session = ChatSession(Generator.from_folder(args.model, args.device, args.dtype), settings, args.system)
+    generator = Generator.from_folder(args.model, args.device, args.dtype, args.trust_remote_code)
+    session = ChatSession(generator, settings, args.system)
     session.pending_image = image
     if args.prompt is not None:
         _print_stream(session.ask(args.prompt))

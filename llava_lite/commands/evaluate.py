@@ -1,4 +1,5 @@
-"""`llava-lite eval`: perplexities, VQA accuracy and a judged bench score for a run; plots of a run's training."""
+"""`llava-lite eval`: perplexities, VQA accuracy, a judged bench score and lm-eval tasks for a run; plots of a run's
+training."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Evaluate a run on any of: held-out instruction data (--instruct: perplexity of the assistant tokens "
             "only), plain text (--text: perplexity of the tuned LM and of the base LM from --base-lm, or of the LM "
             "with its adapters off, and their ratio - the forgetting measure), VQA questions (--vqa JSONL: VQAv2-"
-            "normalised accuracy and multiple-choice accuracy), and a LLaVA-Bench folder (--bench: a judge model "
+            "normalised accuracy and multiple-choice accuracy), a LLaVA-Bench folder (--bench: a judge model "
             "behind an OpenAI-compatible server scores our answers against the reference answers; relative score "
-            "per category). Prints a table; --out writes the results as JSON, --plot draws them. "
+            "per category), and lm-evaluation-harness tasks on the run's LM, adapters merged (--lm-eval; with "
+            "--base on the base LM too). Prints a table; --out writes the results as JSON, --plot draws them. "
             "--training-log RUN plots the run's loss and logged perplexities over steps (no --model needed)."
         ),
     )
@@ -50,6 +52,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--plot", default=None, metavar="PNG", help="draw metrics by category (and --training-log)")
     parser.add_argument("--training-log", default=None, metavar="RUN", help="a run whose losses and metrics to plot")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    lm_eval = parser.add_argument_group("lm-evaluation-harness on the run's language model (the lm-eval extra)")
+    lm_eval.add_argument("--lm-eval", default=None, metavar="TASKS", help="lm-eval tasks, comma-separated (mmlu,...)")
+    lm_eval.add_argument("--lm-eval-include", default=None, metavar="DIR", help="a folder of local lm-eval task YAMLs")
+    lm_eval.add_argument("--lm-eval-fewshot", type=int, default=None, metavar="N", help="few-shot examples per task")
+    lm_eval.add_argument("--lm-eval-chat", action="store_true", help="render prompts with the run's chat template")
+    lm_eval.add_argument(
+        "--lm-eval-unsafe-code", action="store_true", help="let tasks that run the model's code (HumanEval) run it here"
+    )
+    lm_eval.add_argument("--base", action="store_true", help="also run them on the base LM (--base-lm or adapters off)")
     parser.set_defaults(run=run)
 
 
@@ -79,21 +90,52 @@ def eval_config(args: argparse.Namespace):
     )
 
 
+def lm_eval_settings(args: argparse.Namespace):
+    """The lm-eval run `--lm-eval` asks for (None without it); checks that lm-eval is installed."""
+    if not args.lm_eval:
+        if args.base:
+            raise ConfigError("--base compares lm-eval tasks: give --lm-eval TASKS too")
+        return None
+    from llava_lite.eval.lm_eval_bridge import LmEvalSettings
+
+    return LmEvalSettings(
+        tasks=args.lm_eval.split(","),
+        include_path=args.lm_eval_include,
+        num_fewshot=args.lm_eval_fewshot,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        chat_template=args.lm_eval_chat,
+        unsafe_code=args.lm_eval_unsafe_code,
+        base=args.base,
+        base_lm=args.base_lm,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from llava_lite.eval import report
 
     config = eval_config(args)
-    if not config.anything and not args.training_log:
-        raise ConfigError("nothing to evaluate: give --instruct, --text, --vqa or --bench (or --training-log RUN)")
-    if config.anything and not args.model:
-        raise ConfigError("--model is needed to evaluate --instruct, --text, --vqa or --bench")
+    lm_eval = lm_eval_settings(args)
+    if not (config.anything or lm_eval) and not args.training_log:
+        raise ConfigError(
+            "nothing to evaluate: give --instruct, --text, --vqa, --bench or --lm-eval (or --training-log RUN)"
+        )
+    if (config.anything or lm_eval) and not args.model:
+        raise ConfigError("--model is needed to evaluate --instruct, --text, --vqa, --bench or --lm-eval")
     results: dict = {}
-    if config.anything:
-        from llava_lite.eval.suite import run_suite
+    if config.anything or lm_eval:
         from llava_lite.inference.generator import Generator
 
         generator = Generator.from_folder(args.model, args.device, args.dtype)
-        results = {"model": args.model, **run_suite(generator.model, config, generator=generator)}
+        results = {"model": args.model}
+    if config.anything:
+        from llava_lite.eval.suite import run_suite
+
+        results.update(run_suite(generator.model, config, generator=generator))
+    if lm_eval:  # last: it merges the run's adapters into its LM
+        from llava_lite.eval.lm_eval_bridge import run_lm_eval
+
+        results["lm_eval"] = run_lm_eval(generator.model, lm_eval)
     log = report.read_training_log(args.training_log) if args.training_log else None
     if args.out:
         report.write_results(args.out, results)

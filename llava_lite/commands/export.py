@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from llava_lite.commands._generation_args import add_trust_argument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -31,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="hf: weight dtype (default: the LM's)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_trust_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -42,10 +45,10 @@ def run(args: argparse.Namespace) -> int:
     from llava_lite.model.llava import LlavaLiteModel
 
     if args.format == "merged":
-        out = export_merged(args.model, args.out, args.overwrite)
+        out = export_merged(args.model, args.out, args.overwrite, args.trust_remote_code)
         print(f"merged run written to {out}")
         return 0
-    model = LlavaLiteModel.from_pretrained(args.model)
+    model = LlavaLiteModel.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     out = export_hf_llava(model, args.out, getattr(torch, args.dtype) if args.dtype else None, args.overwrite)
     print(f"transformers Llava model written to {out}")
     return 0

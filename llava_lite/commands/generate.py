@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
     check_paths(args.input, args.output, args.image_folder, args.overwrite, args.resume)  # before the model loads
-    generator = Generator.from_folder(args.model, args.device, args.dtype)
+    generator = Generator.from_folder(args.model, args.device, args.dtype, args.trust_remote_code)
     report = generate_file(
         generator,
         args.input,

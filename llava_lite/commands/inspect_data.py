@@ -8,6 +8,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from llava_lite.commands._generation_args import add_trust_argument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -42,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-image-check", action="store_true", help="do not open every image")
     parser.add_argument("--seed", type=int, default=0, help="which samples are shown (default: 0)")
     parser.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    add_trust_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -128,14 +131,16 @@ def _processor(args: argparse.Namespace):
             recipe.data_template = args.template
         if args.max_length is not None:
             recipe.data.max_length = args.max_length
-        model_config = resolve_model_config(args.model or recipe.init_from or recipe.model)
+        model_config = resolve_model_config(
+            args.model or recipe.init_from or recipe.model, trust_remote_code=args.trust_remote_code
+        )
         return training_processor(recipe, model_config), recipe.data
     if not target.exists():
         raise ConfigError(f"{target}: no such data file")
     data_config = DataConfig(sources=[DataSource(path=str(target), image_folder=args.image_folder)])
     if args.max_length is not None:
         data_config.max_length = args.max_length
-    model_config = resolve_model_config(args.model or "tiny")
+    model_config = resolve_model_config(args.model or "tiny", trust_remote_code=args.trust_remote_code)
     processor = build_processor(
         model_config, template=args.template, max_length=data_config.max_length, overflow=data_config.overflow
     )

@@ -21,7 +21,8 @@ IMAGE_LIMITS = [
 ]
 REQUEST_LIMITS = [
     ("max_body_bytes", "request body size"),
-    ("max_prompt_tokens", "prompt tokens, image tokens included"),
+    ("max_prompt_tokens", "prompt tokens, image tokens included (text too long to fit is refused untokenized)"),
+    ("max_messages", "messages per request"),
     ("max_tokens_limit", "the most max_tokens a request may ask for"),
     ("default_max_tokens", "max_tokens when a request names none"),
     ("concurrency", "generations running at once"),
@@ -54,6 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     images.add_argument("--image-root", type=Path, default=None, help="allow local image files, only under here")
     images.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (off by default)")
     images.add_argument(
+        "--allow-private-image-hosts",
+        action="store_true",
+        help="let remote image URLs reach loopback, private and link-local addresses (refused by default)",
+    )
+    images.add_argument(
         "--remote-image-timeout",
         type=float,
         default=DEFAULTS.remote_image_timeout,
@@ -71,6 +77,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         image_root=args.image_root.resolve() if args.image_root else None,
         allow_remote_images=args.allow_remote_images,
+        allow_private_image_hosts=args.allow_private_image_hosts,
         remote_image_timeout=args.remote_image_timeout,
         **{field: getattr(args, field) for field, _ in IMAGE_LIMITS + REQUEST_LIMITS},
     )
@@ -95,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from llava_lite.serve.app import create_app
 
     config = serve_config(args)
-    generator = Generator.from_folder(args.model, args.device, args.dtype)
+    generator = Generator.from_folder(args.model, args.device, args.dtype, args.trust_remote_code)
     app = create_app(generator, config)
     log = logging.getLogger("llava_lite.serve")
     log.info(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from llava_lite.commands._generation_args import add_trust_argument
 from llava_lite.train.config import check_data_paths, load_train_config, resolved
 from llava_lite.train.launch import is_main_process
 
@@ -24,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("config", metavar="CONFIG.yaml", help="a recipe config, e.g. configs/demo_stage1.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config fields to change")
+    add_trust_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
                 "(resume=never starts it over, a new output_dir trains a new one)"
             )
         return 0
-    output = run_training(config)
+    output = run_training(config, trust_remote_code=args.trust_remote_code)
     if is_main_process():
         print(f"saved the trained model to {output}")
     return 0

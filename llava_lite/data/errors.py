@@ -12,6 +12,7 @@ REASONS = (
     "image_count_mismatch",
     "too_long",
     "no_trained_tokens",
+    "image_too_large",
 )
 
 

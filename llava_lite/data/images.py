@@ -3,6 +3,7 @@ cut into AnyRes views, then the tower's transform."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,27 +28,46 @@ def resolve_image_path(folder: str | Path, relative: str, source: str = "record"
 
 
 def load_image(path: str | Path, source: str = "record") -> Image.Image:
-    try:
-        with Image.open(path) as image:
+    """An image file as RGB; one over PIL's pixel limit (`Image.MAX_IMAGE_PIXELS`, its decompression-bomb
+    threshold) is refused from its header, before its pixels are decoded."""
+    with _opened(path, source) as image:
+        try:
             image.load()
             return image.convert("RGB")
-    except FileNotFoundError:
-        raise BadRecordError(source, "missing_image", f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise BadRecordError(source, "corrupt_image", f"image {path} cannot be read ({err})") from None
+        except (OSError, SyntaxError, ValueError) as err:
+            raise BadRecordError(source, "corrupt_image", f"image {path} cannot be read ({err})") from None
 
 
 def image_size_of(image: str | Path | Image.Image, source: str = "record") -> tuple[int, int]:
     """(height, width) of a picture, or of an image file from its header alone (PIL opens lazily)."""
     if isinstance(image, Image.Image):
         return image.height, image.width
+    with _opened(image, source) as opened:
+        return opened.height, opened.width
+
+
+def _opened(path: str | Path, source: str) -> Image.Image:
+    """The image file opened (its header read, no pixels decoded), within the pixel limit."""
     try:
-        with Image.open(image) as opened:
-            return opened.height, opened.width
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides, in one line
+            image = Image.open(path)
     except FileNotFoundError:
-        raise BadRecordError(source, "missing_image", f"image {image} does not exist") from None
+        raise BadRecordError(source, "missing_image", f"image {path} does not exist") from None
+    except Image.DecompressionBombError as err:
+        raise BadRecordError(source, "image_too_large", f"image {path} is too large to decode ({err})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise BadRecordError(source, "corrupt_image", f"image {image} cannot be read ({err})") from None
+        raise BadRecordError(source, "corrupt_image", f"image {path} cannot be read ({err})") from None
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:
+        image.close()
+        raise BadRecordError(
+            source,
+            "image_too_large",
+            f"image {path} has {image.width}x{image.height} pixels, more than PIL's limit of {limit} "
+            "(PIL.Image.MAX_IMAGE_PIXELS; a decompression bomb?)",
+        )
+    return image
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:

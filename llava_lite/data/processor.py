@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
+from llava_lite.data.budget import CUT_MARGIN_TOKENS, characters_per_token, cut_to_characters, text_characters
 from llava_lite.data.conversation import IMAGE_PLACEHOLDER, Conversation
 from llava_lite.data.errors import BadRecordError
 from llava_lite.data.geometry import ImageGeometry, ImageInput
@@ -59,6 +60,14 @@ class Processor:
         self.image_token_id = image_token_id
         self.max_length = max_length
         self.overflow = overflow
+        self._characters_per_token: int | None = None
+
+    @property
+    def characters_per_token(self) -> int:
+        """The most characters a token stands for (the tokenizer's longest token), read once."""
+        if self._characters_per_token is None:
+            self._characters_per_token = characters_per_token(self.tokenizer)
+        return self._characters_per_token
 
     def encode(self, conversation: Conversation, add_generation_prompt: bool = False) -> EncodedConversation:
         """Ids and labels; each image's slots sized by the geometry (from its path or picture, not its pixels)."""
@@ -70,6 +79,8 @@ class Processor:
                 "image_count_mismatch",
                 f"{placeholders} {self.image_token} placeholder(s) but {len(conversation.images)} image(s)",
             )
+        conversation = self._within_characters(conversation)
+        placeholders = len(conversation.images)
         try:
             rendered = self.template.render(conversation.messages, add_generation_prompt=add_generation_prompt)
         except TemplateError as err:
@@ -99,6 +110,26 @@ class Processor:
         if not add_generation_prompt and encoded.num_trained_tokens == 0:
             raise BadRecordError(source, "no_trained_tokens", "no assistant token left to train (after truncation)")
         return encoded
+
+    def _within_characters(self, conversation: Conversation) -> Conversation:
+        """A record with more characters than `max_length` tokens can hold is refused (`overflow: drop`) or cut
+        to what truncation could keep, before it is rendered or tokenized whole."""
+        if self.max_length is None:
+            return conversation
+        characters = text_characters(conversation)
+        # Most records are told apart by the first test alone, without reading the vocabulary.
+        if characters <= self.max_length or characters <= self.max_length * self.characters_per_token:
+            return conversation
+        per_token = self.characters_per_token
+        if self.overflow == "drop":
+            raise BadRecordError(
+                conversation.source,
+                "too_long",
+                f"{characters} characters cannot fit in max_length {self.max_length} tokens (a token here stands "
+                f"for at most {per_token} characters)",
+            )
+        kept = (self.max_length + CUT_MARGIN_TOKENS) * per_token
+        return cut_to_characters(conversation, kept, self.image_token)
 
     def _load(self, images: list[ImageInput], source: str) -> list[Image.Image]:
         return [image if isinstance(image, Image.Image) else load_image(image, source) for image in images]

@@ -46,6 +46,10 @@ def table(results: dict) -> str:
             rows.append(
                 (f"  {name}", f"{_percent(c['relative'])}  (ours {c['ours']:.2f} / reference {c['reference']:.2f})")
             )
+    if "lm_eval" in results:
+        from llava_lite.eval.lm_eval_bridge import table_rows
+
+        rows += table_rows(results["lm_eval"])
     width = max((len(name) for name, _ in rows), default=0)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

@@ -81,7 +81,7 @@ class EvalSuite:
         pad = model.tokenizer.pad_token_id or 0
         tuned = perplexity.text_perplexity(model.language_model, self.windows, config.batch_size, pad, self.progress)
         if self._base_text is None:
-            with _base_language_model(model, config.base_lm) as (base_lm, source):
+            with base_language_model(model, config.base_lm) as (base_lm, source):
                 base = None
                 if base_lm is not None:
                     base = perplexity.text_perplexity(base_lm, self.windows, config.batch_size, pad, self.progress)
@@ -173,7 +173,7 @@ def _generator(model):
 
 
 @contextlib.contextmanager
-def _base_language_model(model, base_lm: str | None):
+def base_language_model(model, base_lm: str | None):
     """The LM before tuning: a named folder, or the same LM with its adapters switched off; else none."""
     if base_lm:
         from transformers import AutoModelForCausalLM

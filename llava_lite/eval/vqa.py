@@ -160,13 +160,15 @@ class Question:
 
     @property
     def prompt(self) -> str:
-        text = self.question
+        return f"{IMAGE_PLACEHOLDER}\n{self.text}" if self.image else self.text
+
+    @property
+    def text(self) -> str:
+        """The prompt's words: the question and its instruction (and options), without the image placeholder."""
         if self.choices:
             options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(string.ascii_uppercase, self.choices))
-            text = f"{text}\n{options}\n{CHOICE_PROMPT}"
-        else:
-            text = f"{text}\n{SHORT_ANSWER_PROMPT}"
-        return f"{IMAGE_PLACEHOLDER}\n{text}" if self.image else text
+            return f"{self.question}\n{options}\n{CHOICE_PROMPT}"
+        return f"{self.question}\n{SHORT_ANSWER_PROMPT}"
 
     def conversation(self) -> Conversation:
         images = [self.image] if self.image else []
@@ -191,7 +193,7 @@ class Question:
 def read_questions(path: str | Path, limit: int | None = None) -> list[Question]:
     questions = []
     for where, row in read_json_objects(path, "question"):
-        questions.append(_question(row, where))
+        questions.append(parse_question(row, where))
         if limit and len(questions) == limit:
             break
     if not questions:
@@ -199,7 +201,8 @@ def read_questions(path: str | Path, limit: int | None = None) -> list[Question]
     return questions
 
 
-def _question(row: dict, where: str) -> Question:
+def parse_question(row: dict, where: str) -> Question:
+    """One question record (see the module docstring); a record that is not one is a BadRecordError at `where`."""
     text = row.get("question", row.get("text"))
     if not isinstance(text, str) or not text.strip():
         raise BadRecordError(where, "malformed", "needs a string `question` (or `text`)")

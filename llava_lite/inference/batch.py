@@ -87,12 +87,25 @@ def check_paths(
     """What `generate_file` would refuse, found before a model is loaded for it."""
     if not Path(input_path).is_file():
         raise FileNotFoundError(f"the input {input_path} does not exist")
+    output = Path(output_path)
+    for written in (output, output.with_name(output.name + ".partial")):
+        if _same_file(written, Path(input_path)):
+            # --overwrite would replace the questions with the answers; no flag allows it.
+            raise ValueError(f"the output {written} is the input {input_path}: write the answers to another file")
     if image_folder is not None and not Path(image_folder).is_dir():
         raise FileNotFoundError(f"the image folder {image_folder} does not exist")
     if not Path(output_path).parent.is_dir():
         raise FileNotFoundError(f"the folder of the output {output_path} does not exist")
     if Path(output_path).exists() and not (overwrite or resume):
         raise FileExistsError(f"{output_path} exists; use --resume to answer what is missing, or --overwrite")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """The same file, by its resolved path (symlinks followed) or, when both exist, by device and inode (hard
+    links too)."""
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
 
 
 def _answer(generator: Generator, batch: list[Request], settings: SamplingSettings, out, report) -> None:

@@ -89,8 +89,10 @@ class Generator:
         return self.model.context_length
 
     @classmethod
-    def from_folder(cls, folder: str | Path, device: str = "auto", dtype: str | None = None) -> Generator:
-        model = LlavaLiteModel.from_pretrained(folder)
+    def from_folder(
+        cls, folder: str | Path, device: str = "auto", dtype: str | None = None, trust_remote_code: bool = False
+    ) -> Generator:
+        model = LlavaLiteModel.from_pretrained(folder, trust_remote_code=trust_remote_code)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         if dtype:
             model = model.to(getattr(torch, dtype))

@@ -32,9 +32,9 @@ def merge_adapters(model: LlavaLiteModel) -> LlavaLiteModel:
     return model
 
 
-def export_merged(run: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+def export_merged(run: str | Path, out: str | Path, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
     """Load `run`, merge its adapters, save the result as a normal run folder at `out` (written whole or not at all)."""
-    model = LlavaLiteModel.from_pretrained(run)
+    model = LlavaLiteModel.from_pretrained(run, trust_remote_code=trust_remote_code)
     if not model.uses_adapters:
         logger.warning("%s has no adapters: the merged copy is the same model", run)
     merge_adapters(model)

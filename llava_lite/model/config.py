@@ -75,10 +75,17 @@ class LanguageModelConfig:
     model_config: dict[str, Any] | None = None
     # A tokenizer folder or hub name, or "tiny" for the one shipped in the package; default: `name`.
     tokenizer: str | None = None
+    # The dtype the weights are loaded and stored in; in training, what trains is kept in float32 all the same
+    # (train.master_weights), so bfloat16 only halves the frozen parts.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    # transformers' attention (sdpa, eager, flash_attention_2, ...); auto: flash_attention_2 on a CUDA GPU where
+    # flash-attn is installed, else transformers' default.
     attn_implementation: str | None = None
-    # Load the weights quantized (QLoRA: 4bit); needs bitsandbytes and a CUDA GPU.
+    # Load the weights quantized (QLoRA: 4bit NF4 with double quantization); needs bitsandbytes (CUDA or its CPU
+    # backend).
     quantization: Literal["none", "4bit", "8bit"] = "none"
+    # Let transformers run code that the LM's or tokenizer's folder brings (`auto_map`). A recipe may set it for a
+    # model it names; a saved run folder that sets it is refused unless the command is given --trust-remote-code.
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -111,7 +118,9 @@ def save_model_config(config: ModelConfig, folder: str | Path) -> None:
     path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
-def load_model_config(folder: str | Path) -> ModelConfig:
+def load_model_config(folder: str | Path, trust_remote_code: bool = False) -> ModelConfig:
+    """The config saved in a run folder. `trust_remote_code` is the decision of the person running the command; a
+    folder whose config asks for remote code by itself is refused (ConfigError) without it."""
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{folder}: not a llava_lite model folder (no {CONFIG_FILE})")
@@ -129,6 +138,11 @@ def load_model_config(folder: str | Path) -> ModelConfig:
         payload = _MIGRATIONS[version](payload)
         version = payload["format_version"]
     config = model_config_from_dict(payload["model"], where=str(path))
+    if config.language_model.trust_remote_code and not trust_remote_code:
+        raise ConfigError(
+            f"{folder}: its {CONFIG_FILE} sets language_model.trust_remote_code, which would run code that came "
+            "with the folder; a folder cannot allow that itself - give --trust-remote-code if you trust it"
+        )
     # A saved run names parts by folders inside the run; make them independent of the working directory.
     config.language_model.name = _inside(folder, config.language_model.name)
     config.language_model.tokenizer = _inside(folder, config.language_model.tokenizer)

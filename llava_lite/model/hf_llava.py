@@ -43,6 +43,7 @@ from llava_lite.model.parts import ModelParts
 from llava_lite.model.projector import Projector
 from llava_lite.model.vision import build_vision_tower
 from llava_lite.model.vision.hf_tower import processor_settings
+from llava_lite.model.weights_files import require_safetensors_folder
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +66,12 @@ def is_hf_llava_folder(folder: str | Path) -> bool:
 def load_hf_llava(folder: str | Path) -> ModelParts:
     """The parts of a LlavaLiteModel holding the weights of the transformers Llava model in `folder`."""
     folder = Path(folder)
+    require_safetensors_folder(folder, "Llava model")
     model_type = json.loads((folder / "config.json").read_text(encoding="utf-8"))["model_type"]
     hf_model = _MODEL_CLASSES[model_type].from_pretrained(folder, dtype="auto")
     hf_config: LlavaConfig = hf_model.config
     # One load gives the tokenizer, the image processor and the processor's chat template and image token.
-    processor = AutoProcessor.from_pretrained(folder)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)  # no code from the folder
     image_processor = getattr(processor, "image_processor", None)
     if image_processor is None:
         raise ValueError(f"{folder}: no image processor (preprocessor_config.json) beside the model")

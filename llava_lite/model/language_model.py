@@ -59,9 +59,15 @@ def add_special_tokens(tokenizer: PreTrainedTokenizerBase, tokens: list[str]) ->
 def build_language_model(config: LanguageModelConfig) -> PreTrainedModel:
     dtype = DTYPES[config.dtype]
     kwargs = {"trust_remote_code": config.trust_remote_code}
-    if config.attn_implementation:
-        kwargs["attn_implementation"] = config.attn_implementation
+    attention = attention_implementation(config.attn_implementation)
+    if attention:
+        kwargs["attn_implementation"] = attention
     if config.model_config is not None:
+        if config.quantization != "none":
+            raise ValueError(
+                f"language_model.quantization {config.quantization} quantizes pretrained weights, and a model built "
+                "from model_config has none: save it and name its folder in language_model.name"
+            )
         model_config = dict(config.model_config)
         model_type = model_config.pop("model_type", None)
         if model_type is None:
@@ -70,18 +76,47 @@ def build_language_model(config: LanguageModelConfig) -> PreTrainedModel:
         return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32 if dtype == "auto" else dtype, **kwargs)
     if config.quantization != "none":
         kwargs["quantization_config"] = _quantization_config(config)
+        # transformers' quantized loading places the weights where device_map says; without one every process of a
+        # multi-GPU run would put its copy on the first GPU.
+        kwargs["device_map"] = process_device_map()
     return AutoModelForCausalLM.from_pretrained(config.name, dtype=dtype, **kwargs)
 
 
+def attention_implementation(choice: str | None) -> str | None:
+    """The attention a config's `attn_implementation` asks for: `auto` is flash attention 2 on a CUDA GPU where the
+    flash-attn package is installed, else transformers' default (sdpa, which packing runs per sample)."""
+    if choice != "auto":
+        return choice
+    import importlib.util
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return None
+
+
+def process_device_map(environ: dict[str, str] | None = None) -> dict[str, str | int]:
+    """A device map that puts the whole model on this process's own device: its GPU (`LOCAL_RANK` of a torchrun or
+    `accelerate launch` process, else the first) or the CPU."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    if not torch.cuda.is_available():
+        return {"": "cpu"}
+    local_rank = environ.get("LOCAL_RANK", "0")
+    return {"": int(local_rank) if local_rank.isdigit() else 0}
+
+
 def _quantization_config(config: LanguageModelConfig):
-    """QLoRA's 4-bit NF4 (or 8-bit) loading, which bitsandbytes does on CUDA GPUs only."""
+    """QLoRA's 4-bit NF4 with double quantization (or 8-bit) loading, by bitsandbytes: on CUDA GPUs, and on CPUs
+    with bitsandbytes' CPU backend (0.48 and later)."""
     import importlib.util
 
     from transformers import BitsAndBytesConfig
 
-    if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
+    if importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError(
-            f"language_model.quantization={config.quantization} needs the bitsandbytes package and a CUDA GPU"
+            f"language_model.quantization {config.quantization} needs the bitsandbytes package: "
+            'pip install -e ".[qlora]" (or pip install bitsandbytes)'
         )
     if config.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)

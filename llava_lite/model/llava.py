@@ -51,6 +51,7 @@ from llava_lite.model.prompt_learning import (
 )
 from llava_lite.model.saving import load_model, save_model
 from llava_lite.model.vision import VisionTower, build_vision_tower
+from llava_lite.model.weights_files import require_safetensors_folder
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ class LlavaLiteModel(nn.Module):
     def from_config(cls, config: ModelConfig) -> LlavaLiteModel:
         """A new model: tower and LM as the config names them, a freshly initialised projector."""
         tokenizer, new_ids = prepare_tokenizer(config)
+        if config.language_model.name:
+            require_safetensors_folder(config.language_model.name, "language model")  # a local folder: no pickle
         language_model = build_language_model(config.language_model)
         fit_embeddings(language_model, tokenizer, new_ids)
         vision_tower = build_vision_tower(config.vision_tower)
@@ -97,16 +100,30 @@ class LlavaLiteModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | Path, trainable_adapters: bool = False, quantization: str | None = None
+        cls,
+        folder: str | Path,
+        trainable_adapters: bool = False,
+        quantization: str | None = None,
+        dtype: str | None = None,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
     ) -> LlavaLiteModel:
         """Load a folder written by `save_pretrained` (see `llava_lite.model.saving` for its layout), or a
         transformers Llava folder (see `llava_lite.model.hf_llava`). `quantization` (4bit, 8bit) loads the LM
-        quantized, as QLoRA trains it."""
+        quantized, as QLoRA trains it; `dtype` and `attn_implementation` override how the folder says to load it.
+        `trust_remote_code` lets code that came with a run folder run; only the person running the command may give
+        it, never the folder."""
         if is_hf_llava_folder(folder):
-            if quantization not in (None, "none"):
-                raise ValueError(f"{folder}: a transformers Llava folder cannot be loaded quantized ({quantization})")
+            if quantization not in (None, "none") or dtype or attn_implementation:
+                raise ValueError(
+                    f"{folder}: a transformers Llava folder loads as it is saved; it cannot be loaded quantized or "
+                    "with another dtype or attn_implementation"
+                )
             return cls(*load_hf_llava(folder))
-        return cls(*load_model(folder, trainable_adapters, quantization))
+        overrides = {"dtype": dtype, "attn_implementation": attn_implementation}
+        return cls(
+            *load_model(folder, trainable_adapters, quantization, overrides, trust_remote_code=trust_remote_code)
+        )
 
     def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """What was trained and what exists nowhere else, as safetensors and JSON; no pickle anywhere."""

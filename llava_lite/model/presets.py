@@ -61,11 +61,12 @@ def preset(name: str, **overrides) -> ModelConfig:
     return from_dict(ModelConfig, deep_merge(preset_dict(name), overrides), f"preset {name}")
 
 
-def resolve_model_config(spec: str | dict, where: str = "model") -> ModelConfig:
-    """A model given as a preset name, a saved model folder, or a dict (optionally `preset:` plus overrides)."""
+def resolve_model_config(spec: str | dict, where: str = "model", trust_remote_code: bool = False) -> ModelConfig:
+    """A model given as a preset name, a saved model folder, or a dict (optionally `preset:` plus overrides).
+    `trust_remote_code` is the command's: a saved folder cannot ask for remote code itself (a dict can)."""
     if isinstance(spec, str):
         if (Path(spec) / CONFIG_FILE).is_file():
-            return load_model_config(spec)
+            return load_model_config(spec, trust_remote_code)
         if spec in PRESETS:
             return preset(spec)
         raise ConfigError(f"{where}: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a saved model folder")

@@ -50,13 +50,13 @@ def generate_with_virtual_tokens(
     mask = torch.cat([attention_mask.new_ones(batch, count), attention_mask], dim=1)
     base = language_model.get_base_model()
     if _is_prefix(config):
-        # generate() takes a given cache to hold the first positions of the input: these rows stand for the
-        # prefix's and are never run.
+        # generate() takes a given cache (`cache`, transformers 5.24's name for past_key_values) to hold the first
+        # positions of the input: these rows stand for the prefix's and are never run.
         placeholder = inputs_embeds.new_zeros(batch, count, inputs_embeds.shape[-1])
         return base.generate(
             inputs_embeds=torch.cat([placeholder, inputs_embeds], dim=1),
             attention_mask=mask,
-            past_key_values=language_model.get_prompt(batch_size=batch),
+            cache=language_model.get_prompt(batch_size=batch),
             **kwargs,
         )
     prompts = language_model.get_prompt(batch_size=batch).to(inputs_embeds.dtype)

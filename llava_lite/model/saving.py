@@ -7,7 +7,9 @@ A folder holds what was trained and what exists nowhere else:
 - peft adapters (`adapter/`) when the LM was trained with them;
 - `llava_lite_config.json`, naming the parts that were not saved by their source (a local path or hub name),
   so a stage-1 run of a 7B LM is megabytes, not gigabytes.
-Everything is safetensors or JSON; nothing is pickled.
+Everything is safetensors or JSON; nothing is pickled, and a pickle met where weights belong is refused. A folder
+that lacks a part it needs - whose config names no other source for it - is refused naming the missing file,
+rather than loaded with random weights.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -28,6 +30,7 @@ from llava_lite.model.parts import ModelParts
 from llava_lite.model.projector import projector_for
 from llava_lite.model.vision import build_vision_tower
 from llava_lite.model.vision.base import WEIGHTS_FILE as TOWER_WEIGHTS
+from llava_lite.model.weights_files import read_safetensors, require_safetensors_folder
 
 logger = logging.getLogger(__name__)
 
@@ -79,14 +82,27 @@ def save_model(model, folder: str | Path, state_dict: dict[str, torch.Tensor] | 
     )
 
 
-def load_model(folder: str | Path, trainable_adapters: bool = False, quantization: str | None = None) -> ModelParts:
+def load_model(
+    folder: str | Path,
+    trainable_adapters: bool = False,
+    quantization: str | None = None,
+    lm_overrides: dict[str, str | None] | None = None,
+    trust_remote_code: bool = False,
+) -> ModelParts:
     """The parts of a LlavaLiteModel from a folder written by `save_model`; `quantization` (4bit, 8bit) loads the
-    LM quantized (QLoRA from a saved run), which a folder never records."""
+    LM quantized (QLoRA from a saved run), which a folder never records; `lm_overrides` set the LM config's
+    `dtype` or `attn_implementation` (None values are ignored), and the loaded config says so. Code that came with
+    the folder runs only with `trust_remote_code`, which the person running the command gives (see
+    `load_model_config`)."""
     folder = Path(folder)
-    config = load_model_config(folder)
+    config = load_model_config(folder, trust_remote_code)
+    check_parts(folder, config)
     lm_config = config.language_model
     if quantization is not None:
         lm_config.quantization = quantization
+    for key, value in (lm_overrides or {}).items():
+        if value is not None:
+            setattr(lm_config, key, value)
     tokenizer = load_tokenizer(lm_config)
     language_model = build_language_model(lm_config)
     fit_embeddings(language_model, tokenizer)
@@ -98,8 +114,38 @@ def load_model(folder: str | Path, trainable_adapters: bool = False, quantizatio
     if (folder / TOWER_DIR / TOWER_WEIGHTS).is_file():
         vision_tower.load_weights(folder / TOWER_DIR)
     projector = projector_for(config, vision_tower.hidden_size, _embedding_width(language_model))
-    projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
+    projector.load_state_dict(read_safetensors(folder / PROJECTOR_FILE))
     return ModelParts(config, vision_tower, projector, language_model, tokenizer)
+
+
+def check_parts(folder: Path, config: ModelConfig) -> None:
+    """Every part the folder's config says is inside the folder is there, as safetensors: the projector; the tower
+    when the config names no source for its weights (a hub name, a pretrained tag or file); the LM, tokenizer and
+    adapter folders it refers to. Else one line naming what is missing."""
+    if not (folder / PROJECTOR_FILE).is_file():
+        raise FileNotFoundError(f"{folder / PROJECTOR_FILE}: missing (every run folder holds its projector)")
+    tower = config.vision_tower
+    tower_source = tower.pretrained if tower.type == "open_clip" else tower.name
+    if not tower_source and not (folder / TOWER_DIR / TOWER_WEIGHTS).is_file():
+        raise FileNotFoundError(
+            f"{folder / TOWER_DIR / TOWER_WEIGHTS}: missing, and {folder.name}'s config names no other source for the "
+            "vision tower's weights"
+        )
+    lm = config.language_model
+    if lm.name is None:
+        raise FileNotFoundError(
+            f"{folder / LM_DIR}: missing, and {folder.name}'s config names no other source for the language model's "
+            "weights"
+        )
+    for part, name in ((LM_DIR, lm.name), (TOKENIZER_DIR, lm.tokenizer), (ADAPTER_DIR, config.adapter)):
+        if name == part:  # the config says it is inside the folder, and it is not (else it would be a path)
+            raise FileNotFoundError(f"{folder / part}: missing (the folder's config says the {part} is there)")
+    if config.adapter:
+        adapter = Path(config.adapter)
+        if adapter.is_dir() and not (adapter / "adapter_model.safetensors").is_file():
+            require_safetensors_folder(adapter, "adapter")
+            raise FileNotFoundError(f"{adapter / 'adapter_model.safetensors'}: missing")
+    require_safetensors_folder(lm.name, "language model")
 
 
 def load_trained_weights(model, folder: str | Path) -> None:
@@ -109,15 +155,15 @@ def load_trained_weights(model, folder: str | Path) -> None:
     if _is_sharded(model):
         _load_sharded(model, folder)
         return
-    model.projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
+    model.projector.load_state_dict(read_safetensors(folder / PROJECTOR_FILE))
     if (folder / TOWER_DIR / TOWER_WEIGHTS).is_file():
         model.vision_tower.load_weights(folder / TOWER_DIR)
     lm = model.language_model
     if model.uses_adapters:
         from peft import set_peft_model_state_dict
 
-        adapter_file = folder / ADAPTER_DIR / "adapter_model.safetensors"
-        set_peft_model_state_dict(lm, load_file(str(adapter_file)))
+        require_safetensors_folder(folder / ADAPTER_DIR, "adapter")
+        set_peft_model_state_dict(lm, read_safetensors(folder / ADAPTER_DIR / "adapter_model.safetensors"))
     elif (folder / LM_DIR).is_dir():
         _load_safetensors_folder(lm, folder / LM_DIR)
 
@@ -136,11 +182,11 @@ def _load_sharded(model, folder: Path) -> None:
 
     if model.uses_adapters:
         raise ValueError(f"{folder}: resuming adapters with sharded weights (FSDP) is not supported; use DDP or ZeRO")
-    state = {f"projector.{k}": v for k, v in load_file(str(folder / PROJECTOR_FILE)).items()}
+    state = {f"projector.{k}": v for k, v in read_safetensors(folder / PROJECTOR_FILE).items()}
     if (folder / TOWER_DIR / TOWER_WEIGHTS).is_file():
-        state.update({f"vision_tower.{k}": v for k, v in load_file(str(folder / TOWER_DIR / TOWER_WEIGHTS)).items()})
+        state.update({f"vision_tower.{k}": v for k, v in read_safetensors(folder / TOWER_DIR / TOWER_WEIGHTS).items()})
     for shard in sorted((folder / LM_DIR).glob("*.safetensors")):
-        state.update({f"language_model.{k}": v for k, v in load_file(str(shard)).items()})
+        state.update({f"language_model.{k}": v for k, v in read_safetensors(shard).items()})
     expected = set(model.state_dict())
     unknown = set(state) - expected
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -155,8 +201,9 @@ def _load_safetensors_folder(module: nn.Module, folder: Path) -> None:
     """All `*.safetensors` shards of a transformers folder into `module`; only tied weights may be missing."""
     expected = set(module.state_dict())
     seen: set[str] = set()
+    require_safetensors_folder(folder, "language model")
     for shard in sorted(folder.glob("*.safetensors")):
-        weights = load_file(str(shard))
+        weights = read_safetensors(shard)
         module.load_state_dict(weights, strict=False)
         seen.update(weights)
     tied = {name for name in expected if _is_tied(module, name)}

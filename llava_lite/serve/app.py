@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Annotated
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import ValidationError
 
 from llava_lite.inference.generator import Completion, Generator
+from llava_lite.serve.auth import ApiKeyCheck
 from llava_lite.serve.config import ServeConfig
 from llava_lite.serve.errors import ApiError, install_error_handlers
 from llava_lite.serve.prompts import PromptBuilder
@@ -56,7 +56,7 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
     )
     app.state.scheduler = scheduler
     install_error_handlers(app, config.max_body_bytes)
-    authorised = [Depends(_bearer_check(config.api_key))]
+    app.add_middleware(ApiKeyCheck, api_key=config.api_key)  # outermost: the key before any byte of the body
 
     @app.get("/health")
     async def health() -> dict:
@@ -71,17 +71,18 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
             "counts": dict(stats.counts),
         }
 
-    @app.get("/v1/models", dependencies=authorised)
+    @app.get("/v1/models")
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=config.model_name, created=created)])
 
-    @app.get("/v1/models/{model_id:path}", dependencies=authorised)
+    @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> ModelCard:
         _check_model(model_id, config)
         return ModelCard(id=config.model_name, created=created)
 
-    @app.post("/v1/chat/completions", dependencies=authorised, response_model=None)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | Response:
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> ChatCompletion | Response:
+        body = _parsed(await request.body())
         _check_model(body.model, config)
         # What every chunk of a stream, or the one plain answer, carries.
         envelope = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": config.model_name}
@@ -142,19 +143,13 @@ async def _unless_client_leaves(request: Request, answering: Awaitable[Completio
     return None if work.cancelled() else work.result()
 
 
-_BEARER = HTTPBearer(auto_error=False)  # we answer missing keys ourselves, OpenAI-shaped
-
-
-def _bearer_check(api_key: str | None) -> Callable[..., Awaitable[None]]:
-    async def check(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
-        if api_key is None:
-            return
-        if credentials is None:
-            raise ApiError(401, "this server needs an API key: send Authorization: Bearer KEY", "missing_api_key")
-        if not secrets.compare_digest(credentials.credentials.encode(), api_key.encode()):
-            raise ApiError(401, "the API key is not valid for this server", "invalid_api_key")
-
-    return check
+def _parsed(body: bytes) -> ChatCompletionRequest:
+    """The request, parsed and validated by pydantic straight from the JSON bytes (strict JSON types); its
+    refusals go to the validation handler: 400 for JSON that does not parse, 422 for the schema."""
+    try:
+        return ChatCompletionRequest.model_validate_json(body)
+    except ValidationError as err:
+        raise RequestValidationError(err.errors(include_url=False, include_input=False)) from None
 
 
 def _check_model(name: str, config: ServeConfig) -> None:

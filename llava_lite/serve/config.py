@@ -16,6 +16,8 @@ class ServeConfig:
     image_root: Path | None = None
     allow_remote_images: bool = False
     remote_image_timeout: float = 10.0  # seconds for a whole remote download, connect to last byte
+    # Remote image URLs may reach loopback, private and link-local addresses (the server's own network).
+    allow_private_image_hosts: bool = False
     # Request limits.
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_bytes: int = 10 * 1024 * 1024
@@ -23,6 +25,7 @@ class ServeConfig:
     max_images: int = 4
     max_image_tokens: int = 4096  # an image's tokens in the prompt (AnyRes: from its size, read from its header)
     max_prompt_tokens: int = 4096
+    max_messages: int = 256  # messages in a request, checked before anything is rendered
     max_tokens_limit: int = 1024  # the most `max_tokens` a request may ask for
     default_max_tokens: int = 256  # when the request names none
     # Load: generations at once, requests waiting beyond those, requests answered in one batch.
@@ -37,6 +40,7 @@ class ServeConfig:
             "max_image_bytes",
             "max_image_pixels",
             "max_prompt_tokens",
+            "max_messages",
             "max_image_tokens",
             "max_tokens_limit",
             "concurrency",

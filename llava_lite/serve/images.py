@@ -1,5 +1,7 @@
 """Images named in requests - `data:` URIs, local files under the operator's image root, remote URLs when the
-operator allows them - read into RGB images within the server's byte and pixel limits."""
+operator allows them (public addresses only, unless told otherwise) - read into RGB images within the server's
+byte and pixel limits. A remote image that cannot be had, for whatever reason, gets one and the same answer: a
+client must not learn from the error which hosts and ports answer and how (the reason goes to the server's log)."""
 
 from __future__ import annotations
 
@@ -7,18 +9,21 @@ import asyncio
 import base64
 import binascii
 import io
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-import httpx
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 
 from llava_lite.data.errors import BadRecordError
 from llava_lite.data.images import resolve_image_path
 from llava_lite.serve.errors import ApiError
+from llava_lite.serve.remote import remote_client
+
+logger = logging.getLogger("llava_lite.serve")
 
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 MEDIA_TYPES = {*FORMATS.values(), "image/jpg"}
@@ -31,6 +36,7 @@ class ImageLimits:
     root: Path | None = None  # local files only under here; None: no local files
     allow_remote: bool = False
     remote_timeout: float = 10.0
+    allow_private_hosts: bool = False  # remote URLs may reach loopback, private and link-local addresses
 
 
 async def load_request_image(url: str, limits: ImageLimits, param: str) -> Image.Image:
@@ -42,13 +48,13 @@ async def load_request_image(url: str, limits: ImageLimits, param: str) -> Image
 async def open_request_image(url: str, limits: ImageLimits, param: str) -> Image.Image:
     """As `load_request_image`, but only its header read: its size and format are known, its pixels not decoded
     (`decode_opened` finishes it)."""
-    scheme = urlparse(url).scheme.lower() if "://" in url or url.startswith("data:") else ""
+    scheme = url.partition(":")[0].lower() if "://" in url or url.startswith("data:") else ""
     if scheme == "data":
         data = await run_in_threadpool(_from_data_uri, url, limits, param)  # ~13 MB of base64 to decode
     elif scheme in ("", "file"):
         data = await run_in_threadpool(_from_local_file, url, limits, param)
     elif scheme in ("http", "https"):
-        data = await _from_remote(url, limits, param)
+        return await _open_remote(url, limits, param)
     else:
         raise ApiError(
             400, f"image URLs may be data:, file: or http(s): URLs, not {scheme}:", "invalid_image_url", param
@@ -111,7 +117,10 @@ def _from_local_file(url: str, limits: ImageLimits, param: str) -> bytes:
             "local_images_disabled",
             param,
         )
-    parsed = urlparse(url)
+    try:
+        parsed = urlparse(url)
+    except ValueError:  # an unbalanced [ in the host part
+        raise ApiError(400, "the image URL does not parse", "invalid_image_url", param) from None
     if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
         raise ApiError(400, "file: URLs must name a local path", "invalid_image_url", param)
     name = unquote(parsed.path) if parsed.scheme == "file" else url
@@ -128,7 +137,8 @@ def _from_local_file(url: str, limits: ImageLimits, param: str) -> bytes:
     return path.read_bytes()
 
 
-async def _from_remote(url: str, limits: ImageLimits, param: str) -> bytes:
+async def _open_remote(url: str, limits: ImageLimits, param: str) -> Image.Image:
+    """A remote image downloaded and decoded, or the one error every failure gets."""
     if not limits.allow_remote:
         raise ApiError(
             400,
@@ -138,31 +148,45 @@ async def _from_remote(url: str, limits: ImageLimits, param: str) -> bytes:
             param,
         )
     try:  # one time limit for the whole download, so that every slow server gets the same error
-        return await asyncio.wait_for(_download(url, limits, param), limits.remote_timeout)
+        data = await asyncio.wait_for(_download(url, limits), limits.remote_timeout)
+        image = await run_in_threadpool(open_image, data, limits, param)
+        return await run_in_threadpool(_loaded, image)
     except asyncio.TimeoutError:
-        raise ApiError(
-            400, f"the image took longer than {limits.remote_timeout:g} s to download", "image_fetch_timeout", param
-        ) from None
-    except httpx.HTTPError as err:
-        raise ApiError(
-            400, f"the image could not be downloaded ({type(err).__name__})", "image_fetch_failed", param
-        ) from None
+        reason = f"took longer than {limits.remote_timeout:g} s"
+    except (_Refused, ApiError) as err:
+        reason = str(err)
+    except Exception as err:  # noqa: BLE001 - by design every failure of a fetch gets the one answer below
+        reason = f"{type(err).__name__}: {err}"
+    logger.warning("remote image %s for %s not used: %s", url[:200], param, reason)
+    raise ApiError(400, "the image URL could not be fetched as an image", "image_fetch_failed", param) from None
 
 
-async def _download(url: str, limits: ImageLimits, param: str) -> bytes:
-    too_large = ApiError(413, f"the image is larger than {limits.max_bytes} bytes", "image_too_large", param)
+class _Refused(Exception):
+    """Why a download was given up; the client is not told."""
+
+
+async def _download(url: str, limits: ImageLimits) -> bytes:
     async with (
-        httpx.AsyncClient(follow_redirects=True, max_redirects=3, timeout=None) as client,  # `wait_for` times it
+        remote_client(public_only=not limits.allow_private_hosts) as client,  # `wait_for` times it
         client.stream("GET", url) as response,
     ):
         if response.status_code != 200:
-            raise ApiError(400, f"fetching the image answered HTTP {response.status_code}", "image_fetch_failed", param)
+            raise _Refused(f"answered HTTP {response.status_code}")
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limits.max_bytes:
-            raise too_large
+            raise _Refused(f"declares {declared} bytes, over {limits.max_bytes}")
         data = bytearray()
         async for chunk in response.aiter_bytes():
             data += chunk
             if len(data) > limits.max_bytes:  # a missing or lying Content-Length stops here
-                raise too_large
+                raise _Refused(f"sent more than {limits.max_bytes} bytes")
         return bytes(data)
+
+
+def _loaded(image: Image.Image) -> Image.Image:
+    """A remote image's pixels decoded at once (its bytes are here anyway), so a corrupt one fails in the fetch."""
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError) as err:
+        raise _Refused(f"truncated or corrupt ({err})") from None
+    return image

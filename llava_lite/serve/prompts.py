@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from llava_lite.data.budget import text_characters
 from llava_lite.data.conversation import Conversation, Message, images_first
 from llava_lite.data.errors import BadRecordError
 from llava_lite.data.processor import EncodedConversation
@@ -43,13 +44,24 @@ class PromptBuilder:
             config.image_root,
             config.allow_remote_images,
             config.remote_image_timeout,
+            config.allow_private_image_hosts,
         )
         self.context = generator.context_length
+        # Text of more characters than this cannot fit in the prompt budget (see llava_lite.data.budget).
+        self.max_characters = config.max_prompt_tokens * generator.processor.characters_per_token
 
     async def build(self, request: ChatCompletionRequest) -> Prompt:
         config = self.config
         settings = sampling_settings(request, config)
+        if len(request.messages) > config.max_messages:
+            raise ApiError(
+                400,
+                f"{len(request.messages)} messages; this server takes at most {config.max_messages}",
+                "too_many_messages",
+                "messages",
+            )
         conversation, refs = to_conversation(request.messages, self.generator.processor.image_token)
+        self._check_characters(text_characters(conversation))
         if len(refs) > config.max_images:
             raise ApiError(
                 400, f"{len(refs)} images; this server takes at most {config.max_images}", "too_many_images", "messages"
@@ -68,6 +80,17 @@ class PromptBuilder:
         self._check_length(len(encoded.input_ids), settings.max_new_tokens)
         images = [await run_in_threadpool(decode_opened, image, ref.param) for image, ref in zip(opened, refs)]
         return Prompt(encoded, images, settings)
+
+    def _check_characters(self, characters: int) -> None:
+        """Refuse text that cannot fit the token budget from its length alone, before it is rendered or tokenized."""
+        if characters > self.max_characters:
+            raise ApiError(
+                400,
+                f"the prompt's text is {characters} characters, more than {self.config.max_prompt_tokens} tokens "
+                f"(this server's limit) can hold",
+                "context_length_exceeded",
+                "messages",
+            )
 
     def _check_image_tokens(self, counts: list[int], refs: list[_ImageRef]) -> None:
         for count, ref in zip(counts, refs):
@@ -128,6 +151,7 @@ def to_conversation(messages: list[ChatMessage], image_token: str) -> tuple[Conv
     before its text, one placeholder each - LLaVA's training layout, whatever order the parts came in."""
     converted: list[Message] = []
     refs: list[_ImageRef] = []
+    systems: list[str] = []  # consecutive system texts, joined once (not concatenated message by message)
     for index, message in enumerate(messages):
         param = f"messages[{index}].content"
         texts, images = _split_parts(message, param)
@@ -139,12 +163,15 @@ def to_conversation(messages: list[ChatMessage], image_token: str) -> tuple[Conv
             raise ApiError(400, f"only user messages may carry images, not {message.role}", "invalid_content", param)
         role = "system" if message.role in ("system", "developer") else message.role
         text = "\n".join(texts)
-        if role == "system" and converted and converted[-1].role == "system":
-            converted[-1] = Message("system", f"{converted[-1].content}\n\n{text}")
+        if role == "system":
+            systems.append(text)
             continue
+        if systems:
+            converted.append(Message("system", "\n\n".join(systems)))
+            systems = []
         converted.append(Message(role, images_first(text, len(images), image_token)))
         refs.extend(images)
-    if converted[-1].role != "user":
+    if systems or converted[-1].role != "user":
         raise ApiError(400, "the last message must be the user's", "invalid_messages", "messages")
     return Conversation(converted, source="request"), refs
 

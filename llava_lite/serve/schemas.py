@@ -1,7 +1,9 @@
 """The OpenAI chat-completions shapes this server reads and writes, as pydantic models (validation is pydantic's).
 
 Fields OpenAI clients commonly send that do not change our answers (`user`, `frequency_penalty`, ...) are
-accepted and ignored, so LangChain and friends work unchanged; fields we cannot honour are refused.
+accepted and ignored, so LangChain and friends work unchanged; fields we cannot honour are refused. Requests are
+validated strictly, as JSON types: a boolean is `true` or `false` (not "yes" or 1), a number is not a string, and
+a seed fits in 64 bits (OpenAI's range) - anything else is a 422 naming the field.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from llava_lite.inference.generator import Completion
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """Unknown fields ignored; known ones of exactly their JSON type."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class TextPart(_Lenient):
@@ -54,9 +58,9 @@ class ChatCompletionRequest(_Lenient):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: int | None = None
-    n: Literal[1] = 1  # one answer per request: the generator makes one per conversation
-    stream: bool = False
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    n: int = Field(default=1, ge=1, le=1)  # one answer per request: the generator makes one per conversation
+    stream: bool | None = False  # null as OpenAI allows: not streamed
     stream_options: StreamOptions | None = None
 
     def stop_strings(self) -> list[str]:

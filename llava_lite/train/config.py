@@ -60,8 +60,12 @@ class TrainingSettings:
     scheduler: str = "cosine"
     max_grad_norm: float = 1.0
     optimizer: str = "adamw_torch"
-    # auto: bf16 on GPUs that have it, else fp32.
+    # The compute precision: autocast to bf16 or fp16, or none (fp32). auto: bf16 on GPUs that have it, else fp32.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # The dtype trained weights are kept and updated in (llava_lite.train.precision): float32 masters (AdamW moments
+    # float32 too, ~16 bytes per trained parameter) whatever the LM was loaded in; or as_loaded, the dtype they were
+    # stored in (pure bf16: ~8 bytes per parameter, but an update under 1/256 of a weight is lost).
+    master_weights: Literal["float32", "as_loaded"] = "float32"
     gradient_checkpointing: bool = False
     # The LM head and cross-entropy: only at trained positions, in chunks (chunked), or by liger-kernel's fused
     # kernel on a CUDA GPU (liger); or the LM's own head over every position (full).
@@ -74,6 +78,8 @@ class TrainingSettings:
     logging_steps: int = 10
     save_steps: int = 500
     save_total_limit: int | None = 2
+    # Held-out loss (eval_data) every eval_steps steps; default: save_steps.
+    eval_steps: int | None = None
     # Where metrics go: "auto" picks tensorboard and wandb when installed; "none"; or a list of names.
     report_to: list[str] | str = "auto"
     num_workers: int = 0
@@ -84,6 +90,10 @@ class TrainingSettings:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.kl_to_base < 0:
             raise ValueError(f"kl_to_base must be 0 or more, got {self.kl_to_base}")
+        for name in ("save_steps", "eval_steps", "logging_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be 1 or more, got {value}")
 
 
 @dataclass
@@ -93,8 +103,8 @@ class TrainConfig:
     data: DataConfig
     # A preset name, a saved model folder, or a model mapping (`preset:` plus overrides allowed).
     model: Any = None
-    # Start from a saved run (stage 2 from a stage-1 run): its model and trained weights. `model` may
-    # then set `chat_template` alone.
+    # Start from a saved run (stage 2 from a stage-1 run): its model and trained weights. `model` may then set
+    # `chat_template` and, under `language_model`, how the LM is loaded: `dtype` and `attn_implementation`.
     init_from: str | None = None
     eval_data: DataConfig | None = None
     # Evaluations run every `eval.every_steps` steps and logged with the losses (see llava_lite.eval.config).
@@ -111,8 +121,32 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.model is None and self.init_from is None:
             raise ValueError("give `model` (preset, folder or mapping) or `init_from` (a saved run)")
-        if self.init_from is not None and isinstance(self.model, dict) and set(self.model) - {"chat_template"}:
-            raise ValueError("with `init_from`, the model comes from that run; `model` may only set chat_template")
+        if self.init_from is not None and self.model is not None:
+            _check_init_from_model(self.model)
+
+
+# What `model` may say beside `init_from`: the rest of the model comes from that run.
+INIT_FROM_LM_KEYS = ("dtype", "attn_implementation")
+
+
+def _check_init_from_model(model: Any) -> None:
+    allowed = "`model` may only set chat_template and language_model.{" + ", ".join(INIT_FROM_LM_KEYS) + "}"
+    if not isinstance(model, dict) or set(model) - {"chat_template", "language_model"}:
+        raise ValueError(f"with `init_from`, the model comes from that run; {allowed}")
+    language_model = model.get("language_model", {})
+    if not isinstance(language_model, dict) or set(language_model) - set(INIT_FROM_LM_KEYS):
+        raise ValueError(f"with `init_from`, the model comes from that run; {allowed}")
+    dtypes = ("auto", "float32", "bfloat16", "float16")
+    if language_model.get("dtype", "auto") not in dtypes:
+        got = language_model["dtype"]
+        raise ValueError(f"model.language_model.dtype must be one of {', '.join(dtypes)}, got {got!r}")
+
+
+def init_from_overrides(config: TrainConfig) -> dict[str, Any]:
+    """How `config.model` asks the `init_from` run's LM to be loaded (dtype, attn_implementation), if at all."""
+    if config.init_from is None or not isinstance(config.model, dict):
+        return {}
+    return dict(config.model.get("language_model", {}))
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

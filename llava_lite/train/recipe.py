@@ -15,20 +15,33 @@ from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.loss import fused_linear_cross_entropy
 from llava_lite.model.presets import resolve_model_config
 from llava_lite.model.processing import build_processor
-from llava_lite.train.config import TrainConfig, chosen_templates
+from llava_lite.train.config import TrainConfig, chosen_templates, init_from_overrides
+from llava_lite.train.precision import (
+    compute_summary,
+    dtype_summary,
+    keep_float32_masters,
+    mixed_precision,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def build_training_model(config: TrainConfig) -> LlavaLiteModel:
-    """`config` must be `resolved`. Freezing and adapters follow `config.finetune`; logs what is trained."""
+def build_training_model(config: TrainConfig, trust_remote_code: bool = False) -> LlavaLiteModel:
+    """`config` must be `resolved`. Freezing and adapters follow `config.finetune`; logs what is trained.
+    `trust_remote_code` is the command's leave for a saved folder's own code (a model mapping in the config gives
+    its own)."""
     set_seed(config.seed)  # random-init parts (tiny presets) come out the same on every start and resume
     method = config.finetune.method
     quantization = "4bit" if method == "qlora" else None
     if config.init_from:
-        model = LlavaLiteModel.from_pretrained(config.init_from, quantization=quantization)
+        model = LlavaLiteModel.from_pretrained(
+            config.init_from,
+            quantization=quantization,
+            trust_remote_code=trust_remote_code,
+            **init_from_overrides(config),
+        )
     else:
-        model_config = resolve_model_config(config.model)
+        model_config = resolve_model_config(config.model, trust_remote_code=trust_remote_code)
         if quantization:
             model_config.language_model.quantization = quantization
         model = LlavaLiteModel.from_config(model_config)
@@ -51,7 +64,10 @@ def build_training_model(config: TrainConfig) -> LlavaLiteModel:
     model.loss_kernel = config.train.loss_kernel
     if model.loss_kernel == "liger":
         fused_linear_cross_entropy()  # refuses at once where liger-kernel cannot run
-    log_trainable(model)
+    autocast = mixed_precision(config.train.precision)
+    if config.train.master_weights == "float32":
+        keep_float32_masters(model, autocast=any(autocast))
+    log_trainable(model, compute_summary(*autocast))
     return model
 
 
@@ -102,6 +118,7 @@ def _with_adapters(model: LlavaLiteModel, config: TrainConfig, new_rows: list[in
     finetune = config.finetune
     lm = model.language_model
     if finetune.method == "qlora":
+        _keep_4bit_weights_trainable_on_cpu(lm)
         lm = peft.prepare_model_for_kbit_training(lm, use_gradient_checkpointing=config.train.gradient_checkpointing)
     if finetune.method == "peft":
         if not finetune.peft:
@@ -126,8 +143,20 @@ def _with_adapters(model: LlavaLiteModel, config: TrainConfig, new_rows: list[in
     return peft.get_peft_model(lm, peft_config)
 
 
-def log_trainable(model: LlavaLiteModel) -> None:
-    """One line per part: trained or frozen, with parameter counts (what prismatic calls saying what it froze)."""
+def _keep_4bit_weights_trainable_on_cpu(language_model) -> None:
+    """bitsandbytes' CPU backend repacks a 4-bit weight for its fast inference kernel the first time the layer runs in
+    eval mode without gradients - as the loss's probe of the LM and evaluation do - and from then on uses that kernel,
+    which has no backward, in training too: the gradient through every frozen 4-bit layer is silently lost (seen with
+    bitsandbytes 0.50 on a CPU with AVX512-BF16: the lowest adapters' gradients off by half). So the repacking is
+    turned off for a model that trains."""
+    for module in language_model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def log_trainable(model: LlavaLiteModel, compute: str | None = None) -> None:
+    """One line per part: trained or frozen, with parameter counts and the dtype it is stored in (what prismatic
+    calls saying what it froze); then the precision the arithmetic runs in."""
     for name in ("vision_tower", "projector", "language_model"):
         module = getattr(model, name)
         total = sum(p.numel() for p in module.parameters())
@@ -135,4 +164,7 @@ def log_trainable(model: LlavaLiteModel) -> None:
         state = "trained" if trained == total else "frozen " if trained == 0 else "partly "
         detail = "" if trained in (0, total) else f" ({trained:,} trained)"
         adapters = " with adapters" if name == "language_model" and model.uses_adapters else ""
-        logger.info("%s %-15s %14s params%s%s", state, name, f"{total:,}", detail, adapters)
+        stored = dtype_summary(module)
+        logger.info("%s %-15s %14s params%s%s, stored in %s", state, name, f"{total:,}", detail, adapters, stored)
+    if compute is not None:
+        logger.info("computing in %s", compute)

@@ -16,6 +16,7 @@ from typing import Any
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava_lite.config_io import ConfigError, load_yaml, to_dict
+from llava_lite.train.checkpoints import ROTATED_PREFIX
 from llava_lite.train.config import TrainConfig
 from llava_lite.train.trainer import RUN_CONFIG_FILE, STAGING_DIR
 
@@ -34,6 +35,7 @@ NOT_AFFECTING_WEIGHTS = (
     "train.report_to",
     "train.num_workers",
     "train.save_steps",
+    "train.eval_steps",
     "train.save_total_limit",
 )
 
@@ -90,6 +92,8 @@ def clear_earlier_run(output_dir: str | Path) -> None:
     stale = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-"))
     for path in stale:
         shutil.rmtree(path)
+    for leftover in folder.glob(f"{ROTATED_PREFIX}*"):  # what a killed rotation renamed away
+        shutil.rmtree(leftover, ignore_errors=True)
     shutil.rmtree(folder / STAGING_DIR, ignore_errors=True)
     (folder / STATE_FILE).unlink(missing_ok=True)
     if stale:

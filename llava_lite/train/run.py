@@ -18,8 +18,10 @@ from llava_lite.data.packing import PackedDataset, PackingBudget
 from llava_lite.data.preflight import require_a_sample, require_records
 from llava_lite.data.replay import ReplayMix, cached_text_windows, read_replay_text
 from llava_lite.eval.callback import EvaluationCallback
+from llava_lite.train.checkpoints import check_resume_files, finish_rotation
 from llava_lite.train.config import TrainConfig, resolved
-from llava_lite.train.launch import sharding_engine
+from llava_lite.train.launch import is_main_process, sharding_engine
+from llava_lite.train.precision import mixed_precision
 from llava_lite.train.recipe import build_training_model, training_processor
 from llava_lite.train.reference import refuse_a_copied_base_under_sharding
 from llava_lite.train.regularizers import Objective
@@ -29,9 +31,10 @@ from llava_lite.train.trainer import LlavaTrainer
 logger = logging.getLogger(__name__)
 
 
-def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
+def run_training(config: TrainConfig, callbacks: list | None = None, trust_remote_code: bool = False) -> Path:
     """Train as `config` says; returns the output folder, which then holds the final model and, in
-    `trainer_state.json`, the loss history. `callbacks` are transformers TrainerCallbacks."""
+    `trainer_state.json`, the loss history. `callbacks` are transformers TrainerCallbacks. `trust_remote_code`
+    (the command line's) lets code that came with a saved model folder (`init_from`, `model: FOLDER`) run."""
     config = resolved(config)
     _check_one_device_per_process()
     output_dir = Path(config.output_dir)
@@ -41,6 +44,7 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
     checkpoint = resume_checkpoint(config)
     check_same_run(config, checkpoint)
     refuse_a_copied_base_under_sharding(config.finetune.method, config.train.kl_to_base, sharding_engine())
+    check_resume_files(checkpoint)
     # The data is read before the model is built, so a bad record or a missing file fails in seconds.
     train_records, skipped_at_load = load_conversations(config.data)
     require_records(config.data, train_records, skipped_at_load)
@@ -49,7 +53,7 @@ def run_training(config: TrainConfig, callbacks: list | None = None) -> Path:
         require_records(config.eval_data, eval_records, eval_skipped, "eval_data")
     replay_text = read_replay_text(config.data) if config.data.replay else None
 
-    model = build_training_model(config)
+    model = build_training_model(config, trust_remote_code)
     # The arguments start the process group, which measuring the data shares its work over.
     args = training_arguments(config, has_eval=eval_records is not None)
     processor = training_processor(config, model.config, model.tokenizer)
@@ -122,7 +126,7 @@ def _objective(config: TrainConfig, model) -> Objective | None:
 
 def training_arguments(config: TrainConfig, has_eval: bool = False) -> TrainingArguments:
     settings = config.train
-    bf16, fp16 = _precision(settings.precision)
+    bf16, fp16 = mixed_precision(settings.precision)
     return TrainingArguments(
         output_dir=config.output_dir,
         num_train_epochs=settings.epochs,
@@ -146,7 +150,7 @@ def training_arguments(config: TrainConfig, has_eval: bool = False) -> TrainingA
         save_steps=settings.save_steps,
         save_total_limit=settings.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
-        eval_steps=settings.save_steps if has_eval else None,
+        eval_steps=(settings.eval_steps or settings.save_steps) if has_eval else None,
         prediction_loss_only=True,  # evaluation keeps the loss alone, gathering no logits or labels
         report_to=_report_to(settings.report_to),
         dataloader_num_workers=settings.num_workers,
@@ -172,6 +176,8 @@ def resume_checkpoint(config: TrainConfig) -> str | None:
         return None
     if config.resume == "auto":
         folder = Path(config.output_dir)
+        if is_main_process():
+            finish_rotation(folder, config.train.save_total_limit)  # what a killed rotation left
         return get_last_checkpoint(str(folder)) if folder.is_dir() else None
     if not Path(config.resume).is_dir():
         raise ConfigError(f"resume: no checkpoint folder {config.resume}")
@@ -195,12 +201,6 @@ def _check_one_device_per_process() -> None:
             f"--num_processes {gpus} -m llava_lite train ..., or torchrun --nproc_per_node {gpus}), or choose one "
             "with CUDA_VISIBLE_DEVICES"
         )
-
-
-def _precision(choice: str) -> tuple[bool, bool]:
-    if choice == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(), False
-    return choice == "bf16", choice == "fp16"
 
 
 def _pad_multiple() -> int | None:

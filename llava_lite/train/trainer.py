@@ -17,11 +17,13 @@ import yaml
 from accelerate import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava_lite.data.collator import REPLAY_TOKENS
 from llava_lite.data.sampler import ModalityLengthSampler
 from llava_lite.model.saving import load_trained_weights
+from llava_lite.train.checkpoints import rotate_checkpoints
+from llava_lite.train.precision import as_loaded_dtype
 from llava_lite.train.regularizers import Objective, row_losses
 
 logger = logging.getLogger(__name__)
@@ -165,6 +167,8 @@ class LlavaTrainer(Trainer):
         if not self.args.should_save:
             return
         unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not self._staging:  # the finished run, not a checkpoint: saved in the dtype it will be loaded in
+            state_dict = as_loaded_dtype(unwrapped, state_dict if state_dict is not None else unwrapped.state_dict())
         unwrapped.save_pretrained(output_dir, state_dict=state_dict)
         with open(Path(output_dir) / RUN_CONFIG_FILE, "w", encoding="utf-8") as handle:
             yaml.safe_dump(self.run_config, handle, sort_keys=False)
@@ -200,5 +204,6 @@ class LlavaTrainer(Trainer):
                 self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
                     f"{os.sep}{STAGING_DIR}", ""
                 )
-            # The Trainer's own rotation ran inside the staging folder; rotate the real ones, by step number.
+            # The Trainer's own rotation ran inside the staging folder; rotate the real ones, by step number (each
+            # renamed away before it is deleted: see llava_lite.train.checkpoints).
             rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)

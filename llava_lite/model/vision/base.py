@@ -6,11 +6,12 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from llava_lite.data.geometry import ImageGeometry
 from llava_lite.model.config import VisionTowerConfig
+from llava_lite.model.weights_files import read_safetensors
 
 WEIGHTS_FILE = "vision_tower.safetensors"
 
@@ -89,7 +90,7 @@ class VisionTower(nn.Module):
         return self.architecture_config()
 
     def load_weights(self, folder: str | Path) -> None:
-        state = load_file(str(Path(folder) / WEIGHTS_FILE))
+        state = read_safetensors(Path(folder) / WEIGHTS_FILE)
         self.load_state_dict(state, strict=True)
 
 

@@ -19,6 +19,7 @@ from transformers import (
 from llava_lite.data.geometry import ImageGeometry
 from llava_lite.model.config import VisionTowerConfig
 from llava_lite.model.vision.base import VisionTower, hidden_state_index
+from llava_lite.model.weights_files import require_safetensors_folder
 
 # Image-processor settings the CLIP and SigLIP processors share with transformers' LlavaImageProcessor.
 PROCESSOR_SETTINGS = (
@@ -58,6 +59,7 @@ class HFVisionTower(VisionTower):
         if config.model_config is not None:
             self.model = model_cls(config_cls(**config.model_config))
         else:
+            require_safetensors_folder(config.name, "vision tower")  # a local folder's weights: never a pickle
             self.model = model_cls.from_pretrained(config.name)
         vision_config = self.model.config
         self._index = hidden_state_index(config.feature_layer, vision_config.num_hidden_layers)

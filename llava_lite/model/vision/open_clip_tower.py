@@ -6,8 +6,12 @@ import dataclasses
 import json
 from pathlib import Path
 
-import open_clip
 import torch
+
+from llava_lite.imports import without_module
+
+with without_module("wandb"):  # timm, which open_clip imports, would import wandb for a logger we never call
+    import open_clip
 from open_clip.factory import merge_preprocess_dict
 from open_clip.model import CLIPVisionCfg
 from open_clip.transform import PreprocessCfg, image_transform_v2
@@ -17,6 +21,7 @@ from PIL import Image
 from llava_lite.data.geometry import ImageGeometry
 from llava_lite.model.config import VisionTowerConfig
 from llava_lite.model.vision.base import VisionTower, hidden_state_index
+from llava_lite.model.weights_files import require_safetensors_file, require_safetensors_folder
 
 
 class OpenClipVisionTower(VisionTower):
@@ -121,6 +126,7 @@ def _create_visual(config: VisionTowerConfig) -> torch.nn.Module:
     if config.model_config is not None:
         model = open_clip.CLIP(**config.model_config)
     else:
+        _require_safe_checkpoint(config)
         model = open_clip.create_model(config.name, pretrained=config.pretrained)
     visual = model.visual
     if not hasattr(visual, "transformer") or not hasattr(visual, "forward_intermediates"):
@@ -128,6 +134,15 @@ def _create_visual(config: VisionTowerConfig) -> torch.nn.Module:
             f"open_clip model {config.name or 'from model_config'} is not a ViT; only ViT towers are supported"
         )
     return visual
+
+
+def _require_safe_checkpoint(config: VisionTowerConfig) -> None:
+    """open_clip unpickles any checkpoint not named .safetensors: a local `pretrained` file, or the weights of a
+    `local-dir:` folder, must be safetensors."""
+    if config.pretrained and Path(config.pretrained).is_file():
+        require_safetensors_file(config.pretrained, "open_clip tower's pretrained checkpoint")
+    if config.name and config.name.startswith("local-dir:"):
+        require_safetensors_folder(config.name.removeprefix("local-dir:"), "open_clip tower")
 
 
 def _model_cfg(config: VisionTowerConfig) -> dict | None:
