@@ -4,11 +4,12 @@
         [--kill-after-checkpoint N] -- train CONFIG.yaml [key=value ...]
 
 Each rank writes REPORT_DIR/rank{R}.json: per micro-batch its image and text-only rows (and, packed, the samples
-in its row), the wrapper the Trainer put around the model and its `find_unused_parameters`, the records this
-rank skipped, the dtypes its trained weights and their AdamW moments ended in, how many times it encoded a record
-before training began, and how the engine holds the LM head and a decoder matrix before the first forward (their
-full and local sizes, DeepSpeed's persistence, FSDP's DTensor). With `--kill-after-checkpoint N` every rank kills
-itself (SIGKILL) once checkpoint-N is in place, as a machine lost mid-run would (the report is written first).
+in its row), the wrapper the Trainer put around the model and its `find_unused_parameters`, the records this rank
+skipped, how many evaluations during training it ran, the dtypes its trained weights and their AdamW moments ended
+in, how many times it encoded a record before training began, and how the engine holds the LM head and a decoder
+matrix before the first forward (their full and local sizes, DeepSpeed's persistence, FSDP's DTensor). With
+`--kill-after-checkpoint N` every rank kills itself (SIGKILL) once checkpoint-N is in place, as a machine lost
+mid-run would (the report is written first).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.distributed as dist
 
 from llava_lite import cli
 from llava_lite.data.processor import Processor
+from llava_lite.eval.suite import EvalSuite
 from llava_lite.train.launch import launch_rank
 from llava_lite.train.trainer import LlavaTrainer
 
@@ -45,6 +47,13 @@ def main() -> int:
         return encode(self, *args, **kwargs)
 
     Processor.encode = counting_encode
+    run_suite = EvalSuite.run
+
+    def counting_run(self, *args, **kwargs):
+        seen["evaluations"] = seen.get("evaluations", 0) + 1
+        return run_suite(self, *args, **kwargs)
+
+    EvalSuite.run = counting_run
     train = LlavaTrainer.train
 
     def recording_train(self, *args, **kwargs):

@@ -6,7 +6,8 @@ shipped file: persistence threshold, live parameters and reuse distance at 0) an
 and weights; a ZeRO-3 run and an FSDP2 run killed after a checkpoint resume with the same losses; packed rows train
 under the shipped ZeRO-3 and FSDP2 configs as one process with twice the rows; the KL to the base (adapters off)
 and replay under ZeRO-3 and FSDP2 equal one process's; every run folder loads in one process and answers. Images
-and text-only samples meet across ranks in the same step. Run alone with `pytest -m engines`.
+and text-only samples meet across ranks in the same step; evaluation during training gives DDP's numbers, run by
+the main process alone under DDP and by every process under ZeRO-3 and FSDP2. Run alone with `pytest -m engines`.
 """
 
 from __future__ import annotations
@@ -78,8 +79,11 @@ def setup(tmp_path_factory) -> dict:
             "save_total_limit": None,
             "report_to": "none",
         },
+        # Evaluation during training at the checkpoints: the main process alone under DDP, every one when sharded.
+        "eval": {"every_steps": KILL_AT, "instruct": str(folder / "mixed.json"), "limit": 4, "batch_size": 2},
         "seed": 7,
     }
+    recipe["eval"]["image_folder"] = str(data["images"])
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     replay = {**recipe, "data": {**recipe["data"], "replay": {"ratio": 0.25, "window": 48}}}
     replay["data"]["sources"] = [*recipe["data"]["sources"], {"path": str(folder / "general.txt"), "kind": "text"}]
@@ -122,9 +126,15 @@ def losses(folder: Path, key: str = "loss") -> dict[int, float]:
     return {step: entry[key] for step, entry in history(folder).items() if key in entry}
 
 
-def checkpoint_losses(folder: Path) -> dict[int, float]:
+def checkpoint_losses(folder: Path, key: str = "loss") -> dict[int, float]:
     entries = json.loads((folder / f"checkpoint-{KILL_AT}" / "trainer_state.json").read_text())["log_history"]
-    return {entry["step"]: entry["loss"] for entry in entries if "loss" in entry}
+    return {entry["step"]: entry[key] for entry in entries if key in entry}
+
+
+def evaluated(folder: Path) -> dict[int, float]:
+    """Response perplexity logged by the evaluation during training, by step."""
+    entries = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: entry["response_perplexity"] for entry in entries if "response_perplexity" in entry}
 
 
 def assert_losses(got: dict[int, float], expected: dict[int, float], steps, rel: float, what: str) -> None:
@@ -178,8 +188,9 @@ def zero3_split(setup) -> dict:
     config, output, reports = setup["folder"] / "zero3_split.yaml", setup["folder"] / "zero3", setup["folder"] / "z3r"
     accelerate_train(config, setup["recipe"], output, reports=reports, kill=KILL_AT)
     killed = checkpoint_losses(output)
+    perplexity = checkpoint_losses(output, "response_perplexity")
     resumed = accelerate_train(config, setup["recipe"], output)
-    return {"output": output, "ranks": ranks(reports), "killed": killed, "resumed": resumed}
+    return {"output": output, "ranks": ranks(reports), "killed": killed, "perplexity": perplexity, "resumed": resumed}
 
 
 @pytest.fixture(scope="module")
@@ -211,8 +222,10 @@ def test_zero2_and_zero3_with_split_weights_train_as_ddp_and_save_folders_that_l
         assert rank["wrapper"] == "DistributedDataParallel"
     steps = list(zip(ddp["ranks"][0]["batches"], ddp["ranks"][1]["batches"]))
     assert any((mine[0] == 0) != (theirs[0] == 0) for mine, theirs in steps), steps  # text-only beside images
+    assert [rank.get("evaluations", 0) for rank in ddp["ranks"]] == [2, 0]  # the main process alone evaluates
     for rank in zero3_split["ranks"]:
         assert rank["wrapper"] == "DeepSpeedEngine"
+        assert rank["evaluations"] == 1  # every process, at step 3 (before the kill)
         for part in ("head", "decoder"):  # split, and released between forwards
             held = rank["held"][part]
             assert not held["persistent"] and held["here"] == 0 and held["full"] > 0, (part, held)
@@ -220,6 +233,11 @@ def test_zero2_and_zero3_with_split_weights_train_as_ddp_and_save_folders_that_l
     assert sorted(expected) == list(range(1, STEPS + 1))
     assert_losses(losses(zero2), expected, range(1, STEPS + 1), 1e-4, "ZeRO-2 against DDP")
     assert_losses(zero3_split["killed"], expected, range(1, KILL_AT + 1), 1e-4, "ZeRO-3 against DDP")
+    ddp_perplexity = evaluated(ddp["output"])
+    assert sorted(ddp_perplexity) == [KILL_AT, STEPS]
+    assert_losses(evaluated(zero2), ddp_perplexity, ddp_perplexity, 1e-4, "ZeRO-2's evaluation")
+    assert_losses(zero3_split["perplexity"], ddp_perplexity, [KILL_AT], 1e-4, "ZeRO-3's evaluation")
+    assert_losses(evaluated(zero3_split["output"]), ddp_perplexity, [STEPS], 1e-4, "resumed ZeRO-3's evaluation")
     for folder in (zero2, zero3_split["output"]):
         assert_same_weights(folder, ddp["output"])
         assert greedy_answer(folder, setup["images"]) == greedy_answer(ddp["output"], setup["images"])
@@ -250,11 +268,13 @@ def test_fsdp2_trains_packed_rows_as_one_process_resumes_after_a_kill_and_saves_
             held = rank["held"][part]
             assert held["dtensor"] and 0.4 * held["full"] < held["here"] < 0.6 * held["full"], (part, held)
         assert all(sum(batch) == 1 for batch in rank["batches"]) and max(rank["samples_per_row"]) >= 2
+        assert rank["evaluations"] == 1  # every process evaluates, the model being split
     expected = losses(packed_one_process)
     assert_losses(fsdp2_packed["killed"], expected, range(1, KILL_AT + 1), 1e-4, "FSDP2 against one process")
     output = fsdp2_packed["output"]
     assert f"resuming from {output / f'checkpoint-{KILL_AT}'}" in fsdp2_packed["resumed"].stderr
     assert_losses(losses(output), expected, range(KILL_AT + 1, STEPS + 1), 1e-4, "resumed FSDP2")
+    assert_losses(evaluated(output), evaluated(packed_one_process), [STEPS], 1e-4, "FSDP2's evaluation")
     assert_same_weights(output, packed_one_process)
     assert greedy_answer(output, setup["images"]) == greedy_answer(packed_one_process, setup["images"])
 
