@@ -10,6 +10,8 @@ liger-kernel's fused linear cross-entropy, here in plain torch for every device)
 
 The result is the LM's own loss: the sum of the targets' negative log-likelihoods divided by
 `num_items_in_batch` (the Trainer's count over accumulated micro-batches and processes), or by their count.
+The same chunked head (`chunked_head_terms`) gives the replay and KL objectives (`llava_lite.train.regularizers`)
+their per-token cross-entropies and KLs against a reference model's hidden states, with per-token weights.
 
 It applies to LMs whose logits are their output head applied to the body's last hidden state; `head_matches`
 checks that on a few tokens before it is used, and models that do more (logit soft-capping or scaling, prompt
@@ -17,6 +19,8 @@ tuning's virtual tokens) keep their own loss.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +51,8 @@ def body_and_head(language_model) -> tuple[torch.nn.Module, torch.nn.Module] | N
 def head_matches(language_model, body: torch.nn.Module, head: torch.nn.Module, vocab_rows: int = 8) -> bool:
     """Whether the LM's logits are `head(body(...))` exactly, checked on a few tokens."""
     embeddings = language_model.get_input_embeddings()
-    ids = torch.arange(min(vocab_rows, embeddings.num_embeddings), device=embeddings.weight.device)[None]
+    device = next(embeddings.parameters()).device  # not `.weight`: ZeRO-3 would gather it on this rank alone
+    ids = torch.arange(min(vocab_rows, embeddings.num_embeddings), device=device)[None]
     embeds = embeddings(ids)
     was_training = language_model.training
     language_model.eval()
@@ -73,7 +78,7 @@ def trained_positions_loss(
     if kernel == "liger":
         total = fused_linear_cross_entropy()(head.weight, selected, chosen, head.bias)
     else:
-        total = _chunked_nll_sum(selected, head.weight, head.bias, chosen)
+        total = chunked_head_terms(selected, head.weight, head.bias, chosen).total
     if num_items_in_batch is None:
         return total / max(int(chosen.numel()), 1)
     if torch.is_tensor(num_items_in_batch):
@@ -100,50 +105,122 @@ def fused_linear_cross_entropy():
     return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def _chunked_nll_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
-) -> torch.Tensor:
-    rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
-    # Under no_grad (evaluation) no gradient is made: autograd still marks the inputs as wanting one.
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows, torch.is_grad_enabled())
+@dataclass
+class HeadReference:
+    """The other side of a KL(tuned || reference) taken beside the cross-entropy: the reference model's last hidden
+    states at the same positions (`[positions, width]`, rows without KL weight unused) and its output head."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """The summed cross-entropy of `hidden @ weight.T + bias` against `targets`, a chunk of `rows` positions at
-    a time; the gradients are made in the forward pass and scaled by the incoming gradient in the backward."""
+@dataclass
+class HeadTerms:
+    """What `chunked_head_terms` gives: `total`, the weighted sum that is differentiated, and per position its
+    cross-entropy `nll` and `kl` (0 where no KL is taken), both detached."""
+
+    total: torch.Tensor
+    nll: torch.Tensor
+    kl: torch.Tensor
+
+
+def chunked_head_terms(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    nll_weights: torch.Tensor | None = None,
+    kl_weights: torch.Tensor | None = None,
+    reference: HeadReference | None = None,
+) -> HeadTerms:
+    """The output head `hidden @ weight.T + bias` (`[positions, width]`) and its per-position terms, a chunk of
+    positions at a time, never the whole `[positions, vocab]` logits: the cross-entropy against `targets`, and with
+    `reference` and `kl_weights` the KL(tuned || reference) of each position's next-token distribution.
+    `total` = sum(nll_weights * nll) + sum(kl_weights * kl) (weights default to 1 and 0); its gradients are made in
+    the forward pass. Per-position weights serve any objective that is linear in the per-token terms; one that is
+    not (a preference loss over sequence log-probabilities) can take the terms without gradient first, then
+    weigh each token by its derivative: the gradients come out the same.
+
+    Engines that shard weights (DeepSpeed ZeRO-3, FSDP) hold `weight` whole only inside the model's forward: call
+    this from there (see `LlavaLiteModel.forward`)."""
+    chunk = CHUNK_ELEMENTS // (2 if reference is not None else 1)  # a chunk holds the reference's logits too
+    rows = max(1, chunk // weight.shape[0])
+    ones = nll_weights if nll_weights is not None else hidden.new_ones(hidden.shape[0], dtype=torch.float32)
+    if reference is not None and kl_weights is None:
+        raise ValueError("a KL reference needs kl_weights, one per position")
+    total, nll, kl = _HeadTerms.apply(
+        hidden,
+        weight,
+        bias,
+        targets,
+        ones.float(),
+        None if reference is None else kl_weights.float(),
+        None if reference is None else reference.hidden,
+        None if reference is None else reference.weight,
+        None if reference is None else reference.bias,
+        rows,
+        torch.is_grad_enabled(),  # under no_grad (evaluation) no gradient is made
+    )
+    return HeadTerms(total, nll, kl)
+
+
+class _HeadTerms(torch.autograd.Function):
+    """`chunked_head_terms`: `rows` positions at a time; the gradients are made in the forward pass and scaled by
+    the incoming gradient of `total` in the backward (three matrix products per chunk, none recomputed)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows, grads):
+    def forward(
+        ctx, hidden, weight, bias, targets, nll_weights, kl_weights, ref_hidden, ref_weight, ref_bias, rows, grads
+    ):
         wants_hidden, wants_weight = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
         wants_bias = grads and bias is not None and ctx.needs_input_grad[2]
         grad_hidden = torch.empty_like(hidden) if wants_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_bias else None
-        total = hidden.new_zeros((), dtype=torch.float32)
+        nll = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+        kl = torch.zeros_like(nll)
         for start in range(0, hidden.shape[0], rows):
-            part, part_targets = hidden[start : start + rows], targets[start : start + rows]
+            end = start + rows
+            part, part_targets, weights = hidden[start:end], targets[start:end], nll_weights[start:end]
             logits = F.linear(part, weight, bias).float()
             log_total = torch.logsumexp(logits, dim=-1)
-            total += (log_total - logits.gather(1, part_targets[:, None]).squeeze(1)).sum()
+            nll[start:end] = log_total - logits.gather(1, part_targets[:, None]).squeeze(1)
+            kl_part = None
+            if ref_hidden is not None and kl_weights[start:end].any():
+                # Both sides over the whole chunk, in the same operations: a reference equal to the tuned model
+                # gives a KL of exactly 0.
+                tuned = logits.log_softmax(-1)
+                reference = F.linear(ref_hidden[start:end], ref_weight, ref_bias).float().log_softmax(-1)
+                ratio = reference.neg_().add_(tuned)  # log p - log q, made in place of the reference
+                probs = tuned.exp_()
+                kl_part = (probs * ratio).sum(-1) * (kl_weights[start:end] != 0)
+                kl[start:end] = kl_part
             if not (wants_hidden or wants_weight or wants_bias):
                 continue
-            # d(nll)/d(logits) = softmax - one-hot, made in place of the logits
-            grad_logits = logits.sub_(log_total[:, None]).exp_()
-            grad_logits[torch.arange(len(part_targets), device=grad_logits.device), part_targets] -= 1
+            # d(nll)/d(logits) = softmax - one-hot, made in place of the logits, times each position's weight
+            grad_logits = logits.sub_(log_total[:, None]).exp_().mul_(weights[:, None])
+            grad_logits[torch.arange(len(part_targets), device=grad_logits.device), part_targets] -= weights
+            if kl_part is not None:  # d(kl)/d(logits) = p * (log p - log q - kl)
+                grad_logits += ratio.sub_(kl_part[:, None]).mul_(probs).mul_(kl_weights[start:end, None])
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
             if grad_weight is not None:  # summed over the chunks in float32
                 grad_weight.addmm_(grad_logits.t(), part.float())
             if grad_hidden is not None:
-                grad_hidden[start : start + rows] = grad_logits.to(weight.dtype) @ weight
+                grad_hidden[start:end] = grad_logits.to(weight.dtype) @ weight
+        total = (nll * nll_weights).sum()
+        if kl_weights is not None:
+            total = total + (kl * kl_weights).sum()
         ctx.save_for_backward(
             grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype),
         )
-        return total
+        ctx.mark_non_differentiable(nll, kl)
+        return total, nll, kl
 
     @staticmethod
-    def backward(ctx, grad_total):
+    def backward(ctx, grad_total, _grad_nll, _grad_kl):
         scaled = [None if grad is None else grad * grad_total.to(grad.dtype) for grad in ctx.saved_tensors]
-        return (*scaled, None, None, None)
+        return (*scaled, *[None] * 8)
