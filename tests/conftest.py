@@ -6,7 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TrainerCallback
 
 from llava_lite.data.conversation import Conversation, Message
@@ -91,3 +93,20 @@ class StopAt(TrainerCallback):
 def solid_image(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> Path:
     Image.new("RGB", size, colour).save(path)
     return path
+
+
+class LargestTensor(TorchDispatchMode):
+    """The most elements any operation produced while it was active, and the operations' names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+        self.operations: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.operations.add(func.overloadpacket.__name__)
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out

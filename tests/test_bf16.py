@@ -5,21 +5,28 @@ The tolerances: bf16 keeps 8 significant bits, so one rounding is a relative err
 summed over a few hundred float32 log-probabilities from bf16 logits agrees to ~1e-5 relative with the float32 loss
 here; gradients, which pass through bf16 matrix products layer by layer, agree to about 1 % in norm and in
 direction to a cosine above 0.9999. Where two bf16 computations do the same products (chunked head against the LM's
-own head, packed against unpacked rows), the tolerances are ten to a hundred times tighter than against float32.
+own head, packed against unpacked rows, the replay and KL objective against the same terms from full logits), the
+tolerances are ten to a hundred times tighter than against float32.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
+import torch.nn.functional as F
 from conftest import fixture_path
 from test_export import our_inputs
+from test_kl_to_base import full_model, mixed_batch, split  # noqa: F401  (mixed_batch is a fixture)
 from test_packing import model_with, samples_for, trained_gradients
 from transformers import LlavaForConditionalGeneration
 
 from llava_lite.data.collator import Collator
+from llava_lite.data.masking import IGNORE_INDEX
 from llava_lite.interop.hf_export import export_hf_llava
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.presets import preset
+from llava_lite.train.regularizers import SUMS, Objective
 
 
 def under_bf16(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -95,3 +102,46 @@ def test_an_export_in_bf16_computes_what_our_model_computes_in_bf16(tmp_path):
     # 0.35 % from the float32 logits.
     assert (ours - theirs).abs().max() <= 1e-2 * scale
     assert (theirs - full).abs().max() <= 2e-2 * scale
+
+
+def test_replay_and_kl_under_bf16_autocast_equal_the_direct_computation_from_full_logits(mixed_batch):  # noqa: F811
+    model = full_model()
+    base = copy.deepcopy(model)
+    objective = Objective(model, kl_to_base=0.7, kl_positions="both")  # keeps the starting weights
+    with torch.no_grad():  # the tuned model moves away from where it started
+        for param in model.language_model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    inputs, replay = split(mixed_batch)
+
+    def ours() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = objective(model, inputs, replay)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def direct() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        labels = inputs["labels"]
+        targets, predicted = labels[:, 1:], labels[:, 1:] != IGNORE_INDEX
+        unlabelled = {k: v for k, v in inputs.items() if k != "labels"}
+        tuned = model(**unlabelled).logits[:, :-1].float()
+        with torch.no_grad():
+            start = base(**unlabelled).logits[:, :-1].float()
+        nll = F.cross_entropy(tuned[predicted], targets[predicted], reduction="sum")
+        log_start, log_tuned = F.log_softmax(start[predicted], -1), F.log_softmax(tuned[predicted], -1)
+        kl = F.kl_div(log_start, log_tuned, log_target=True, reduction="sum")
+        loss = (nll + 0.7 * kl) / predicted.sum()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fp32_loss, fp32 = ours()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked_loss, chunked = ours()
+        direct_loss, direct_grads = direct()
+    assert abs(chunked_loss - direct_loss) <= 1e-3 * direct_loss  # the same bf16 products on both sides
+    error, cosine = agreement(chunked, direct_grads)
+    assert error < 2e-2 and cosine > 0.999
+    assert abs(chunked_loss - fp32_loss) <= 1e-2 * fp32_loss
+    error, cosine = agreement(chunked, fp32)
+    assert error < 5e-2 and cosine > 0.999
+    assert objective.sums[SUMS.index("kl")] > 0  # the KL term took part

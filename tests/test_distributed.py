@@ -262,8 +262,13 @@ def check_accelerate_config(path: Path) -> dict:
 def test_every_shipped_accelerate_config_parses_and_names_only_fields_accelerate_knows(path):
     checked = check_accelerate_config(path)
     config = checked["config"]
-    assert config.mixed_precision == "no"  # precision is the recipe's (train.precision), not the launcher's
     plugin = checked.get("plugin")
+    # Precision is the recipe's (train.precision), not the launcher's. accelerate refuses a launcher precision
+    # beside a DeepSpeed file, so the DeepSpeed configs name none and their file takes the Trainer's ("auto").
+    if path.name.startswith("deepspeed_zero"):
+        assert "mixed_precision" not in yaml.safe_load(path.read_text())
+    else:
+        assert config.mixed_precision == "no"
     if path.name == "fsdp2.yaml":
         assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
         assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
@@ -273,6 +278,7 @@ def test_every_shipped_accelerate_config_parses_and_names_only_fields_accelerate
         zero = plugin.deepspeed_config["zero_optimization"]
         assert zero["stage"] == int(path.stem[-1])
         if zero["stage"] == 3:
+            assert plugin.deepspeed_config["bf16"] == plugin.deepspeed_config["fp16"] == {"enabled": "auto"}
             assert zero["stage3_gather_16bit_weights_on_model_save"] is True  # a run folder, not only shards
             # every tensor of a CLIP-L/14-336 tower (largest 1024 x 4096) stays whole; a 7B LM's 4096 x 4096 do not
             assert 1024 * 4096 < zero["stage3_param_persistence_threshold"] < 4096 * 4096

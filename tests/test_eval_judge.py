@@ -250,7 +250,10 @@ def test_a_missing_bench_image_is_an_error_naming_the_question_before_anything_i
         EvalSuite(tiny_model, config)
 
 
-def test_during_training_only_the_main_process_calls_the_judge(tmp_path, tiny_model):
+@pytest.mark.parametrize("shards_weights", [False, True])
+def test_during_training_only_the_main_process_calls_the_judge(tmp_path, tiny_model, shards_weights):
+    """Where every process holds the whole model the others do not evaluate at all; where the engine splits the
+    weights they evaluate with it (each forward needs them all) but never call the judge."""
     questions = rows("eval", "llava_bench_wild", "questions.jsonl")[:2]
     references = {str(r["question_id"]): r["text"] for r in rows("eval", "llava_bench_wild", "answers_gpt4.jsonl")}
     answers = tmp_path / "answers.jsonl"
@@ -259,13 +262,13 @@ def test_during_training_only_the_main_process_calls_the_judge(tmp_path, tiny_mo
     with JudgeServer(categories) as judge:
         config = bench_config(judge.url, bench_answers=str(answers), limit=2, every_steps=1)
         logged: list[dict] = []
-        trainer = SimpleNamespace(model=tiny_model, log=logged.append)
+        trainer = SimpleNamespace(model=tiny_model, log=logged.append, shards_weights=shards_weights)
         callback = EvaluationCallback(config, trainer)
         control = SimpleNamespace(should_log=False)
         for step, main_process in ((1, False), (2, True)):
             state = SimpleNamespace(global_step=step, is_world_process_zero=main_process)
             callback.on_step_end(None, state, control, model=tiny_model)
             if not main_process:
-                assert judge.requests == [] and logged == [{}]
+                assert judge.requests == [] and logged == ([{}] if shards_weights else [])
     assert len(judge.requests) == 2
-    assert logged[1]["bench_relative"] == pytest.approx(100 * (6 + 4) / (8 + 8))
+    assert logged[-1]["bench_relative"] == pytest.approx(100 * (6 + 4) / (8 + 8))

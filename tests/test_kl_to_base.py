@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fixture_path
+from conftest import LargestTensor, fixture_path
 
 from llava_lite.config_io import ConfigError, from_dict
 from llava_lite.data.collator import REPLAY_TOKENS, Collator
@@ -17,6 +17,7 @@ from llava_lite.data.config import DataSource
 from llava_lite.data.formats import read_source
 from llava_lite.data.masking import IGNORE_INDEX
 from llava_lite.data.replay import text_windows
+from llava_lite.model import loss as loss_module
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.presets import preset
 from llava_lite.model.processing import build_processor
@@ -57,7 +58,7 @@ def test_beta_zero_gives_the_models_own_loss(mixed_batch):
     model = full_model()
     inputs, replay = split(mixed_batch)
     plain = model(**inputs).loss
-    ours = Objective(model, kl_to_base=0.0)(model, model, inputs, replay)
+    ours = Objective(model, kl_to_base=0.0)(model, inputs, replay)
     assert torch.allclose(ours, plain, rtol=1e-6, atol=0)
 
 
@@ -75,11 +76,11 @@ def test_a_lora_run_has_no_kl_before_its_first_step(tmp_path, mixed_batch):
     model = build_training_model(resolved(config))
     inputs, replay = split(mixed_batch)
     objective = Objective(model, kl_to_base=5.0)
-    with_kl = objective(model, model, inputs, replay)
+    with_kl = objective(model, inputs, replay)
     sums = dict(zip(SUMS, objective.sums.tolist()))
     assert sums["kl_positions"] == int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert sums["kl"] == 0.0
-    assert torch.equal(with_kl, Objective(model)(model, model, inputs, replay))
+    assert torch.equal(with_kl, Objective(model)(model, inputs, replay))
 
 
 @pytest.mark.parametrize("positions", ["assistant", "replay", "both"])
@@ -92,7 +93,7 @@ def test_kl_gradient_matches_a_direct_computation(mixed_batch, positions):
             param.add_(0.05 * torch.randn_like(param))
     inputs, replay = split(mixed_batch)
 
-    objective(model, model, inputs, replay).backward()
+    objective(model, inputs, replay).backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
 
@@ -158,3 +159,45 @@ def test_kl_settings_are_checked(tmp_path):
         from_dict(TrainConfig, {**base, "train": {"kl_to_base": -1}})
     with pytest.raises(ConfigError, match="stage 1 does not train the LM"):
         resolved(from_dict(TrainConfig, {**base, "recipe": "stage1", "train": {"kl_to_base": 0.1}}))
+
+
+def test_replay_and_kl_never_hold_a_quarter_of_the_logits_and_run_the_tower_once(mixed_batch, monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 2**18)
+    vocab = 32000
+    torch.manual_seed(0)
+    lm = {"model_config": {**preset("tiny").language_model.model_config, "vocab_size": vocab}}
+    model = LlavaLiteModel.from_config(preset("tiny", language_model=lm)).train()
+    model.requires_grad_(False)
+    model.language_model.requires_grad_(True)
+    objective = Objective(model, kl_to_base=0.5, kl_positions="both")
+    inputs, replay = split(mixed_batch)
+    tower_runs = []
+    model.vision_tower.register_forward_hook(lambda *_: tower_runs.append(1))
+    with LargestTensor() as made:
+        objective(model, inputs, replay).backward()
+    sums = dict(zip(SUMS, objective.sums.tolist()))
+    assert sums["replay_tokens"] > 0 and sums["kl_positions"] == int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+    all_logits = inputs["input_ids"].numel() * vocab
+    assert made.largest < all_logits / 4  # the embedding table (vocab x 64) is the largest tensor left
+    assert len(tower_runs) == 1  # the base pass reuses the image features
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "zero3"])
+def test_a_kl_to_a_copied_base_is_refused_where_the_engine_shards_the_weights(tmp_path, monkeypatch, engine):
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    environment = {
+        "fsdp": {"ACCELERATE_USE_FSDP": "true"},
+        "zero3": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds_config)},
+    }[engine]
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    base = {"recipe": "stage2", "model": "tiny", "output_dir": str(tmp_path / "run"), "data": {"sources": []}}
+    for method in ("full", "bitfit"):
+        config = from_dict(TrainConfig, {**base, "finetune": {"method": method}, "train": {"kl_to_base": 0.1}})
+        with pytest.raises(ConfigError, match=f"kl_to_base with finetune.method {method} keeps .* use adapters"):
+            run_training(config)
+    # With adapters the base is the LM with its adapters off: the run goes on (and meets its missing data).
+    lora = from_dict(TrainConfig, {**base, "finetune": {"method": "lora"}, "train": {"kl_to_base": 0.1}})
+    with pytest.raises(ValueError, match="data: no sources given"):
+        run_training(lora)

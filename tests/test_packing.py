@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from conftest import image_conversation, processor_for, text_conversation
+from conftest import LargestTensor, image_conversation, processor_for, text_conversation
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llava_lite.data.collator import Collator
@@ -219,23 +219,6 @@ def test_the_loss_on_trained_positions_equals_the_loss_over_every_position(image
     assert abs(ours_loss - full_loss) / full_loss < 1e-6
     for name, grad in full.items():
         assert (ours[name] - grad).norm() <= 1e-6 * grad.norm(), name
-
-
-class LargestTensor(TorchDispatchMode):
-    """The most elements any operation produced while it was active, and the operations' names."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-        self.operations: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.operations.add(func.overloadpacket.__name__)
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(tensor, torch.Tensor):
-                self.largest = max(self.largest, tensor.numel())
-        return out
 
 
 def test_logits_of_every_position_are_never_held_whole(image_folder, monkeypatch):

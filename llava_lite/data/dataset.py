@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from pathlib import Path
 from typing import Literal
 
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from llava_lite.data.config import DataConfig
 from llava_lite.data.conversation import Conversation
 from llava_lite.data.errors import BadRecordError
 from llava_lite.data.formats import read_sources
+from llava_lite.data.measure import Measurement, measure
 from llava_lite.data.processor import Processor
 from llava_lite.data.skips import SkipCounter
 
@@ -34,13 +35,16 @@ class ConversationDataset(Dataset):
         processor: Processor,
         on_bad_record: Literal["error", "skip"] = "error",
         skipped_at_load: Counter | None = None,
+        measure_cache: str | Path | None = None,
     ) -> None:
+        """`measure_cache`: the folder where the records' measured counts are kept (the run's output folder)."""
         self.conversations = conversations
         self.processor = processor
         self.on_bad_record = on_bad_record
         self.skipped_at_load: Counter = Counter(skipped_at_load or {})
         self.skips = SkipCounter(len(conversations))
-        self._measured: tuple[list[int], list[int]] | None = None
+        self.measure_cache = measure_cache
+        self._measured: Measurement | None = None
 
     def __len__(self) -> int:
         return len(self.conversations)
@@ -62,22 +66,17 @@ class ConversationDataset(Dataset):
 
     def measure(self) -> tuple[list[int], list[int]]:
         """Every record's token count and image count, from its text alone (no image is loaded); a bad record
-        raises, or under `skip` is marked and measures 0 tokens. Computed once."""
+        raises, or under `skip` is marked and measures 0 tokens. Computed once (see `llava_lite.data.measure`)."""
+        measured = self.measurement()
+        return measured.lengths.tolist(), measured.images.tolist()
+
+    def measurement(self) -> Measurement:
+        """The records' counts, trained tokens included; every process of a run must ask at the same time."""
         if self._measured is None:
-            lengths, images = [], []
-            for record, conversation in enumerate(
-                tqdm(self.conversations, desc="measuring", unit="record", disable=len(self.conversations) < 5000)
-            ):
-                try:
-                    encoded = self.processor.encode(conversation)
-                except BadRecordError as err:
-                    self._bad(record, err)
-                    lengths.append(0)
-                    images.append(0)
-                    continue
-                lengths.append(len(encoded.input_ids))
-                images.append(len(encoded.images))
-            self._measured = (lengths, images)
+            stop = self.on_bad_record == "error"
+            self._measured = measure(self.conversations, self.processor, stop, self.measure_cache)
+            for record, reason in self._measured.bad():
+                self.skips.mark(record, reason)
         return self._measured
 
     def _bad(self, record: int, err: BadRecordError) -> None:

@@ -17,6 +17,7 @@ in a new order. Every epoch replays the same windows, in the new order the sampl
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from llava_lite.data.cache import read_cached, write_cached
 from llava_lite.data.collator import REPLAY
 from llava_lite.data.config import DataConfig, DataSource, ReplaySettings
 from llava_lite.data.dataset import ConversationDataset
@@ -33,6 +35,8 @@ from llava_lite.data.formats import load_with_datasets
 from llava_lite.data.masking import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
+
+WINDOWS_FILE = "replay_windows.safetensors"
 
 
 def read_replay_text(config: DataConfig) -> list[str]:
@@ -90,6 +94,27 @@ def text_windows(tokenizer, documents: list[str], window: int) -> list[np.ndarra
     encoded = tokenizer(documents, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     stream = [i for ids in encoded for i in (*ids, *eos)]
     return [np.asarray(w, dtype=np.int64) for w in bos_windows(stream, bos, window)]
+
+
+def cached_text_windows(tokenizer, documents: list[str], window: int, cache_dir: str | Path) -> list[np.ndarray]:
+    """`text_windows`, kept in `cache_dir` (the run's output folder) under a digest of the documents, the
+    tokenizer and the window, so a resumed or rerun run, and every process but the one that made them, read them
+    back instead of tokenizing the text again."""
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(f"{window}\x00{tokenizer.bos_token_id}\x00{tokenizer.eos_token_id}\x00".encode())
+    digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    for document in documents:
+        digest.update(b"\x00D" + document.encode())
+    key, path = digest.hexdigest(), Path(cache_dir) / WINDOWS_FILE
+    cached = read_cached(path, key)
+    if cached is not None:
+        ids, ends = cached["ids"].numpy(), cached["ends"].tolist()
+        return [ids[start:end] for start, end in zip([0, *ends[:-1]], ends)]
+    windows = text_windows(tokenizer, documents, window)
+    ends = np.cumsum([len(w) for w in windows], dtype=np.int64)
+    ids = np.concatenate(windows) if windows else np.zeros(0, dtype=np.int64)
+    write_cached(path, key, {"ids": torch.from_numpy(ids), "ends": torch.from_numpy(ends)})
+    return windows
 
 
 def bos_windows(ids: list[int], bos: list[int], window: int) -> list[list[int]]:
@@ -166,12 +191,6 @@ def _windows_for_tokens(windows: list[np.ndarray], order: Iterator[int], budget:
 
 
 def _instruction_tokens(dataset: ConversationDataset) -> int:
-    """Trained tokens of every instruction record as the processor encodes it (no images loaded)."""
-    total = 0
-    for conversation in dataset.conversations:
-        try:
-            total += trained_tokens(dataset.processor.encode(conversation).labels)
-        except BadRecordError:
-            if dataset.on_bad_record == "error":
-                raise
-    return total
+    """Trained tokens of every instruction record as the processor encodes it (no images loaded), from the
+    records' measurement (made once per run, which packing and grouping share)."""
+    return int(dataset.measurement().trained.sum())

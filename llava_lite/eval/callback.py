@@ -2,7 +2,9 @@
 their numbers through the Trainer, so they sit beside the losses in `trainer_state.json`, TensorBoard or W&B.
 
 The data is read, checked and tokenised once, when the callback is made, so a bad file stops the run before
-training starts. Every process runs the evaluation (a sharded model needs all ranks in every forward); only the
+training starts. Where every process holds the whole model (one process, DDP, DeepSpeed ZeRO-1/2) the main process
+alone evaluates, and the others go on to the next step, where they wait for it. Where the engine splits the weights
+(FSDP, ZeRO-3) every process runs the evaluation, on the same data, since each forward needs all of them; only the
 main one calls the bench's judge (a paid service) and logs. The model goes back to training mode afterwards.
 """
 
@@ -60,6 +62,8 @@ class EvaluationCallback(TrainerCallback):
             self._evaluate(model, state)
 
     def _evaluate(self, model, state) -> None:
+        if not state.is_world_process_zero and not getattr(self.trainer, "shards_weights", False):
+            return
         model = model if model is not None else self.trainer.model
         results = self.suite.run(model, call_judge=state.is_world_process_zero)
         metrics = scalar_metrics(results)

@@ -117,7 +117,7 @@ def text_perplexity(
     """Perplexity of every window's tokens after its first, under a transformers causal LM."""
     if not windows:
         raise ValueError("the text gives no window of two or more tokens to score")
-    rows = language_model.get_input_embeddings().weight.shape[0]
+    rows = language_model.get_input_embeddings().num_embeddings  # not `.weight`: a ZeRO-3 shard is empty
     if max(max(w) for w in windows) >= rows:
         raise ValueError(f"the text holds token ids beyond this LM's {rows} embedding rows (added tokens?)")
     device = next(language_model.parameters()).device

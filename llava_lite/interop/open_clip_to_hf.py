@@ -10,9 +10,13 @@ something `CLIPVisionModel` cannot, so it is refused with the reason rather than
 from __future__ import annotations
 
 import torch
-from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
 from torch import nn
 from transformers import CLIPVisionConfig
+
+from llava_lite.imports import without_module
+
+with without_module("wandb"):  # see llava_lite.imports
+    from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
 
 
 class NotConvertible(ValueError):

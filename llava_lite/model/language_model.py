@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -138,7 +139,8 @@ def fit_embeddings(
     large or arbitrary values a random row gives at the start of training. Without `new_token_ids`, the
     new tokens are those beyond the model's current rows (a saved tokenizer meeting its base LM again).
     """
-    rows = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 splits a weight as it is built: its full shape
     if new_token_ids is None:
         new_token_ids = list(range(rows, len(tokenizer)))
     if len(tokenizer) > rows:
@@ -146,13 +148,24 @@ def fit_embeddings(
     if not new_token_ids:
         return
     old_rows = min(new_token_ids)
-    with torch.no_grad():
-        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-            if module is None:
-                continue
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is None:
+            continue
+        with torch.no_grad(), whole(module.weight, getattr(module, "bias", None)):
             weight = module.weight
             mean = weight[:old_rows].float().mean(dim=0).to(weight.dtype)
             weight[new_token_ids] = mean
             bias = getattr(module, "bias", None)
             if bias is not None:
                 bias[new_token_ids] = bias[:old_rows].float().mean().to(bias.dtype)
+
+
+def whole(*params: torch.Tensor | None) -> contextlib.AbstractContextManager:
+    """`params` whole on every process while inside, changes kept: ZeRO-3 splits weights as a model is built
+    (`zero.Init`), leaving each process an empty placeholder; elsewhere nothing to do."""
+    split = [param for param in params if param is not None and hasattr(param, "ds_id")]
+    if not split:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(split, modifier_rank=0)

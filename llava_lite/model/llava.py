@@ -21,6 +21,7 @@ whose length is the count the processor gave.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,19 +213,28 @@ class LlavaLiteModel(nn.Module):
     def project_each(self, image_features: Images, image_sizes: torch.Tensor | None = None) -> Images:
         """Tower features to LM embeddings, per image: `[images, tokens, lm_hidden]`, or one `[tokens, lm_hidden]`
         per image (always under AnyRes, which needs each image's (height, width) in `image_sizes`)."""
-        dtype = self.projector.linear_1.weight.dtype
-        out_dtype = self.language_model.get_input_embeddings().weight.dtype
+        # Dtypes are read from the parameter lists: reading `module.weight` here, outside that module's forward,
+        # would make DeepSpeed ZeRO-3 gather a partitioned weight on this rank alone.
+        dtype = _dtype_of(self.projector)
+        out_dtype = _dtype_of(self.language_model.get_input_embeddings())
         if self.anyres is not None:
             if image_sizes is None or len(image_sizes) != len(image_features):
                 raise ValueError("the anyres layout needs image_sizes, one (height, width) per image")
-            newline = self.projector.image_newline
             sizes = image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes  # one read, not per image
+            # One projector pass over every view of the batch: under ZeRO-3 each pass gathers the projector's
+            # weights, so every rank makes exactly one, whatever its images (a text-only batch's blank image too).
+            views = [f.shape[0] for f in image_features]
+            projected = self.projector(torch.cat(list(image_features)).to(dtype)).split(views)
+            newline = self.projector.image_newline  # after the pass, as the blank image reads it
             return [
-                self.anyres.pack(self.projector(f.to(dtype)), tuple(map(int, size)), newline).to(out_dtype)
-                for f, size in zip(image_features, sizes)
+                self.anyres.pack(p, tuple(map(int, size)), newline).to(out_dtype) for p, size in zip(projected, sizes)
             ]
         if torch.is_tensor(image_features):
             return self.projector(image_features.to(dtype)).to(out_dtype)
+        if self.projector.pixel_shuffle == 1:  # a token-wise MLP: images of any token counts in one pass
+            counts = [f.shape[0] for f in image_features]
+            flat = self.projector(torch.cat(list(image_features)).to(dtype)).to(out_dtype)
+            return list(flat.split(counts))
         return [self.projector(f[None].to(dtype))[0].to(out_dtype) for f in image_features]
 
     def embed(
@@ -235,12 +245,17 @@ class LlavaLiteModel(nn.Module):
         image_features: Images | None = None,
         image_sizes: torch.Tensor | None = None,
         image_order: torch.Tensor | None = None,
+        tower_output: list | None = None,
     ) -> torch.Tensor:
         """Token embeddings with each image's projected features in its slots. Give `pixel_values` or
         `image_features` (the tower's output), not both; `image_tokens` (each image's slot count, from the
         processor) is checked against the projected features when given. `image_order` says which of the images
         fills each image block of the text, in token order (a preference pair's two answers share their prompt's
-        images); by default each image fills one block, in order."""
+        images); by default each image fills one block, in order. The tower's features of `pixel_values` are
+        appended to `tower_output` when it is given (a second pass over the same images need not run the tower).
+
+        The modules run in one order whatever the batch holds - embeddings, tower, projector - as ZeRO-3 gathers
+        their weights in the order they run, the same on every process."""
         if pixel_values is not None and image_features is not None:
             raise ValueError("give pixel_values or image_features, not both")
         embeds = self.language_model.get_input_embeddings()(input_ids)
@@ -253,6 +268,8 @@ class LlavaLiteModel(nn.Module):
             return embeds  # text-only inference: the tower is not run at all
         if image_features is None:
             image_features = self.image_features(pixel_values)
+            if tower_output is not None:
+                tower_output.append(image_features)
         projected = self.project_each(image_features, image_sizes)
         if image_order is not None:
             projected = (
@@ -265,7 +282,7 @@ class LlavaLiteModel(nn.Module):
         """`embeds` unchanged, but tied to one blank image's pass through the tower and projector (weight zero)."""
         blank = embeds.new_zeros(1, 3, *self.vision_tower.image_size)
         features = self.vision_tower(blank)  # one view, whatever the layout
-        used = self.projector(features.to(self.projector.linear_1.weight.dtype)).sum()
+        used = self.projector(features.to(_dtype_of(self.projector))).sum()
         newline = getattr(self.projector, "image_newline", None)  # AnyRes: used only between rows of tiles
         if newline is not None:
             used = used + newline.sum()
@@ -284,10 +301,17 @@ class LlavaLiteModel(nn.Module):
         cu_seq_lens: torch.Tensor | None = None,
         image_order: torch.Tensor | None = None,
         sequence_log_probs: bool = False,
+        objective=None,
         **kwargs,
     ):
         """`kwargs` reach the LM: `num_items_in_batch` from the Trainer makes the loss a sum over the
         accumulated batches' target tokens divided by their count, not a mean of micro-batch means.
+
+        `objective` (with `labels`) replaces the loss: it is called here on the embedded batch as
+        `objective(model, input_ids, inputs_embeds, labels, split, **lm_inputs)`, `split` being the LM's (body,
+        head) or None (see `llava_lite.train.regularizers`), and returns the output. It runs the LM inside this
+        forward because engines that shard weights (DeepSpeed ZeRO-3, FSDP) hold a weight whole only there: a head
+        read after the forward would be a placeholder or a shard.
 
         With `labels`, the loss is computed only where a label is (see `llava_lite.model.loss`) and no logits are
         returned, unless `loss_kernel` is "full" or the LM cannot split body and head. Packed rows
@@ -299,28 +323,33 @@ class LlavaLiteModel(nn.Module):
         With `sequence_log_probs` (and `labels`), the result is a `SequenceLogProbs`: each sequence's (row's, or
         packed sample's) summed log-probability of its labelled tokens, from the head at those positions only, and
         the tower's features of `pixel_values`. `image_order` is `embed`'s."""
-        if sequence_log_probs:
-            if labels is None:
-                raise ValueError("sequence_log_probs needs labels: the tokens whose log-probabilities are summed")
-            if pixel_values is not None and image_features is None:
-                image_features, pixel_values = self.image_features(pixel_values), None
-        inputs_embeds = self.embed(input_ids, pixel_values, image_tokens, image_features, image_sizes, image_order)
+        if sequence_log_probs and labels is None:
+            raise ValueError("sequence_log_probs needs labels: the tokens whose log-probabilities are summed")
+        tower_output = [] if sequence_log_probs else None
+        inputs_embeds = self.embed(
+            input_ids, pixel_values, image_tokens, image_features, image_sizes, image_order, tower_output
+        )
+        if tower_output:
+            image_features = tower_output[0]
         kwargs.setdefault("use_cache", False)  # a forward pass needs no cache (`generate` makes its own)
         # The loss's split of the LM is probed (once, on a few tokens of their own) before any packed forward.
         split = self._body_and_head() if labels is not None and self.loss_kernel != "full" else None
+        if objective is not None and labels is None:
+            raise ValueError("an objective needs labels")
         if sequence_log_probs:
             kwargs["sequences"] = cu_seq_lens
-        if cu_seq_lens is None:
-            outputs = self._language_model_forward(inputs_embeds, attention_mask, position_ids, labels, split, **kwargs)
-        else:
+        segments = nullcontext()
+        if cu_seq_lens is not None:
             longest = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
             kwargs.update(
                 cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=longest, max_length_k=longest
             )
-            with attending_by_segments():
-                outputs = self._language_model_forward(
-                    inputs_embeds, attention_mask, position_ids, labels, split, **kwargs
-                )
+            segments = attending_by_segments()
+        with segments:
+            if objective is not None:
+                lm_inputs = {"attention_mask": attention_mask, "position_ids": position_ids, **kwargs}
+                return objective(self, input_ids, inputs_embeds, labels, split, **lm_inputs)
+            outputs = self._language_model_forward(inputs_embeds, attention_mask, position_ids, labels, split, **kwargs)
         if sequence_log_probs:
             outputs.image_features = image_features
         return outputs
@@ -404,6 +433,10 @@ class LlavaLiteModel(nn.Module):
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
 
 
 def _flat(per_image: Images) -> torch.Tensor:

@@ -10,12 +10,14 @@ liger-kernel's fused linear cross-entropy, here in plain torch for every device)
 
 The result is the LM's own loss: the sum of the targets' negative log-likelihoods divided by
 `num_items_in_batch` (the Trainer's count over accumulated micro-batches and processes), or by their count.
+The same chunked head (`chunked_head_terms`) gives the replay and KL objectives (`llava_lite.train.regularizers`)
+their per-token cross-entropies and KLs against a reference model's hidden states, with per-token weights.
 
 Preference training needs each sequence's log-probability of its answer instead of one sum: `sequence_log_probs`
-takes the same positions through the same kernel, per token, and adds them up per sequence (the rows of a padded
-batch, or the samples of a packed one). A per-token result gets a gradient that differs from token to token, known
-only in the backward pass: the hidden states' gradient is still made in the forward (each row's depends on its own
-token alone), the head weight's is made in the backward from the chunks' logits again.
+takes the same positions through the same kernel and adds the tokens up per sequence (the rows of a padded batch,
+or the samples of a packed one). Each token's gradient weight is known only in the backward pass (the loss's
+derivative by its sequence's log-probability), so the forward computes the log-probabilities alone and the
+backward runs the kernel again with those weights.
 
 It applies to LMs whose logits are their output head applied to the body's last hidden state; `head_matches`
 checks that on a few tokens before it is used, and models that do more (logit soft-capping or scaling, prompt
@@ -23,6 +25,8 @@ tuning's virtual tokens) keep their own loss (and `sequence_log_probs_from_logit
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +57,8 @@ def body_and_head(language_model) -> tuple[torch.nn.Module, torch.nn.Module] | N
 def head_matches(language_model, body: torch.nn.Module, head: torch.nn.Module, vocab_rows: int = 8) -> bool:
     """Whether the LM's logits are `head(body(...))` exactly, checked on a few tokens."""
     embeddings = language_model.get_input_embeddings()
-    ids = torch.arange(min(vocab_rows, embeddings.num_embeddings), device=embeddings.weight.device)[None]
+    device = next(embeddings.parameters()).device  # not `.weight`: ZeRO-3 would gather it on this rank alone
+    ids = torch.arange(min(vocab_rows, embeddings.num_embeddings), device=device)[None]
     embeds = embeddings(ids)
     was_training = language_model.training
     language_model.eval()
@@ -76,7 +81,10 @@ def trained_positions_loss(
     position t predicts label t + 1; only positions with a target reach the head. `kernel` "liger" hands them to
     liger-kernel's fused linear cross-entropy (CUDA) instead of our chunks."""
     selected, chosen = trained_positions(hidden, labels)
-    total = target_nll(selected, head, chosen, kernel)
+    if kernel == "liger":
+        total = fused_linear_cross_entropy()(head.weight, selected, chosen, head.bias)
+    else:
+        total = chunked_head_terms(selected, head.weight, head.bias, chosen).total
     if num_items_in_batch is None:
         return total / max(int(chosen.numel()), 1)
     if torch.is_tensor(num_items_in_batch):
@@ -89,9 +97,11 @@ def sequence_log_probs(
 ) -> torch.Tensor:
     """Each sequence's summed log-probability of its labelled tokens, `[sequences]` in float32, from the body's hidden
     states as `trained_positions_loss` takes them: the sequences are the rows, or with `cu_seq_lens` the samples of
-    one packed row (a trailing stretch of padding is a sequence with nothing labelled)."""
+    one packed row (a trailing stretch of padding is a sequence with nothing labelled). Differentiable, through
+    `chunked_head_terms`; engines that shard weights hold the head whole in the model's forward and backward."""
     selected, chosen = trained_positions(hidden, labels)
-    return _per_sequence(-target_nll(selected, head, chosen, per_token=True), labels, cu_seq_lens)
+    sequence, count = _sequence_of_targets(labels, cu_seq_lens)
+    return _SequenceLogProbs.apply(selected, head.weight, head.bias, chosen, sequence, count)
 
 
 def sequence_log_probs_from_logits(
@@ -101,31 +111,20 @@ def sequence_log_probs_from_logits(
     logits longer than the labels are a prompt-tuned LM's, its virtual tokens first."""
     selected, chosen = trained_positions(logits[:, -labels.shape[1] :], labels)
     log_probs = F.log_softmax(selected.float(), dim=-1).gather(1, chosen[:, None]).squeeze(1)
-    return _per_sequence(log_probs, labels, cu_seq_lens)
+    sequence, count = _sequence_of_targets(labels, cu_seq_lens)
+    return log_probs.new_zeros(count).index_add(0, sequence, log_probs)
 
 
-def _per_sequence(values: torch.Tensor, labels: torch.Tensor, cu_seq_lens: torch.Tensor | None) -> torch.Tensor:
-    """Per-target `values` (in `trained_positions` order) summed per sequence."""
+def _sequence_of_targets(labels: torch.Tensor, cu_seq_lens: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """For each target (in `trained_positions` order) the sequence it belongs to, and how many sequences there are."""
     trained = labels[:, 1:] != IGNORE_INDEX
     if cu_seq_lens is None:
         rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(trained)
-        return values.new_zeros(labels.shape[0]).index_add(0, rows[trained], values)
+        return rows[trained], labels.shape[0]
     # The target at position t + 1 belongs to the packed sample whose [start, end) holds t + 1.
     ends = cu_seq_lens[1:].to(labels.device)
     samples = torch.searchsorted(ends, torch.arange(1, labels.shape[1], device=labels.device), right=True)
-    return values.new_zeros(len(ends)).index_add(0, samples[None].expand_as(trained)[trained], values)
-
-
-def target_nll(
-    hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, kernel: str = "chunked", per_token: bool = False
-) -> torch.Tensor:
-    """The negative log-likelihood of `targets` under `head(hidden)` (`[targets, width]` hidden states): their sum,
-    or with `per_token` each one's. The one place the loss reads the head's weights. Per token is chunked only."""
-    if kernel == "liger" and not per_token:
-        return fused_linear_cross_entropy()(head.weight, hidden, targets, head.bias)
-    rows = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
-    # Under no_grad (evaluation) no gradient is made: autograd still marks the inputs as wanting one.
-    return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, rows, torch.is_grad_enabled(), per_token)
+    return samples[None].expand_as(trained)[trained], len(ends)
 
 
 def trained_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,78 +146,150 @@ def fused_linear_cross_entropy():
     return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """The cross-entropy of `hidden @ weight.T + bias` against `targets`, summed (or `per_token`), a chunk of `rows`
-    positions at a time. The gradients are made in the forward pass and scaled by the incoming gradient in the
-    backward - except, per token, the weight's and bias's: each row weighs in by its own incoming gradient, so they
-    are made in the backward, from each chunk's logits computed again."""
+@dataclass
+class HeadReference:
+    """The other side of a KL(tuned || reference) taken beside the cross-entropy: the reference model's last hidden
+    states at the same positions (`[positions, width]`, rows without KL weight unused) and its output head."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+@dataclass
+class HeadTerms:
+    """What `chunked_head_terms` gives: `total`, the weighted sum that is differentiated, and per position its
+    cross-entropy `nll` and `kl` (0 where no KL is taken), both detached."""
+
+    total: torch.Tensor
+    nll: torch.Tensor
+    kl: torch.Tensor
+
+
+def chunked_head_terms(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    nll_weights: torch.Tensor | None = None,
+    kl_weights: torch.Tensor | None = None,
+    reference: HeadReference | None = None,
+) -> HeadTerms:
+    """The output head `hidden @ weight.T + bias` (`[positions, width]`) and its per-position terms, a chunk of
+    positions at a time, never the whole `[positions, vocab]` logits: the cross-entropy against `targets`, and with
+    `reference` and `kl_weights` the KL(tuned || reference) of each position's next-token distribution.
+    `total` = sum(nll_weights * nll) + sum(kl_weights * kl) (weights default to 1 and 0); its gradients are made in
+    the forward pass. Per-position weights serve any objective that is linear in the per-token terms; one that is
+    not (a preference loss over sequence log-probabilities) can take the terms without gradient first, then
+    weigh each token by its derivative: the gradients come out the same.
+
+    Engines that shard weights (DeepSpeed ZeRO-3, FSDP) hold `weight` whole only inside the model's forward: call
+    this from there (see `LlavaLiteModel.forward`)."""
+    chunk = CHUNK_ELEMENTS // (2 if reference is not None else 1)  # a chunk holds the reference's logits too
+    rows = max(1, chunk // weight.shape[0])
+    ones = nll_weights if nll_weights is not None else hidden.new_ones(hidden.shape[0], dtype=torch.float32)
+    if reference is not None and kl_weights is None:
+        raise ValueError("a KL reference needs kl_weights, one per position")
+    total, nll, kl = _HeadTerms.apply(
+        hidden,
+        weight,
+        bias,
+        targets,
+        ones.float(),
+        None if reference is None else kl_weights.float(),
+        None if reference is None else reference.hidden,
+        None if reference is None else reference.weight,
+        None if reference is None else reference.bias,
+        rows,
+        torch.is_grad_enabled(),  # under no_grad (evaluation) no gradient is made
+    )
+    return HeadTerms(total, nll, kl)
+
+
+class _HeadTerms(torch.autograd.Function):
+    """`chunked_head_terms`: `rows` positions at a time; the gradients are made in the forward pass and scaled by
+    the incoming gradient of `total` in the backward (three matrix products per chunk, none recomputed)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows, grads, per_token):
+    def forward(
+        ctx, hidden, weight, bias, targets, nll_weights, kl_weights, ref_hidden, ref_weight, ref_bias, rows, grads
+    ):
         wants_hidden, wants_weight = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
         wants_bias = grads and bias is not None and ctx.needs_input_grad[2]
-        later = per_token and (wants_weight or wants_bias)  # the head's gradients wait for the per-token weights
         grad_hidden = torch.empty_like(hidden) if wants_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_weight and not later else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_bias and not later else None
-        total = hidden.new_zeros((hidden.shape[0],) if per_token else (), dtype=torch.float32)
-        now = grad_hidden is not None or grad_weight is not None or grad_bias is not None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_bias else None
+        nll = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+        kl = torch.zeros_like(nll)
         for start in range(0, hidden.shape[0], rows):
-            part, part_targets = hidden[start : start + rows], targets[start : start + rows]
-            nll, grad_logits = _chunk_nll(part, weight, bias, part_targets, now)
-            if per_token:
-                total[start : start + rows] = nll
-            else:
-                total += nll.sum()
-            if grad_logits is None:
+            end = start + rows
+            part, part_targets, weights = hidden[start:end], targets[start:end], nll_weights[start:end]
+            logits = F.linear(part, weight, bias).float()
+            log_total = torch.logsumexp(logits, dim=-1)
+            nll[start:end] = log_total - logits.gather(1, part_targets[:, None]).squeeze(1)
+            kl_part = None
+            if ref_hidden is not None and kl_weights[start:end].any():
+                # Both sides over the whole chunk, in the same operations: a reference equal to the tuned model
+                # gives a KL of exactly 0.
+                tuned = logits.log_softmax(-1)
+                reference = F.linear(ref_hidden[start:end], ref_weight, ref_bias).float().log_softmax(-1)
+                ratio = reference.neg_().add_(tuned)  # log p - log q, made in place of the reference
+                probs = tuned.exp_()
+                kl_part = (probs * ratio).sum(-1) * (kl_weights[start:end] != 0)
+                kl[start:end] = kl_part
+            if not (wants_hidden or wants_weight or wants_bias):
                 continue
+            # d(nll)/d(logits) = softmax - one-hot, made in place of the logits, times each position's weight
+            grad_logits = logits.sub_(log_total[:, None]).exp_().mul_(weights[:, None])
+            grad_logits[torch.arange(len(part_targets), device=grad_logits.device), part_targets] -= weights
+            if kl_part is not None:  # d(kl)/d(logits) = p * (log p - log q - kl)
+                grad_logits += ratio.sub_(kl_part[:, None]).mul_(probs).mul_(kl_weights[start:end, None])
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
             if grad_weight is not None:  # summed over the chunks in float32
                 grad_weight.addmm_(grad_logits.t(), part.float())
             if grad_hidden is not None:
-                grad_hidden[start : start + rows] = grad_logits.to(weight.dtype) @ weight
-        ctx.per_token, ctx.rows, ctx.later = per_token, rows, (wants_weight, wants_bias) if later else None
+                grad_hidden[start:end] = grad_logits.to(weight.dtype) @ weight
+        total = (nll * nll_weights).sum()
+        if kl_weights is not None:
+            total = total + (kl * kl_weights).sum()
         ctx.save_for_backward(
             grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype),
-            *((hidden, weight, bias, targets) if later else (None,) * 4),
         )
-        return total
+        ctx.mark_non_differentiable(nll, kl)
+        return total, nll, kl
 
     @staticmethod
-    def backward(ctx, grad_total):
-        grad_hidden, grad_weight, grad_bias, hidden, weight, bias, targets = ctx.saved_tensors
-        if not ctx.per_token:
-            scaled = [None if grad is None else grad * grad_total.to(grad.dtype) for grad in ctx.saved_tensors[:3]]
-            return (*scaled, None, None, None, None)
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_total[:, None].to(grad_hidden.dtype)
-        if ctx.later is not None:
-            wants_weight, wants_bias = ctx.later
-            weight_sum = torch.zeros_like(weight, dtype=torch.float32) if wants_weight else None
-            bias_sum = torch.zeros_like(bias, dtype=torch.float32) if wants_bias else None
-            for start in range(0, hidden.shape[0], ctx.rows):
-                part = hidden[start : start + ctx.rows]
-                grad_logits = _chunk_nll(part, weight, bias, targets[start : start + ctx.rows], True)[1]
-                grad_logits *= grad_total[start : start + ctx.rows, None]
-                if bias_sum is not None:
-                    bias_sum += grad_logits.sum(0)
-                if weight_sum is not None:
-                    weight_sum.addmm_(grad_logits.t(), part.float())
-            grad_weight = None if weight_sum is None else weight_sum.to(weight.dtype)
-            grad_bias = None if bias_sum is None else bias_sum.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+    def backward(ctx, grad_total, _grad_nll, _grad_kl):
+        scaled = [None if grad is None else grad * grad_total.to(grad.dtype) for grad in ctx.saved_tensors]
+        return (*scaled, *[None] * 8)
 
 
-def _chunk_nll(part, weight, bias, targets, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Each row's NLL of its target, and (`with_grad`) d(nll)/d(logits) = softmax - one-hot, in float32."""
-    logits = F.linear(part, weight, bias).float()
-    log_total = torch.logsumexp(logits, dim=-1)
-    nll = log_total - logits.gather(1, targets[:, None]).squeeze(1)
-    if not with_grad:
-        return nll, None
-    grad_logits = logits.sub_(log_total[:, None]).exp_()  # made in place of the logits
-    grad_logits[torch.arange(len(targets), device=grad_logits.device), targets] -= 1
-    return nll, grad_logits
+class _SequenceLogProbs(torch.autograd.Function):
+    """`sequence_log_probs`: the forward runs `chunked_head_terms` without gradients for each target's NLL and sums
+    them per sequence; the backward runs it again, each target weighed by minus its sequence's incoming gradient,
+    and takes that pass's gradients (made in its forward, as always)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, sequence, count):
+        nll = chunked_head_terms(hidden, weight, bias, targets).nll  # autograd is off in here: no gradient made
+        ctx.save_for_backward(hidden, weight, bias, targets, sequence)
+        return nll.new_zeros(count).index_add_(0, sequence, nll.neg())
+
+    @staticmethod
+    def backward(ctx, grad_log_probs):
+        hidden, weight, bias, targets, sequence = ctx.saved_tensors
+        wants = ctx.needs_input_grad[:3]
+        with torch.enable_grad():
+            leaves = [
+                None if t is None else t.detach().requires_grad_(bool(want))
+                for t, want in zip((hidden, weight, bias), wants)
+            ]
+            weights = grad_log_probs.float()[sequence].neg()
+            total = chunked_head_terms(*leaves, targets, nll_weights=weights).total
+            asked = [t for t, want in zip(leaves, wants) if want and t is not None]
+            made = iter(torch.autograd.grad(total, asked) if asked else ())
+        grads = [next(made) if want and t is not None else None for t, want in zip(leaves, wants)]
+        return (*grads, None, None, None)

@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from llava_lite.config_io import to_dict
 from llava_lite.data.config import DataConfig
@@ -70,6 +70,7 @@ class PreferenceTrainer(LlavaTrainer):
         return counts
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._head_gathered_with_the_model()
         inputs, pair_index, completion_tokens = split_batch(inputs)
         policy, image_features = pair_log_probs(model, inputs, completion_tokens)
         reference = None
@@ -141,9 +142,34 @@ def preference_trainer(
         preference=settings,
         reference=AdaptersOffReference(model) if settings.reference == "adapters_off" else None,
     )
-    if settings.reference == "precomputed":
+    if settings.reference == "precomputed" and trainer.shards_weights:
+        trainer.add_callback(ReferenceAtTrainBegin(trainer, config, dataset, train_dataset))
+    elif settings.reference == "precomputed":
         trainer.reference = precomputed_reference(trainer, config, dataset, train_dataset)
     return trainer, skipped_at_load
+
+
+class ReferenceAtTrainBegin(TrainerCallback):
+    """Under ZeRO-3 and FSDP the reference pass waits for the engine: ZeRO-3 splits the weights as the model is
+    built and gathers them only for its engine's forward, FSDP shards them when the Trainer prepares the model. At
+    the start of training (and of a resumed run, before its first step) every process runs it on its engine."""
+
+    def __init__(self, trainer: PreferenceTrainer, config: TrainConfig, dataset: PreferenceDataset, items) -> None:
+        self.trainer, self.config, self.dataset, self.items = trainer, config, dataset, items
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer.reference is not None:
+            return
+        path = Path(self.config.output_dir) / REFERENCE_FILE
+        fingerprint = reference_fingerprint(self.config, self.dataset.fingerprint)
+        if state.global_step > 0 and PrecomputedReference.load(path, fingerprint) is None:
+            # The engine holds the checkpoint's weights by now, not the starting model's.
+            raise ValueError(
+                f"{path}: missing, or made for other data or another base, and a resumed run cannot compute it "
+                "again from its starting model; start the run afresh (resume: never)"
+            )
+        self.trainer._head_gathered_with_the_model()  # before the first forward reads the head
+        self.trainer.reference = precomputed_reference(self.trainer, self.config, self.dataset, self.items)
 
 
 def load_pairs(data: DataConfig) -> tuple[list[PreferencePair], Counter]:
@@ -168,6 +194,8 @@ def precomputed_reference(
     model = trainer.model
     mine = [items[i] for i in range(args.process_index, len(items), args.world_size)]
     logger.info("computing the reference log-probs of %d pairs (stored in %s)", len(dataset), path)
+    if trainer.shards_weights:  # every forward gathers weights from every process: all run as many batches
+        mine += mine[:1] * (-(-len(items) // args.world_size) - len(mine))
     indices, chosen, rejected = log_probs_of_pairs(
         model,
         mine,

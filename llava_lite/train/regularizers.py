@@ -1,11 +1,13 @@
 """What stage 2 adds to the LM loss to keep what the base model knew: replayed text's loss, logged on its own, and
 BETA x KL(tuned || base) at chosen positions.
 
-Both need the loss token by token, so it is computed here rather than by the LM. The model runs without labels,
-asked for its hidden states (and the logits of one position, the least the LM computes); the hidden states of
-the positions that predict a label are gathered, and only those pass the LM head - never the whole
-`[tokens, vocab]` matrix. At the KL positions the base model's log-probabilities come the same way from a second
-forward without gradients (`FrozenBase`).
+Both need the loss token by token, so it is computed here rather than by the LM, and inside the model's forward
+(`LlavaLiteModel.forward(objective=...)`), where engines that shard weights (DeepSpeed ZeRO-3, FSDP) hold the
+LM head whole. The LM's body gives its last hidden state; at the positions that predict a label, the chunked head
+of `llava_lite.model.loss` gives each token's cross-entropy and, against the base model's hidden states at the same
+positions (a second pass of the body without gradients, on the same image features: the tower and projector do not
+run again), each KL position's KL - never a `[tokens, vocab]` matrix. An LM whose logits are more than its head on
+its last hidden state (soft-capping, scaling, prompt tuning's virtual tokens) keeps its own logits instead.
 
 Normalisation: every predicted token counts once. The loss is (sum of cross-entropies + BETA x sum of KLs at the
 KL positions) / targets, `targets` being the Trainer's count of labelled tokens over the whole accumulated batch
@@ -17,110 +19,77 @@ tokens), `replay_loss` (replay text) and `kl_to_base` (nats per KL position).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from llava_lite.data.masking import IGNORE_INDEX
-from llava_lite.model.loss import trained_positions
+from llava_lite.model.loss import HeadReference, chunked_head_terms, trained_positions
+from llava_lite.model.prompt_learning import lm_position_ids
+from llava_lite.train.reference import ReferenceLM
 
 # Running sums, in this order: instruction NLL and tokens, replay NLL and tokens, KL and KL positions.
 SUMS = ("instruction_nll", "instruction_tokens", "replay_nll", "replay_tokens", "kl", "kl_positions")
-
-
-class FrozenBase:
-    """The LM as training found it, for the KL term, without a second model object.
-
-    With adapters (any peft method) it is the LM with its adapters switched off: nothing is copied. Otherwise the
-    starting values of the LM's trained weights are kept and swapped in for one forward (`torch.func
-    .functional_call`): full fine-tuning keeps one more copy of the LM's weights (2 bytes a parameter in bf16,
-    14 GB for a 7B LM; no gradients or optimizer state), BitFit only its biases. The image features come from the
-    current tower and projector for both: the KL compares the language models on the same inputs.
-    """
-
-    def __init__(self, model) -> None:
-        """Taken from `model` before training starts (and before a checkpoint is resumed into it)."""
-        self.adapters = model.uses_adapters
-        lm = model.language_model
-        trained = [] if self.adapters else [(n, p) for n, p in lm.named_parameters() if p.requires_grad]
-        self.start = {f"language_model.{n}": p.detach().clone() for n, p in trained}
-        self._name_of = {id(p): f"language_model.{n}" for n, p in trained}  # tied weights: one name, one copy
-
-    @torch.no_grad()
-    def log_probs(self, model, inputs: dict, length: int, positions: torch.Tensor) -> torch.Tensor:
-        """`[positions, vocab]` log-probabilities of the base at `positions` (`[batch, length - 1]`, True where a
-        position's next-token distribution is wanted); `model` is the unwrapped LlavaLiteModel."""
-        head = model.language_model.get_output_embeddings()
-        if self.adapters:
-            with model.language_model.disable_adapter():
-                hidden = final_hidden(model(**inputs, **HIDDEN_ONLY), length)[positions]
-                logits = head(hidden)
-        else:
-            device = head.weight.device
-            if any(t.device != device for t in self.start.values()):  # the Trainer placed the model after we copied
-                self.start = {name: t.to(device) for name, t in self.start.items()}
-            outputs = functional_call(model, self.start, args=(), kwargs={**inputs, **HIDDEN_ONLY}, strict=False)
-            names = self._name_of
-            head_start = {n: self.start[names[id(p)]] for n, p in head.named_parameters() if id(p) in names}
-            logits = functional_call(head, head_start, (final_hidden(outputs, length)[positions],))
-        return F.log_softmax(logits.float(), dim=-1)
-
-
-# What the forward is asked for: hidden states, and the logits of one position only (the head runs where needed).
-HIDDEN_ONLY = {"output_hidden_states": True, "logits_to_keep": 1}
-
-
-def final_hidden(outputs, length: int) -> torch.Tensor:
-    """The last layer's hidden states (after the final norm) of the positions that predict the next token,
-    `[batch, length - 1, hidden]`; virtual tokens of prompt tuning, which lead the sequence, are left out."""
-    return outputs.hidden_states[-1][:, -length:-1]
 
 
 class Objective:
     """The stage-2 loss with its terms apart: called by the Trainer in place of the model's own loss."""
 
     def __init__(self, model, kl_to_base: float = 0.0, kl_positions: str = "both") -> None:
+        """`model` is the LlavaLiteModel before training starts (the KL's base is taken from it)."""
         self.beta = kl_to_base
         self.kl_positions = kl_positions
-        self.base = FrozenBase(model) if kl_to_base > 0 else None
+        self.base = ReferenceLM(model) if kl_to_base > 0 else None
         self.sums: torch.Tensor | None = None
 
     def __call__(
         self,
         model,
-        unwrapped,
         inputs: dict,
         replay_tokens: torch.Tensor | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        """The loss of one (micro-)batch; `model` is what the Trainer runs (maybe wrapped for DDP), `unwrapped`
-        the LlavaLiteModel inside, `replay_tokens` the collator's marks of replay text."""
-        labels = inputs["labels"]
-        forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        """The loss of one (micro-)batch; `model` is what the Trainer runs (maybe wrapped by DDP, DeepSpeed or FSDP),
+        `replay_tokens` the collator's marks of replay text."""
+        terms = partial(self.loss, replay_tokens=replay_tokens, num_items_in_batch=num_items_in_batch)
+        return model(**inputs, objective=terms).loss
+
+    def loss(
+        self,
+        model,
+        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+        labels: torch.Tensor,
+        split,
+        replay_tokens: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        **lm_inputs,
+    ) -> CausalLMOutputWithPast:
+        """Run by `LlavaLiteModel.forward` on its embedded batch: `split` is the LM's (body, head), or None when its
+        logits are more than that; `lm_inputs` what the LM's forward takes beside the embeddings."""
         predicted = labels[:, 1:] != IGNORE_INDEX
-        outputs = model(**forward_inputs, **HIDDEN_ONLY)
-        hidden, targets = trained_positions(final_hidden(outputs, labels.shape[1]), labels)
-        head = unwrapped.language_model.get_output_embeddings()
-        log_probs = F.log_softmax(head(hidden).float(), dim=-1)
-        nll = -log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
-        replay = replay_tokens[:, 1:][predicted] if replay_tokens is not None else torch.zeros_like(nll, dtype=bool)
-        loss = nll.sum()
-        kl = nll.new_zeros(0)
+        replay = (
+            replay_tokens[:, 1:][predicted] if replay_tokens is not None else predicted.new_zeros(int(predicted.sum()))
+        )
+        kl_weights = None
         if self.base is not None:
             at = {"both": torch.ones_like(replay), "assistant": ~replay, "replay": replay}[self.kl_positions]
-            if at.any():
-                chosen = predicted.clone()
-                chosen[predicted] = at
-                base = self.base.log_probs(unwrapped, forward_inputs, labels.shape[1], chosen)
-                tuned = log_probs[at]
-                kl = (tuned.exp() * (tuned - base)).sum(dim=-1)
-                loss = loss + self.beta * kl.sum()
-        self._add(nll.detach(), replay, kl.detach())
+            kl_weights = at.float() * self.beta
+        # The base pass runs on every rank every step, KL positions or none: sharded engines gather its weights.
+        total, nll, kl = token_terms(model, split, input_ids, inputs_embeds, labels, lm_inputs, self.base, kl_weights)
+        self._add(nll, replay, None if kl is None else kl[kl_weights > 0])
         denominator = num_items_in_batch if num_items_in_batch is not None else predicted.sum().clamp(min=1)
-        return loss / denominator
+        if torch.is_tensor(denominator):
+            denominator = denominator.to(total.device)
+        return CausalLMOutputWithPast(loss=total / denominator)
 
-    def _add(self, nll: torch.Tensor, replay: torch.Tensor, kl: torch.Tensor) -> None:
+    def _add(self, nll: torch.Tensor, replay: torch.Tensor, kl: torch.Tensor | None) -> None:
         instruction = ~replay
+        kl = nll.new_zeros(0) if kl is None else kl
         step = torch.stack(
             [
                 nll[instruction].sum(),
@@ -150,3 +119,75 @@ class Objective:
             if values[count]:
                 logs[name] = values[total] / values[count]
         return logs
+
+
+def token_terms(
+    model,
+    split,
+    input_ids: torch.Tensor,
+    inputs_embeds: torch.Tensor,
+    labels: torch.Tensor,
+    lm_inputs: dict,
+    base: ReferenceLM | None = None,
+    kl_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The summed loss (cross-entropies, plus `kl_weights` x KL against `base` when given), and per target token
+    its cross-entropy and KL (detached): through the chunked head when the LM is `split` into body and head, else
+    from its own logits. Run inside `LlavaLiteModel.forward` (see `Objective.loss`)."""
+    if split is not None:
+        return _chunked(model, split, input_ids, inputs_embeds, labels, lm_inputs, base, kl_weights)
+    return _from_logits(model, input_ids, inputs_embeds, labels, lm_inputs, base, kl_weights)
+
+
+def _chunked(model, split, input_ids, inputs_embeds, labels, lm_inputs, base, kl_weights):
+    body, head = split
+    hidden = body(inputs_embeds=inputs_embeds, **lm_inputs).last_hidden_state
+    selected, targets = trained_positions(hidden, labels)
+    reference = None
+    if base is not None:
+        with torch.no_grad():
+            base_hidden = base.hidden(model, body, input_ids, inputs_embeds, lm_inputs)
+        weight, bias = base.head(model, head)
+        reference = HeadReference(trained_positions(base_hidden, labels)[0], weight, bias)
+    terms = chunked_head_terms(selected, head.weight, head.bias, targets, kl_weights=kl_weights, reference=reference)
+    return terms.total, terms.nll, None if reference is None else terms.kl
+
+
+def _from_logits(model, input_ids, inputs_embeds, labels, lm_inputs, base, kl_weights):
+    """For an LM that is more than its body and head: its own logits at every position."""
+    lm = model.language_model
+    length = labels.shape[1]
+    lm_inputs = {**lm_inputs, "position_ids": lm_position_ids(lm, lm_inputs.get("position_ids"))}
+    logits = lm(inputs_embeds=inputs_embeds, **lm_inputs).logits[:, -length:]  # virtual tokens lead
+    selected, targets = trained_positions(logits, labels)
+    log_probs = F.log_softmax(selected.float(), dim=-1)
+    nll = -log_probs.gather(1, targets[:, None]).squeeze(1)
+    if base is None:
+        return nll.sum(), nll.detach(), None
+    with torch.no_grad():
+        base_logits = base.logits(model, input_ids, inputs_embeds, lm_inputs)[:, -length:]
+        base_log_probs = F.log_softmax(trained_positions(base_logits, labels)[0].float(), dim=-1)
+    kl = (log_probs.exp() * (log_probs - base_log_probs)).sum(dim=-1)
+    return nll.sum() + (kl * kl_weights).sum(), nll.detach(), kl.detach()
+
+
+@dataclass
+class RowLosses(ModelOutput):
+    """Per row of a batch: the summed cross-entropy of its targets and their count (float64)."""
+
+    nll: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+
+
+def row_losses(model, inputs: dict) -> RowLosses:
+    """Each row's summed cross-entropy and target count, from one forward of `model` (maybe wrapped by an engine)
+    through the same head as training's loss: what a token-weighted evaluation adds up."""
+    return model(**inputs, objective=_row_losses)
+
+
+def _row_losses(model, input_ids, inputs_embeds, labels, split, **lm_inputs) -> RowLosses:
+    _, nll, _ = token_terms(model, split, input_ids, inputs_embeds, labels, lm_inputs)
+    rows = (labels[:, 1:] != IGNORE_INDEX).nonzero()[:, 0]
+    sums = nll.new_zeros(labels.shape[0], dtype=torch.float64).index_add_(0, rows, nll.double())
+    counts = torch.bincount(rows, minlength=labels.shape[0]).double()
+    return RowLosses(nll=sums, tokens=counts)

@@ -16,14 +16,15 @@ from llava_lite.data.collator import Collator
 from llava_lite.data.dataset import ConversationDataset, load_conversations
 from llava_lite.data.packing import PackedDataset, PackingBudget
 from llava_lite.data.preflight import require_a_sample, require_records
-from llava_lite.data.replay import ReplayMix, read_replay_text, text_windows
+from llava_lite.data.replay import ReplayMix, cached_text_windows, read_replay_text
 from llava_lite.eval.callback import EvaluationCallback
 from llava_lite.train.checkpoints import check_resume_files, finish_rotation
 from llava_lite.train.config import TrainConfig, resolved
-from llava_lite.train.launch import is_main_process
+from llava_lite.train.launch import is_main_process, sharding_engine
 from llava_lite.train.precision import mixed_precision
 from llava_lite.train.preference import preference_trainer
 from llava_lite.train.recipe import build_training_model, training_processor
+from llava_lite.train.reference import refuse_a_copied_base_under_sharding
 from llava_lite.train.regularizers import Objective
 from llava_lite.train.resume import STATE_FILE, check_same_run, clear_earlier_run, finished_step
 from llava_lite.train.trainer import LlavaTrainer
@@ -43,6 +44,7 @@ def run_training(config: TrainConfig, callbacks: list | None = None, trust_remot
         return output_dir
     checkpoint = resume_checkpoint(config)
     check_same_run(config, checkpoint)
+    refuse_a_copied_base_under_sharding(config.finetune.method, config.train.kl_to_base, sharding_engine())
     check_resume_files(checkpoint)
     if config.recipe == "preference":
         args = training_arguments(config)
@@ -57,13 +59,17 @@ def run_training(config: TrainConfig, callbacks: list | None = None, trust_remot
     replay_text = read_replay_text(config.data) if config.data.replay else None
 
     model = build_training_model(config, trust_remote_code)
+    # The arguments start the process group, which measuring the data shares its work over.
+    args = training_arguments(config, has_eval=eval_records is not None)
     processor = training_processor(config, model.config, model.tokenizer)
-    samples = ConversationDataset(train_records, processor, config.data.on_bad_record)
+    samples = ConversationDataset(train_records, processor, config.data.on_bad_record, measure_cache=output_dir)
     require_a_sample(config.data, samples, skipped_at_load)
     train_dataset = training_dataset(config, samples)
     if replay_text is not None:
         replay = config.data.replay
-        windows = text_windows(model.tokenizer, replay_text, replay.window or config.data.max_length)
+        with args.main_process_first(local=False, desc="replay windows"):  # made once, then read by the others
+            window = replay.window or config.data.max_length
+            windows = cached_text_windows(model.tokenizer, replay_text, window, output_dir)
         train_dataset = ReplayMix(train_dataset, windows, replay, config.seed)
     eval_dataset = None
     if eval_records is not None:
@@ -74,7 +80,7 @@ def run_training(config: TrainConfig, callbacks: list | None = None, trust_remot
     settings = config.train
     trainer = LlavaTrainer(
         model=model,
-        args=training_arguments(config, has_eval=eval_dataset is not None),
+        args=args,
         data_collator=Collator(model.tokenizer.pad_token_id, "right", pad_to_multiple_of=_pad_multiple()),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -152,6 +158,7 @@ def training_arguments(config: TrainConfig, has_eval: bool = False) -> TrainingA
         save_total_limit=settings.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=(settings.eval_steps or settings.save_steps) if has_eval else None,
+        prediction_loss_only=True,  # evaluation keeps the loss alone, gathering no logits or labels
         report_to=_report_to(settings.report_to),
         dataloader_num_workers=settings.num_workers,
         remove_unused_columns=False,

@@ -1,7 +1,8 @@
-"""transformers' Trainer, taught six things: our parameter groups, our folder format, atomic checkpoints,
-batches grouped by modality and length when asked, logging skipped records, and the replay and KL-to-base terms
-of the loss (`llava_lite.train.regularizers`). The loop itself (mixed precision, accumulation, schedulers,
-DDP/FSDP/DeepSpeed, logging, resume) is the Trainer's own.
+"""transformers' Trainer, taught our parameter groups, our folder format, atomic checkpoints, batches grouped by
+modality and length when asked, logging skipped records, the replay and KL-to-base terms of the loss
+(`llava_lite.train.regularizers`), an evaluation loss weighted by tokens as training's is, and two things about
+engines: FSDP launch configs shard CPU processes too, and under ZeRO-3 the LM head is gathered with the model. The
+loop itself (mixed precision, accumulation, schedulers, DDP/FSDP/DeepSpeed, logging, resume) is the Trainer's own.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 import yaml
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -20,7 +24,7 @@ from llava_lite.data.sampler import ModalityLengthSampler
 from llava_lite.model.saving import load_trained_weights
 from llava_lite.train.checkpoints import rotate_checkpoints
 from llava_lite.train.precision import as_loaded_dtype
-from llava_lite.train.regularizers import Objective
+from llava_lite.train.regularizers import Objective, row_losses
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +48,20 @@ class LlavaTrainer(Trainer):
         self.group_by_modality_length = group_by_modality_length
         self.objective = objective
         self._staging = False
+        self._head_registered = False
+        self._eval_rows: list[torch.Tensor] = []
+
+    # ----- FSDP on CPU processes, as on GPUs ----------------------------------------------------------------------
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if state.distributed_type == DistributedType.MULTI_CPU and parse_flag_from_env("ACCELERATE_USE_FSDP"):
+            # accelerate turns an FSDP launch config on for accelerator devices only: CPU processes (gloo) would
+            # silently train as DDP. torch's fully_shard runs over gloo, so the launcher's plugin is used as given.
+            # AcceleratorState copies PartialState's fields each time it is made, so both say FSDP.
+            PartialState().distributed_type = state.distributed_type = DistributedType.FSDP
+            state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the FSDP_* variables the launcher set
+            self.is_fsdp_enabled = True
 
     # ----- optimizer: the projector (and tower) learn at their own rates -----------------------------------
     def create_optimizer(self, model=None):
@@ -80,18 +98,61 @@ class LlavaTrainer(Trainer):
         group = self.args.per_device_train_batch_size * self.args.world_size
         return ModalityLengthSampler(lengths, images, group, seed=self.args.seed)
 
-    # ----- replay and KL-to-base: the loss with its terms apart (evaluation keeps the model's own loss) -----------
+    @property
+    def shards_weights(self) -> bool:
+        """Whether the engine splits the weights themselves over the processes (FSDP, DeepSpeed ZeRO-3): then every
+        process takes part in every forward."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return self.is_fsdp_enabled or (self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
+
+    def _head_gathered_with_the_model(self) -> None:
+        """Under ZeRO-3, before the first loss: see `_register_head_with_the_model`."""
+        if self.shards_weights and self.is_deepspeed_enabled and not self._head_registered:
+            self._register_head_with_the_model()
+            self._head_registered = True
+
+    def _register_head_with_the_model(self) -> None:
+        """The loss reads the LM head's weight in the model's forward rather than through the head's own forward
+        (the head runs only where a label is). ZeRO-3 gathers a weight for its own module's forward, so the head's
+        parameters are registered with the model, as DeepSpeed asks for weights used outside their module: they are
+        gathered with the model's own, in training, evaluation and generation alike."""
+        from deepspeed.runtime.zero import register_external_parameter
+
+        model = self.accelerator.unwrap_model(self.model)
+        for param in model.language_model.get_output_embeddings().parameters():
+            register_external_parameter(model, param)
+
+    # ----- replay and KL-to-base: the loss with its terms apart ---------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._head_gathered_with_the_model()
         replay_tokens = inputs.pop(REPLAY_TOKENS, None)
         if self.objective is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        unwrapped = self.accelerator.unwrap_model(model)
-        with self.accelerator.autocast():  # the LM head runs outside the model's (autocast) forward
-            loss = self.objective(model, unwrapped, inputs, replay_tokens, num_items_in_batch)
+        loss = self.objective(model, inputs, replay_tokens, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # As the Trainer's own loss: the token count covers every process and DDP averages the gradients.
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         return (loss, None) if return_outputs else loss
+
+    # ----- evaluation: the loss alone, token-weighted as training's ------------------------------------------------
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The batch's loss over its target tokens; each row's sums are kept (gathered over processes, repeated
+        rows dropped) so that the evaluation's loss weighs every token once, not every batch."""
+        inputs = self._prepare_inputs({k: v for k, v in inputs.items() if k != REPLAY_TOKENS})
+        with torch.no_grad():
+            rows = row_losses(model, inputs)
+        self._eval_rows.append(self.accelerator.gather_for_metrics(torch.stack([rows.nll, rows.tokens], dim=1)))
+        loss = rows.nll.sum() / rows.tokens.sum().clamp(min=1)
+        return loss.float().detach(), None, None
+
+    def evaluation_loop(self, *args, **kwargs):
+        self._eval_rows = []
+        output = super().evaluation_loop(*args, **kwargs)
+        if self._eval_rows:
+            nll, tokens = torch.cat(self._eval_rows).sum(0).tolist()
+            output.metrics[f"{kwargs.get('metric_key_prefix', 'eval')}_loss"] = nll / max(tokens, 1.0)
+        self._eval_rows = []
+        return output
 
     # ----- skipped records and the loss terms in the logs (every rank logs at the same steps) ---------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

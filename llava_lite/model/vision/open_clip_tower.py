@@ -6,8 +6,12 @@ import dataclasses
 import json
 from pathlib import Path
 
-import open_clip
 import torch
+
+from llava_lite.imports import without_module
+
+with without_module("wandb"):  # timm, which open_clip imports, would import wandb for a logger we never call
+    import open_clip
 from open_clip.factory import merge_preprocess_dict
 from open_clip.model import CLIPVisionCfg
 from open_clip.transform import PreprocessCfg, image_transform_v2
