@@ -139,3 +139,14 @@ def test_a_loop_killed_in_round_2s_training_continues_there(material, server):
     state = json.loads((out / "round_2" / "run" / "trainer_state.json").read_text())
     assert state["global_step"] == STEPS
     assert os.path.exists(out / "round_2" / "eval.json")
+
+
+def test_a_bad_loop_config_ends_in_one_line_naming_the_key(tmp_path, capsys):
+    path = tmp_path / "improve.yaml"
+    raw = {"start": "a", "output_dir": "b", "prompts": "c", "eval": {"held_out": "d"}}
+    path.write_text(yaml.safe_dump({**raw, "train": {"recipe": "preference", "init_from": "x"}}))
+    assert main(["improve", str(path)]) == 2
+    assert "init_from" in capsys.readouterr().err
+    path.write_text(yaml.safe_dump({**raw, "train": {"recipe": "stage1"}}))
+    assert main(["improve", str(path)]) == 2
+    assert "train.recipe must be preference" in capsys.readouterr().err
