@@ -8,11 +8,23 @@ import os
 import sys
 
 from llava_lite import __version__
-from llava_lite.commands import chat, data, datagen, demo, evaluate, export, generate, inspect_data, serve, train
+from llava_lite.commands import (
+    chat,
+    data,
+    datagen,
+    demo,
+    evaluate,
+    export,
+    generate,
+    improve,
+    inspect_data,
+    serve,
+    train,
+)
 from llava_lite.train.launch import is_main_process
 
 # Each module offers `register(subparsers)`, which adds its parser and sets `run` (args -> exit code).
-COMMANDS = [demo, train, chat, generate, serve, datagen, data, inspect_data, evaluate, export]
+COMMANDS = [demo, train, chat, generate, serve, datagen, data, improve, inspect_data, evaluate, export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""`llava-lite data mix` and `llava-lite data stats`: combine datasets by ratio; describe a dataset."""
+"""`llava-lite data mix` and `llava-lite data stats`: combine datasets by ratio; describe a dataset. (The
+self-improvement loop's `data sample`, `data score` and `data pairs` live in `data_loop`.)"""
 
 from __future__ import annotations
 
@@ -6,12 +7,17 @@ import argparse
 import json
 import sys
 
+from llava_lite.commands import data_loop
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "data",
         help="mix datasets by ratio, or describe one",
-        description="Tools for curating training data: `data mix` and `data stats`.",
+        description=(
+            "Tools for curating training data: `data mix`, `data stats`, and the self-improvement loop's "
+            "`sample`, `score` and `pairs`."
+        ),
     )
     tools = parser.add_subparsers(dest="tool", metavar="TOOL", required=True)
 
@@ -54,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats.add_argument("--json", action="store_true", help="print the numbers as JSON instead of a table")
     stats.add_argument("--plot", default=None, metavar="PNG", help="also draw histograms to this file (matplotlib)")
     stats.set_defaults(run=run_stats)
+    data_loop.register(tools)
 
 
 def run_mix(args: argparse.Namespace) -> int:
