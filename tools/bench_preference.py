@@ -44,8 +44,8 @@ from bench_train import (  # noqa: E402
     FIXTURES,
     build_data,
     build_start,
+    chosen_sides,
     common_arguments,
-    has_trl,
     losses_callback,
     peak_memory,
     run_child,
@@ -312,13 +312,7 @@ def main() -> None:
         return
     if args.quick:
         args.repeats, args.steps, args.pairs = 1, 2, 2
-    sides = [s for s in args.sides.split(",") if s]
-    unknown = sorted(set(sides) - set(SIDES))
-    if unknown:
-        parser.error(f"unknown side {unknown[0]!r}; sides: {', '.join(SIDES)}")
-    if "trl" in sides and not has_trl():
-        print('note: TRL is not installed, so its side is skipped (pip install -e ".[bench]")')
-        sides.remove("trl")
+    sides = chosen_sides(parser, args.sides, SIDES)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"device: {device}; {args.steps} timed steps of {args.pairs} pairs; {args.repeats} repetition(s); "
           f"{args.method} fine-tuning")  # fmt: skip

@@ -407,19 +407,15 @@ def main() -> None:
         return
     if args.quick:
         args.repeats, args.steps, args.batch_size = 1, 3, 4
-    sides = [s for s in args.sides.split(",") if s]
     variants = [v for v in args.variants.split(",") if v]
     precisions = [p for p in args.precision.split(",") if p]
-    unknown = sorted(set(sides) - set(SIDES)) + sorted(set(variants) - set(VARIANTS))
-    unknown += sorted(set(precisions) - set(PRECISIONS))
+    unknown = sorted(set(variants) - set(VARIANTS)) + sorted(set(precisions) - set(PRECISIONS))
     if unknown:
         parser.error(
-            f"unknown side, variant or precision {unknown[0]!r}; sides: {', '.join(SIDES)}; variants: "
-            f"{', '.join(VARIANTS)}; precisions: {', '.join(PRECISIONS)}"
+            f"unknown variant or precision {unknown[0]!r}; variants: {', '.join(VARIANTS)}; precisions: "
+            f"{', '.join(PRECISIONS)}"
         )
-    if "trl" in sides and not has_trl():
-        print('note: TRL is not installed, so its side is skipped (pip install -e ".[bench]")')
-        sides.remove("trl")
+    sides = chosen_sides(parser, args.sides, SIDES)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"device: {device}; {args.steps} timed steps of {args.batch_size} samples; {args.repeats} repetition(s)")
     results: dict = {"variants": {}}
@@ -448,6 +444,19 @@ def main() -> None:
                 print_speedups(by_precision["fp32"], by_precision["bf16"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
+
+
+def chosen_sides(parser: argparse.ArgumentParser, given: str, known) -> list[str]:
+    """The sides `--sides` names, in its order: an unknown one is an error; TRL's is dropped, saying so, where TRL is
+    not installed."""
+    sides = [side for side in given.split(",") if side]
+    unknown = sorted(set(sides) - set(known))
+    if unknown:
+        parser.error(f"unknown side {unknown[0]!r}; sides: {', '.join(known)}")
+    if "trl" in sides and not has_trl():
+        print('note: TRL is not installed, so its side is skipped (pip install -e ".[bench]")')
+        sides.remove("trl")
+    return sides
 
 
 def common_arguments(parser: argparse.ArgumentParser, quick: str, steps: int, pack_length: int, sides) -> None:

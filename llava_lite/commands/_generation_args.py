@@ -1,5 +1,5 @@
-"""Options shared by the commands that answer with a trained model: `chat`, `generate` and `serve` (and the trust
-flag, which every command that loads a model folder takes)."""
+"""Options shared by the commands that answer with a trained model: `chat`, `generate`, `serve` and `data sample`
+(and the trust flag, which every command that loads a model folder takes)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ if TYPE_CHECKING:  # torch and transformers load at run time, not for `llava-lit
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--model`, the trust flag, `--device` and `--dtype`: a run folder loaded for answering."""
     parser.add_argument("--model", required=True, help="a trained run folder (what `llava-lite train` saved)")
     add_trust_argument(parser)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
@@ -26,11 +27,17 @@ def add_trust_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) answers greedily; >0 samples")
+def add_sampling_arguments(
+    parser: argparse.ArgumentParser, max_new_tokens: int = 256, temperature: float = 0.0, seed: int | None = None
+) -> None:
+    """`--max-new-tokens`, `--temperature`, `--top-p` and `--seed`, with the command's own defaults."""
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                        help=f"longest answer in tokens (default: {max_new_tokens})")  # fmt: skip
+    parser.add_argument("--temperature", type=float, default=temperature,
+                        help=f"0 answers greedily; >0 samples (default: {temperature:g})")  # fmt: skip
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1.0)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument("--seed", type=int, default=seed,
+                        help="seed for sampling" + ("" if seed is None else f" (default: {seed})"))  # fmt: skip
 
 
 def sampling_settings(args: argparse.Namespace) -> SamplingSettings:

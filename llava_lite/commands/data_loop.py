@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from llava_lite.commands._generation_args import add_trust_argument
+from llava_lite.commands._generation_args import add_model_arguments, add_sampling_arguments, add_trust_argument
 
 
 def register(tools: argparse._SubParsersAction) -> None:
@@ -27,19 +27,13 @@ def _register_sample(tools: argparse._SubParsersAction) -> None:
             "same output, and a run stopped or killed resumes from OUT.journal, sampling nothing twice."
         ),
     )
-    parser.add_argument("--model", required=True, help="a trained run folder")
-    add_trust_argument(parser)
+    add_model_arguments(parser)
     parser.add_argument("--input", required=True, metavar="IN.jsonl")
     parser.add_argument("--output", required=True, metavar="OUT.jsonl")
     parser.add_argument("--image-folder", default=None, help="images of IN.jsonl (default: its folder)")
     parser.add_argument("--samples", type=int, default=4, help="answers per prompt (default: 4)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
-    parser.add_argument("--seed", type=int, default=0, help="the samples' seed (default: 0)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (default: 64)")
+    add_sampling_arguments(parser, max_new_tokens=64, temperature=1.0, seed=0)
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when there is one)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="weights dtype")
     parser.add_argument("--overwrite", action="store_true", help="start again, replacing OUT and its journal")
     parser.set_defaults(run=run_sample)
 

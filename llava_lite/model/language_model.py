@@ -151,7 +151,7 @@ def fit_embeddings(
     for module in (model.get_input_embeddings(), model.get_output_embeddings()):
         if module is None:
             continue
-        with torch.no_grad(), whole(module.weight, getattr(module, "bias", None)):
+        with torch.no_grad(), _whole(module.weight, getattr(module, "bias", None)):
             weight = module.weight
             mean = weight[:old_rows].float().mean(dim=0).to(weight.dtype)
             weight[new_token_ids] = mean
@@ -160,7 +160,7 @@ def fit_embeddings(
                 bias[new_token_ids] = bias[:old_rows].float().mean().to(bias.dtype)
 
 
-def whole(*params: torch.Tensor | None) -> contextlib.AbstractContextManager:
+def _whole(*params: torch.Tensor | None) -> contextlib.AbstractContextManager:
     """`params` whole on every process while inside, changes kept: ZeRO-3 splits weights as a model is built
     (`zero.Init`), leaving each process an empty placeholder; elsewhere nothing to do."""
     split = [param for param in params if param is not None and hasattr(param, "ds_id")]

@@ -158,18 +158,12 @@ class ReferenceAtTrainBegin(TrainerCallback):
         self.trainer, self.config, self.dataset, self.items = trainer, config, dataset, items
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.trainer.reference is not None:
-            return
-        path = Path(self.config.output_dir) / REFERENCE_FILE
-        fingerprint = reference_fingerprint(self.config, self.dataset.fingerprint)
-        if state.global_step > 0 and PrecomputedReference.load(path, fingerprint) is None:
-            # The engine holds the checkpoint's weights by now, not the starting model's.
-            raise ValueError(
-                f"{path}: missing, or made for other data or another base, and a resumed run cannot compute it "
-                "again from its starting model; start the run afresh (resume: never)"
+        if self.trainer.reference is None:
+            self.trainer._head_gathered_with_the_model()  # before the first forward reads the head
+            # A resumed run's engine holds the checkpoint's weights by now, not the starting model's.
+            self.trainer.reference = precomputed_reference(
+                self.trainer, self.config, self.dataset, self.items, may_compute=state.global_step == 0
             )
-        self.trainer._head_gathered_with_the_model()  # before the first forward reads the head
-        self.trainer.reference = precomputed_reference(self.trainer, self.config, self.dataset, self.items)
 
 
 def load_pairs(data: DataConfig) -> tuple[list[PreferencePair], Counter]:
@@ -180,22 +174,28 @@ def load_pairs(data: DataConfig) -> tuple[list[PreferencePair], Counter]:
 
 
 def precomputed_reference(
-    trainer: PreferenceTrainer, config: TrainConfig, dataset: PreferenceDataset, items
+    trainer: PreferenceTrainer, config: TrainConfig, dataset: PreferenceDataset, items, may_compute: bool = True
 ) -> PrecomputedReference:
     """The run folder's stored reference log-probabilities when they fit this data and base; else computed now, by
-    the model as it starts, each process taking every N-th item, and stored by rank 0."""
+    the model as it starts, each process taking every N-th item, and stored by rank 0. Without `may_compute` (the
+    model no longer is the starting one) a missing or stale table is an error."""
     fingerprint = reference_fingerprint(config, dataset.fingerprint)
     path = Path(config.output_dir) / REFERENCE_FILE
     stored = PrecomputedReference.load(path, fingerprint)
     if stored is not None:
         logger.info("reusing the reference log-probs in %s", path)
         return stored
+    if not may_compute:
+        raise ValueError(
+            f"{path}: missing, or made for other data or another base, and a resumed run cannot compute it "
+            "again from its starting model; start the run afresh (resume: never)"
+        )
     args, accelerator = trainer.args, trainer.accelerator
     model = trainer.model
     mine = [items[i] for i in range(args.process_index, len(items), args.world_size)]
     logger.info("computing the reference log-probs of %d pairs (stored in %s)", len(dataset), path)
     if trainer.shards_weights:  # every forward gathers weights from every process: all run as many batches
-        mine += mine[:1] * (-(-len(items) // args.world_size) - len(mine))
+        mine += [items[0]] * (-(-len(items) // args.world_size) - len(mine))  # met twice: averaged below
     indices, chosen, rejected = log_probs_of_pairs(
         model,
         mine,
