@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import shutil
 from pathlib import Path
 
@@ -102,9 +103,11 @@ class LargestTensor(TorchDispatchMode):
         super().__init__()
         self.largest = 0
         self.operations: set[str] = set()
+        self.calls: collections.Counter[str] = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.operations.add(func.overloadpacket.__name__)
+        self.calls[func.overloadpacket.__name__] += 1
         out = func(*args, **(kwargs or {}))
         for tensor in out if isinstance(out, tuple | list) else (out,):
             if isinstance(tensor, torch.Tensor):

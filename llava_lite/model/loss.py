@@ -206,6 +206,15 @@ def chunked_head_terms(
     return HeadTerms(total, nll, kl)
 
 
+def _products_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matrix products run in: autocast's on the hidden states' device when it is on there,
+    else the hidden states' own."""
+    device = hidden.device.type
+    if hidden.is_floating_point() and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype
+
+
 class _HeadTerms(torch.autograd.Function):
     """`chunked_head_terms`: `rows` positions at a time; the gradients are made in the forward pass and scaled by
     the incoming gradient of `total` in the backward (three matrix products per chunk, none recomputed)."""
@@ -221,35 +230,57 @@ class _HeadTerms(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_bias else None
         nll = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
         kl = torch.zeros_like(nll)
+        # The products run in autocast's dtype when it is on (as `F.linear` would), the softmax in float32. The
+        # chunk's tensors are made once and reused: a fresh `[rows, vocab]` tensor costs its page faults each time.
+        dtype = _products_dtype(hidden)
+        low_weight = weight.to(dtype)
+        low_bias = None if bias is None else bias.to(dtype)
+        rows = min(rows, hidden.shape[0])
+        logits_buffer = hidden.new_empty((rows, weight.shape[0]), dtype=dtype)
+        probs_buffer = logits_buffer if dtype == torch.float32 else torch.empty_like(logits_buffer, dtype=torch.float32)
+        product_buffer = None
+        if grad_weight is not None and dtype != torch.float32:
+            product_buffer = torch.empty_like(weight, dtype=dtype)
         for start in range(0, hidden.shape[0], rows):
             end = start + rows
-            part, part_targets, weights = hidden[start:end], targets[start:end], nll_weights[start:end]
-            logits = F.linear(part, weight, bias).float()
-            log_total = torch.logsumexp(logits, dim=-1)
-            nll[start:end] = log_total - logits.gather(1, part_targets[:, None]).squeeze(1)
+            part, part_targets, weights = hidden[start:end].to(dtype), targets[start:end], nll_weights[start:end]
+            logits = torch.mm(part, low_weight.t(), out=logits_buffer[: len(part)])
+            if low_bias is not None:
+                logits += low_bias
+            target_logits = logits.gather(1, part_targets[:, None]).squeeze(1).float()
             kl_part = None
             if ref_hidden is not None and kl_weights[start:end].any():
                 # Both sides over the whole chunk, in the same operations: a reference equal to the tuned model
                 # gives a KL of exactly 0.
-                tuned = logits.log_softmax(-1)
+                tuned = logits.float().log_softmax(-1)
                 reference = F.linear(ref_hidden[start:end], ref_weight, ref_bias).float().log_softmax(-1)
                 ratio = reference.neg_().add_(tuned)  # log p - log q, made in place of the reference
-                probs = tuned.exp_()
-                kl_part = (probs * ratio).sum(-1) * (kl_weights[start:end] != 0)
+                tuned_probs = tuned.exp_()
+                kl_part = (tuned_probs * ratio).sum(-1) * (kl_weights[start:end] != 0)
                 kl[start:end] = kl_part
+            # exp(logits - peak) and its row sums: the softmax and the log of its normalizer
+            peak = logits.amax(-1, keepdim=True).float()
+            probs = probs_buffer[: len(part)]
+            probs.copy_(logits).sub_(peak).exp_()
+            sums = probs.sum(-1)
+            nll[start:end] = peak.squeeze(1) + sums.log() - target_logits
             if not (wants_hidden or wants_weight or wants_bias):
                 continue
-            # d(nll)/d(logits) = softmax - one-hot, made in place of the logits, times each position's weight
-            grad_logits = logits.sub_(log_total[:, None]).exp_().mul_(weights[:, None])
+            # d(nll)/d(logits) = softmax - one-hot, made in place of the probabilities, times each position's weight
+            grad_logits = probs.mul_((weights / sums)[:, None])
             grad_logits[torch.arange(len(part_targets), device=grad_logits.device), part_targets] -= weights
             if kl_part is not None:  # d(kl)/d(logits) = p * (log p - log q - kl)
-                grad_logits += ratio.sub_(kl_part[:, None]).mul_(probs).mul_(kl_weights[start:end, None])
+                grad_logits += ratio.sub_(kl_part[:, None]).mul_(tuned_probs).mul_(kl_weights[start:end, None])
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
+            low_grad = logits.copy_(grad_logits)  # in the products' dtype, in place of the logits
             if grad_weight is not None:  # summed over the chunks in float32
-                grad_weight.addmm_(grad_logits.t(), part.float())
+                if product_buffer is None:
+                    grad_weight.addmm_(low_grad.t(), part)
+                else:
+                    grad_weight += torch.mm(low_grad.t(), part, out=product_buffer)
             if grad_hidden is not None:
-                grad_hidden[start:end] = grad_logits.to(weight.dtype) @ weight
+                grad_hidden[start:end] = low_grad @ low_weight
         total = (nll * nll_weights).sum()
         if kl_weights is not None:
             total = total + (kl * kl_weights).sum()
