@@ -394,6 +394,55 @@ def print_speedups(fp32: dict, bf16: dict) -> None:
     print("bf16 over fp32 (tokens/s): " + ", ".join(shown))
 
 
+def print_parts(batch_size: int) -> dict:
+    """How much faster bf16 autocast makes the two kinds of work in a step, each alone, forward and backward, on
+    this model's shapes: a padded batch's attention (torch's sdpa, under a padding mask) and one of the MLP's matrix
+    products. Where attention gains nothing, it bounds what bf16 can give a step."""
+    import torch.nn.functional as F
+
+    lm = model_config(str(FIXTURES / "tokenizers" / VARIANTS["llava_lengths"]))["language_model"]["model_config"]
+    heads, width, length = lm["num_attention_heads"], lm["hidden_size"], 1024
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def attention() -> list[torch.Tensor]:
+        q, k, v = (torch.randn(batch_size, heads, length, width // heads, device=device) for _ in range(3))
+        keep = torch.ones(batch_size, 1, length, length, dtype=torch.bool, device=device).tril()
+        keep[: batch_size // 2, ..., length * 3 // 4 :] = False  # half the rows padded by a quarter
+        return [q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), keep]
+
+    def product() -> list[torch.Tensor]:
+        rows = torch.randn(batch_size * length, width, device=device, requires_grad=True)
+        return [rows, torch.randn(lm["intermediate_size"], width, device=device, requires_grad=True)]
+
+    def seconds(make, run, dtype) -> float:
+        inputs = make()
+        times = []
+        for _ in range(4):
+            started = time.perf_counter()
+            with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+                out = run(*inputs)
+            out.float().sum().backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times[1:])
+
+    def attend(q, k, v, keep):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+    parts = {
+        "attention": (attention, attend),
+        "matrix product": (product, lambda rows, weight: rows @ weight.t()),
+    }
+    gains = {name: seconds(make, run, torch.float32) / seconds(make, run, torch.bfloat16)
+             for name, (make, run) in parts.items()}  # fmt: skip
+    shown = ", ".join(f"{name} {gain:.2f}x" for name, gain in gains.items())
+    print(f"bf16 over fp32, each part alone (forward and backward; attention [{batch_size}, {heads}, {length}, "
+          f"{width // heads}] under a padding mask, product [{batch_size * length}, {width}] x [{width}, "
+          f"{lm['intermediate_size']}]): {shown}")  # fmt: skip
+    return gains
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_arguments(parser, "3 timed steps of 4 samples", steps=6, pack_length=2048, sides=SIDES)
@@ -442,6 +491,7 @@ def main() -> None:
                 print_table(title, summary)
             if {"fp32", "bf16"} <= set(by_precision):
                 print_speedups(by_precision["fp32"], by_precision["bf16"])
+                results["variants"][variant]["parts_bf16_over_fp32"] = print_parts(args.batch_size)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
 
