@@ -1,40 +1,52 @@
-"""A stand-in OpenAI-compatible judge on 127.0.0.1 for the loop's scorers: fixed rubric replies chosen by the
-answer being judged, including malformed replies and requests that always fail.
+"""Stand-in OpenAI-compatible judges on 127.0.0.1, for the evaluations and scorers that call one.
 
-The answer under review decides the reply: one holding `great` gets 9 and 7, `poor` 2 and 1, `rambling` a reply
-without the scores, `crash` an HTTP 500 every time (the client's retries then give up), any other 1 + its length
-modulo 10 on both axes. It records every request's body, so a test can see what the judge was shown (the context,
-the images)."""
+`RepliesServer` answers every chat-completions request with what its `reply(body)` gives (an HTTP status and the
+assistant's text), records every request's body (so a test can see what the judge was shown: the context, the
+images) and stops itself after `lifetime` seconds should a test forget to.
+
+`RubricServer` is the loop's rubric judge: the answer under review decides the reply. One holding `great` gets 9
+and 7, `poor` 2 and 1, `rambling` a reply without the scores, `crash` an HTTP 500 every time (the client's retries
+then give up), any other 1 + its length modulo 10 on both axes."""
 
 from __future__ import annotations
 
 import json
 import re
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ANSWER = re.compile(r"\[Answer\]\n(.*?)\n\n\[End of answer\]", re.DOTALL)
 
 
-class RubricServer:
-    def __init__(self) -> None:
+class RepliesServer:
+    def __init__(self, reply: Callable[[dict], tuple[int, str]], lifetime: float = 120) -> None:
+        self.reply = reply
         self.bodies: list[dict] = []
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.watchdog = threading.Timer(lifetime, self.server.shutdown)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
-    def __enter__(self) -> RubricServer:
+    def __enter__(self):
         self.thread.start()
+        self.watchdog.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self.watchdog.cancel()
         self.server.shutdown()
         self.server.server_close()
+
+
+class RubricServer(RepliesServer):
+    def __init__(self) -> None:
+        super().__init__(_rubric_reply)
 
 
 def user_text(body: dict) -> str:
@@ -44,7 +56,9 @@ def user_text(body: dict) -> str:
     return content
 
 
-def _reply(answer: str) -> tuple[int, str]:
+def _rubric_reply(body: dict) -> tuple[int, str]:
+    match = ANSWER.search(user_text(body))
+    answer = match.group(1) if match else ""
     if "crash" in answer:
         return 500, ""
     if "rambling" in answer:
@@ -57,7 +71,7 @@ def _reply(answer: str) -> tuple[int, str]:
     return 200, f"Helpfulness: {points}\nFaithfulness: {points}\nAs long as it is."
 
 
-def _handler(state: RubricServer):
+def _handler(state: RepliesServer):
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args) -> None:
             pass
@@ -66,8 +80,7 @@ def _handler(state: RubricServer):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             with state.lock:
                 state.bodies.append(body)
-            match = ANSWER.search(user_text(body))
-            status, text = _reply(match.group(1) if match else "")
+            status, text = state.reply(body)
             if status != 200:
                 return self._send(status, {"error": {"message": "boom"}})
             message = {"role": "assistant", "content": text}

@@ -4,13 +4,12 @@ chat-completions server on 127.0.0.1 that scores by category, so the relative sc
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
 from conftest import fixture_path, solid_image
 from PIL import Image
+from rubric_server import RepliesServer
 
 from llava_lite.cli import main
 from llava_lite.data.errors import BadRecordError
@@ -25,33 +24,14 @@ from llava_lite.model.presets import preset
 SCORES = {"conv": (8, 6), "detail": (8, 4), "complex": (10, 5)}
 
 
-class JudgeServer:
+class JudgeServer(RepliesServer):
     """Answers chat completions with the category's two scores on the first line; one chosen reference gets a
-    review with no score line. Stops itself after `lifetime` seconds should a test forget to."""
+    review with no score line."""
 
-    def __init__(self, categories_by_reference: dict[str, str], unscored: str | None = None, lifetime: float = 120):
+    def __init__(self, categories_by_reference: dict[str, str], unscored: str | None = None):
+        super().__init__(lambda body: (200, self.review(body)))
         self.categories = categories_by_reference
         self.unscored = unscored
-        self.requests: list[dict] = []
-        self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.watchdog = threading.Timer(lifetime, self.server.shutdown)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def __enter__(self) -> JudgeServer:
-        self.thread.start()
-        self.watchdog.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.watchdog.cancel()
-        self.server.shutdown()
-        self.server.server_close()
 
     def review(self, body: dict) -> str:
         reference = reference_in(body)
@@ -59,36 +39,6 @@ class JudgeServer:
             return "Both answers are fine.\nAssistant 1: 8, Assistant 2: 7"
         ours, theirs = SCORES[self.categories[reference]][1], SCORES[self.categories[reference]][0]
         return f"{theirs} {ours}\nAssistant 1 follows the context more closely."
-
-    def _handler(self):
-        state = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with state.lock:
-                    state.requests.append(body)
-                reply = {
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": state.review(body)},
-                            "finish_reason": "stop",
-                        }
-                    ],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 5},
-                }
-                payload = json.dumps(reply).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        return Handler
 
 
 def reference_in(body: dict) -> str:
@@ -157,8 +107,8 @@ def test_bench_in_the_wild_is_answered_judged_and_summarised_by_category(tmp_pat
         assert result["by_category"][category]["relative"] == pytest.approx(numbers["relative"])
         assert result["by_category"][category]["count"] == numbers["count"]
     # Every question reached the judge once, with its image's context, its reference answer and our answer.
-    assert len(judge.requests) == 60
-    sent = {reference_in(request): request for request in judge.requests}
+    assert len(judge.bodies) == 60
+    sent = {reference_in(request): request for request in judge.bodies}
     for question, review in zip(questions, result["reviews"]):
         request = sent[references[str(question["question_id"])]]
         content = request["messages"][-1]["content"]
@@ -187,7 +137,7 @@ def test_coco_bench_uses_captions_and_boxes_as_context_and_answers_given_in_adva
     assert summary["failed"] == 0 and summary["judged"] == 90
     assert summary["by_category"]["detail"]["relative"] == pytest.approx(50.0)
     assert summary["relative"] == pytest.approx(100 * (30 * 6 + 30 * 4 + 30 * 5) / (30 * 8 + 30 * 8 + 30 * 10))
-    first = next(r for r in judge.requests if "[Assistant 2]\nanswer 0\n" in r["messages"][-1]["content"])
+    first = next(r for r in judge.bodies if "[Assistant 2]\nanswer 0\n" in r["messages"][-1]["content"])
     content = first["messages"][-1]["content"]
     boxes = {row["image"]: row for row in rows("data", "caps_boxes_coco2014_val_80.jsonl")}[questions[0]["image"]]
     assert boxes["captions"][0] in content
@@ -269,6 +219,6 @@ def test_during_training_only_the_main_process_calls_the_judge(tmp_path, tiny_mo
             state = SimpleNamespace(global_step=step, is_world_process_zero=main_process)
             callback.on_step_end(None, state, control, model=tiny_model)
             if not main_process:
-                assert judge.requests == [] and logged == ([{}] if shards_weights else [])
-    assert len(judge.requests) == 2
+                assert judge.bodies == [] and logged == ([{}] if shards_weights else [])
+    assert len(judge.bodies) == 2
     assert logged[-1]["bench_relative"] == pytest.approx(100 * (6 + 4) / (8 + 8))
