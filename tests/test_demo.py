@@ -30,8 +30,7 @@ def test_short_demo_learns_every_question_far_above_chance(tmp_path):
     # 90 % to 78 %. So shape must reach twice its chance, 67 %: what telling one shape from the other two would score.
     floors = {"colour": 0.8, "corner": 0.8, "shape": 2 / 3}
     for kind, accuracy in result.accuracy.items():
-        floor = floors[kind]
-        assert accuracy >= floor, f"{kind}: {accuracy:.0%} held-out accuracy (chance {result.chance[kind]:.0%})"
+        assert accuracy >= floors[kind], f"{kind}: {accuracy:.0%} held-out accuracy (chance {result.chance[kind]:.0%})"
     assert result.chat_answer in {"red", "green", "blue", "yellow"}
 
 

@@ -89,21 +89,23 @@ def build_data(folder: Path, samples: int) -> Path:
     return path
 
 
+# The LM's shape; its vocabulary is the tokenizer's.
+LM = {
+    "model_type": "llama",
+    "hidden_size": 512,
+    "intermediate_size": 1376,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+}
+
+
 def model_config(tokenizer: str) -> dict:
     from transformers import AutoTokenizer
 
-    vocab = len(AutoTokenizer.from_pretrained(tokenizer))
-    lm = {
-        "model_type": "llama",
-        "vocab_size": vocab,
-        "hidden_size": 512,
-        "intermediate_size": 1376,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 4096,
-        "tie_word_embeddings": False,
-    }
+    lm = {**LM, "vocab_size": len(AutoTokenizer.from_pretrained(tokenizer))}
     return {"vision_tower": TOWER, "language_model": {"tokenizer": tokenizer, "model_config": lm}}
 
 
@@ -400,8 +402,7 @@ def print_parts(batch_size: int) -> dict:
     products. Where attention gains nothing, it bounds what bf16 can give a step."""
     import torch.nn.functional as F
 
-    lm = model_config(str(FIXTURES / "tokenizers" / VARIANTS["llava_lengths"]))["language_model"]["model_config"]
-    heads, width, length = lm["num_attention_heads"], lm["hidden_size"], 1024
+    heads, width, length = LM["num_attention_heads"], LM["hidden_size"], 1024
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def attention() -> list[torch.Tensor]:
@@ -412,7 +413,7 @@ def print_parts(batch_size: int) -> dict:
 
     def product() -> list[torch.Tensor]:
         rows = torch.randn(batch_size * length, width, device=device, requires_grad=True)
-        return [rows, torch.randn(lm["intermediate_size"], width, device=device, requires_grad=True)]
+        return [rows, torch.randn(LM["intermediate_size"], width, device=device, requires_grad=True)]
 
     def seconds(make, run, dtype) -> float:
         inputs = make()
@@ -439,7 +440,7 @@ def print_parts(batch_size: int) -> dict:
     shown = ", ".join(f"{name} {gain:.2f}x" for name, gain in gains.items())
     print(f"bf16 over fp32, each part alone (forward and backward; attention [{batch_size}, {heads}, {length}, "
           f"{width // heads}] under a padding mask, product [{batch_size * length}, {width}] x [{width}, "
-          f"{lm['intermediate_size']}]): {shown}")  # fmt: skip
+          f"{LM['intermediate_size']}]): {shown}")  # fmt: skip
     return gains
 
 

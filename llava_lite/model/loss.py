@@ -237,6 +237,7 @@ class _HeadTerms(torch.autograd.Function):
         low_bias = None if bias is None else bias.to(dtype)
         rows = min(rows, hidden.shape[0])
         logits_buffer = hidden.new_empty((rows, weight.shape[0]), dtype=dtype)
+        # In float32 the probabilities are made in place of the logits (their copies below are then no-ops).
         probs_buffer = logits_buffer if dtype == torch.float32 else torch.empty_like(logits_buffer, dtype=torch.float32)
         product_buffer = None
         if grad_weight is not None and dtype != torch.float32:
