@@ -72,10 +72,12 @@ def test_the_judge_scores_by_the_rubric_counts_malformed_and_failed_replies_and_
         rambling, crashed = rows[1]["candidates"]
         assert rambling["score"] is None and rambling["error"] == "no_score"
         assert crashed["score"] is None and crashed["error"] == "backend_error"
-        # The judge was told what is known about the image: its caption and its box.
-        first = user_text(server.bodies[0])
-        assert "A red circle in picture 0." in first and "circle: [0.100, 0.100, 0.400, 0.400]" in first
-        assert "Faithfulness" in server.bodies[0]["messages"][0]["content"]
+        # The judge was told what is known about the image: its caption and its box. Requests run concurrently, so
+        # picture 0's is found by its answer, not by its place.
+        asked = next(body for body in server.bodies if "[Answer]\ngreat answer\n" in user_text(body))
+        assert "A red circle in picture 0." in user_text(asked)
+        assert "circle: [0.100, 0.100, 0.400, 0.400]" in user_text(asked)
+        assert "Faithfulness" in asked["messages"][0]["content"]
         assert journal_path(out).exists()  # kept for the retry
 
         seen = len(server.bodies)
