@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
@@ -86,5 +87,23 @@ def _configure_logging(verbose: bool) -> None:
             huggingface_hub.utils.enable_progress_bars()  # ...but downloading a 7B model takes minutes: keep its bar
 
 
+def run() -> None:
+    """The program (`llava-lite`, `python -m llava_lite`): `main`, then `leave` with its exit code."""
+    leave(main())
+
+
+def leave(code: int) -> None:
+    """Exit with `code`. A rank of a multi-process launch leaves without the interpreter's finalization, once the
+    exit handlers have run (trackers finish, logs and files are flushed and closed): gloo's transport thread
+    outlives the destroyed process group and is torn down with the C++ statics at exit, which now and then aborts
+    a rank that had done all its work (SIGABRT, "terminate called without an active exception")."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

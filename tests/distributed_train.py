@@ -137,4 +137,4 @@ def held_weights(model) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.leave(main())  # as `llava-lite` leaves

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, fixture_path, solid_image
 
 from llava_lite.cli import main
@@ -132,6 +134,30 @@ def test_train_with_a_missing_data_file_fails_in_one_line_before_any_model_code_
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.stdout.strip() == "2 False"
     assert result.stderr.strip() == f"llava-lite train: error: {missing}: no such data file or folder"
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_rank_of_a_launch_leaves_after_the_exit_handlers_without_the_interpreters_finalization(tmp_path, world_size):
+    # `llava-lite` as a launcher's rank: the exit code and the exit handlers stay, the finalization (where gloo's
+    # transport thread is torn down with the C++ statics) is skipped; a single process finalizes as usual.
+    recipe, handled = tmp_path / "r.yaml", tmp_path / "handled.txt"
+    recipe.write_text(f"recipe: stage1\nmodel: tiny\noutput_dir: {tmp_path / 'run'}\ndata:\n  sources: []\n")
+    code = (
+        "import atexit, pathlib, sys\n"
+        "from llava_lite import cli\n"
+        f"atexit.register(pathlib.Path({str(handled)!r}).write_text, 'ran')\n"
+        "class Finalized:\n"
+        "    def __del__(self): print('finalized', flush=True)\n"
+        "kept = Finalized()\n"
+        f"sys.argv = ['llava-lite', 'train', {str(recipe)!r}]\n"
+        "cli.run()\n"
+    )
+    env = {**os.environ, "WORLD_SIZE": world_size}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=99)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == "llava-lite train: error: data: no sources given"
+    assert handled.read_text() == "ran"
+    assert ("finalized" in result.stdout) == (world_size == "1")
 
 
 def test_a_relative_data_file_that_is_missing_is_not_looked_up_on_the_hub(tmp_path, monkeypatch, capsys):
