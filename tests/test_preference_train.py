@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 from preference_helpers import preference_config, starting_run, write_pairs
+from transformers import TrainerState
 
 from llava_lite import cli
 from llava_lite.config_io import ConfigError
 from llava_lite.train.config import resolved
+from llava_lite.train.preference import ReferenceAtTrainBegin, preference_trainer
 from llava_lite.train.preference_reference import REFERENCE_FILE
-from llava_lite.train.run import run_training
+from llava_lite.train.run import run_training, training_arguments
 
 TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                "logps/rejected")  # fmt: skip
@@ -87,6 +90,25 @@ def test_the_precomputed_reference_is_reused_by_a_new_start_and_recomputed_when_
         pairs.write_text(original)
     assert "computing the reference log-probs of 7 pairs" in caplog.text
     assert stored.stat().st_mtime_ns != written
+
+
+def test_a_resumed_sharded_run_whose_stored_reference_is_gone_is_refused_rather_than_computed_again(material):
+    # Under ZeRO-3 and FSDP the reference is made at the start of training; a resumed run's model holds the
+    # checkpoint's weights by then, so a missing table cannot be made again from the starting model.
+    config = resolved(full_run(material, "resumed_without_reference", max_steps=1))
+    trainer, _ = preference_trainer(config, training_arguments(config))
+    stored = material["folder"] / "resumed_without_reference" / REFERENCE_FILE
+    assert stored.is_file()  # made as the trainer was built (one process: the starting model's weights)
+    stored.unlink()
+    trainer.reference = None
+    at_begin = ReferenceAtTrainBegin(trainer, config, trainer.train_dataset, trainer.train_dataset)
+    with pytest.raises(
+        ValueError, match=rf"^{re.escape(str(stored))}: missing, .* start the run afresh \(resume: never\)$"
+    ):
+        at_begin.on_train_begin(trainer.args, TrainerState(global_step=3), None)
+    assert trainer.reference is None and not stored.exists()
+    at_begin.on_train_begin(trainer.args, TrainerState(global_step=0), None)  # a fresh start computes it
+    assert trainer.reference is not None and stored.is_file()
 
 
 def test_orpo_trains_packed_pairs_without_a_reference_and_logs_its_terms(material):
