@@ -1,5 +1,6 @@
 """`data score`: the reference scorer on hand-made cases; the judge and the run judging itself through a stand-in
-OpenAI-compatible server with fixed, malformed and failing replies; the run judging itself loaded here."""
+OpenAI-compatible server with fixed, malformed and failing replies; an hf judge loaded from a folder; the run judging
+itself loaded here."""
 
 from __future__ import annotations
 
@@ -120,3 +121,24 @@ def test_the_reference_scorer_names_a_line_without_a_reference(tmp_path, capsys)
     samples(source, [["a", "b"]])
     assert main(["data", "score", "--input", str(source), "--output", str(tmp_path / "o.jsonl")]) == 2
     assert "line 1" in capsys.readouterr().err
+
+
+def test_an_hf_judge_loaded_from_a_folder_answers_every_candidate_in_batches(tmp_path, tiny_model, capsys):
+    # A random tiny LM as the judge: its replies carry no rubric, so each candidate is left unscored as no_score.
+    folder = tmp_path / "judge"
+    tiny_model.language_model.save_pretrained(folder)
+    tiny_model.tokenizer.save_pretrained(folder)
+    source, out = tmp_path / "samples.jsonl", tmp_path / "scored.jsonl"
+    samples(source, [["top left", "bottom right", "centre"], ["top right", "left"]])
+    command = [
+        "data", "score", "--input", str(source), "--output", str(out), "--scorer", "judge", "--backend", "hf",
+        "--model", str(folder), "--device", "cpu", "--max-tokens", "4", "--batch-size", "2",
+    ]  # fmt: skip
+    assert main(command) == 0
+    printed = capsys.readouterr().out
+    assert "unscored: 5 (no_score 5)" in printed and "judge: 5 requests now" in printed
+    rows = read_lines(out)
+    assert [[c["text"] for c in row["candidates"]] for row in rows] == [["top left", "bottom right", "centre"],
+                                                                       ["top right", "left"]]  # fmt: skip
+    assert all(c["score"] is None and c["error"] == "no_score" for row in rows for c in row["candidates"])
+    assert not journal_path(out).exists()  # every candidate answered: nothing left to retry
