@@ -27,12 +27,14 @@ from accelerate.utils.launch import prepare_multi_gpu_env
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 
+from llava_lite.cli import leave
 from llava_lite.data.collator import Collator
 from llava_lite.data.dataset import load_conversations
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.saving import load_trained_weights
-from llava_lite.train.config import load_train_config, resolved
-from llava_lite.train.recipe import build_training_model, training_processor
+from llava_lite.train.config import load_train_config
+from llava_lite.train.recipes import resolved
+from llava_lite.train.trainable_model import build_training_model, training_processor
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp2.yaml"
 
@@ -117,3 +119,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave(0)  # as `llava-lite` leaves a launch: without the finalization that tears gloo's thread down

@@ -141,7 +141,10 @@ def test_a_rank_of_a_launch_leaves_after_the_exit_handlers_without_the_interpret
     # `llava-lite` as a launcher's rank: the exit code and the exit handlers stay, the finalization (where gloo's
     # transport thread is torn down with the C++ statics) is skipped; a single process finalizes as usual.
     recipe, handled = tmp_path / "r.yaml", tmp_path / "handled.txt"
-    recipe.write_text(f"recipe: stage1\nmodel: tiny\noutput_dir: {tmp_path / 'run'}\ndata:\n  sources: []\n")
+    missing = tmp_path / "missing.json"  # fails before any model code loads
+    recipe.write_text(
+        f"recipe: stage1\nmodel: tiny\noutput_dir: {tmp_path / 'run'}\ndata:\n  sources:\n    - path: {missing}\n"
+    )
     code = (
         "import atexit, pathlib, sys\n"
         "from llava_lite import cli\n"
@@ -155,7 +158,7 @@ def test_a_rank_of_a_launch_leaves_after_the_exit_handlers_without_the_interpret
     env = {**os.environ, "WORLD_SIZE": world_size}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=99)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip() == "llava-lite train: error: data: no sources given"
+    assert result.stderr.strip() == f"llava-lite train: error: {missing}: no such data file or folder"
     assert handled.read_text() == "ran"
     assert ("finalized" in result.stdout) == (world_size == "1")
 

@@ -11,7 +11,8 @@ from conftest import ROOT
 
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.presets import preset, resolve_model_config
-from llava_lite.train.config import load_train_config, resolved
+from llava_lite.train.config import load_train_config
+from llava_lite.train.recipes import resolved
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
@@ -115,7 +116,7 @@ def test_shipped_adapter_config_builds_a_peft_model_on_a_tiny_stand_in(path):
     7B model: peft finds the modules it names."""
     import dataclasses
 
-    from llava_lite.train.recipe import build_training_model
+    from llava_lite.train.trainable_model import build_training_model
 
     config = resolved(load_train_config(path))
     stand_in = dataclasses.replace(config, init_from=None, model="tiny")

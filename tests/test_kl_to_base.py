@@ -20,17 +20,18 @@ from llava_lite.data.replay import text_windows
 from llava_lite.model import loss as loss_module
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.presets import preset
-from llava_lite.model.processing import build_processor
-from llava_lite.train.config import TrainConfig, resolved
-from llava_lite.train.recipe import build_training_model
+from llava_lite.model.processor_for_config import processor_for_config
+from llava_lite.train.config import TrainConfig
+from llava_lite.train.recipes import resolved
 from llava_lite.train.regularizers import SUMS, Objective
 from llava_lite.train.run import run_training
+from llava_lite.train.trainable_model import build_training_model
 
 
 @pytest.fixture(scope="module")
 def mixed_batch() -> dict:
     """Two real multimodal records and one window of real text to replay, as the collator batches them."""
-    processor = build_processor(preset("tiny"), max_length=160)
+    processor = processor_for_config(preset("tiny"), max_length=160)
     records, _ = read_source(DataSource(path=str(fixture_path("data", "mllm_demo", "mllm_demo.json"))))
     samples = [processor.sample(records[0]), processor.sample(records[1])]
     answers = fixture_path("eval", "llava_bench_wild", "answers_gpt4.jsonl")

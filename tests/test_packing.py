@@ -310,8 +310,9 @@ def test_modality_length_batches_hold_one_modality_and_cover_every_sample_once()
 
 def test_the_liger_kernel_is_refused_in_one_line_where_it_cannot_run(tmp_path):
     from llava_lite.config_io import from_dict
-    from llava_lite.train.config import TrainConfig, resolved
-    from llava_lite.train.recipe import build_training_model
+    from llava_lite.train.config import TrainConfig
+    from llava_lite.train.recipes import resolved
+    from llava_lite.train.trainable_model import build_training_model
 
     if torch.cuda.is_available() and importlib.util.find_spec("liger_kernel"):
         pytest.fail("this check is for machines where liger-kernel cannot run; here it can")

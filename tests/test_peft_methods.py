@@ -21,9 +21,10 @@ from llava_lite.inference.generator import Generator, SamplingSettings
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.serve.app import create_app
 from llava_lite.serve.config import ServeConfig
-from llava_lite.train.config import TrainConfig, resolved
-from llava_lite.train.recipe import build_training_model
+from llava_lite.train.config import TrainConfig
+from llava_lite.train.recipes import resolved
 from llava_lite.train.run import run_training
+from llava_lite.train.trainable_model import build_training_model
 
 QUIET = {"report_to": "none", "logging_steps": 1, "save_steps": 1000, "warmup_ratio": 0.0, "batch_size": 4}
 QWEN2_WITH_BIASES = {
@@ -163,7 +164,7 @@ def test_a_prompt_tuned_run_answers_through_the_server_as_it_generates(tmp_path,
             }
         ],
     }
-    with TestClient(create_app(generator, ServeConfig(model_name="run"))) as client:
+    with TestClient(create_app(generator, ServeConfig(model_name="run")), base_url="http://127.0.0.1:8000") as client:
         reply = client.post("/v1/chat/completions", json=request)
     assert reply.status_code == 200, reply.text
     assert expected and reply.json()["choices"][0]["message"]["content"] == expected

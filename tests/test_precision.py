@@ -19,10 +19,11 @@ from llava_lite.data.formats import parse_record
 from llava_lite.demo import shapes
 from llava_lite.model.language_model import process_device_map
 from llava_lite.model.llava import LlavaLiteModel
-from llava_lite.model.processing import build_processor
-from llava_lite.train.config import TrainConfig, resolved
-from llava_lite.train.recipe import build_training_model
+from llava_lite.model.processor_for_config import processor_for_config
+from llava_lite.train.config import TrainConfig
+from llava_lite.train.recipes import resolved
 from llava_lite.train.run import run_training
+from llava_lite.train.trainable_model import build_training_model
 
 STEPS = 20
 QUIET = {"report_to": "none", "logging_steps": 1, "save_steps": 1000, "warmup_ratio": 0.0, "scheduler": "constant"}
@@ -163,9 +164,9 @@ def test_a_checkpoint_keeps_float32_masters_so_a_resumed_bf16_run_continues_exac
 
 def test_the_log_says_per_part_how_it_is_stored_and_what_computes(stage1, shapes_data, tmp_path, caplog):
     config = stage2(stage1, shapes_data, tmp_path / "x", {"dtype": "bfloat16"}, method="lora", precision="bf16")
-    with caplog.at_level(logging.INFO, logger="llava_lite.train.recipe"):
+    with caplog.at_level(logging.INFO, logger="llava_lite.train.trainable_model"):
         build_training_model(resolved(config))
-    lines = [r.getMessage() for r in caplog.records if r.name == "llava_lite.train.recipe"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "llava_lite.train.trainable_model"]
     assert lines[0].startswith("frozen ") and "vision_tower" in lines[0] and lines[0].endswith("stored in float32")
     assert lines[1].endswith("stored in float32")  # the projector
     assert "with adapters, stored in trained float32, frozen bfloat16" in lines[2]
@@ -249,7 +250,7 @@ def test_an_evaluation_pass_leaves_the_gradients_through_the_4bit_base_as_they_w
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(0))
         records = json.loads(shapes_data["text"].read_text())[:2]
-        processor = build_processor(model.config, model.tokenizer)
+        processor = processor_for_config(model.config, model.tokenizer)
         batch = Collator(model.tokenizer.pad_token_id)([processor.sample(parse_record(r, "x")) for r in records])
         if evaluate_first:  # as the loss's probe of the LM and any evaluation do
             model.eval()

@@ -10,10 +10,9 @@ from preference_helpers import preference_config, starting_run, write_pairs
 from llava_lite.data.preference_pairs import PreferenceCollator
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.pair_log_probs import pair_log_probs, split_batch
-from llava_lite.train.config import PreferenceSettings, resolved
-from llava_lite.train.preference import preference_trainer
+from llava_lite.train.config import PreferenceSettings
 from llava_lite.train.preference_loss import batch_loss, preference_terms
-from llava_lite.train.run import training_arguments
+from llava_lite.train.recipes import preference, resolved
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +23,7 @@ def material(tmp_path_factory) -> dict:
 
 def trainer_for(material, name: str, **sections):
     config = resolved(preference_config(material["start"], material["data"], material["folder"] / name, **sections))
-    return preference_trainer(config, training_arguments(config))[0]
+    return preference.build_trainer(config, None, False)[0]
 
 
 @pytest.fixture(scope="module")

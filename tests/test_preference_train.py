@@ -14,10 +14,10 @@ from transformers import TrainerState
 
 from llava_lite import cli
 from llava_lite.config_io import ConfigError
-from llava_lite.train.config import resolved
-from llava_lite.train.preference import ReferenceAtTrainBegin, preference_trainer
-from llava_lite.train.preference_reference import REFERENCE_FILE
-from llava_lite.train.run import run_training, training_arguments
+from llava_lite.run_folder import REFERENCE_LOGPS_FILE
+from llava_lite.train.recipes import preference, resolved
+from llava_lite.train.recipes.preference import ReferenceAtTrainBegin
+from llava_lite.train.run import run_training
 
 TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                "logps/rejected")  # fmt: skip
@@ -56,9 +56,11 @@ def test_a_short_run_learns_its_pairs_and_logs_trls_metrics(material, learned, c
     logs = history(learned)
     assert [e["step"] for e in logs] == [1, 5, 10]
     assert all(name in entry for entry in logs for name in TRL_METRICS)
-    assert logs[0]["rewards/accuracies"] == 0.0 and logs[0]["loss"] == pytest.approx(0.6931, abs=1e-4)
+    # DPO's log 2 at the start (policy = reference) plus the NLL term on the chosen answers, on by default.
+    assert logs[0]["rewards/accuracies"] == 0.0
+    assert logs[0]["nll_loss"] > 0 and logs[0]["loss"] == pytest.approx(0.6931 + logs[0]["nll_loss"], abs=1e-4)
     assert logs[-1]["rewards/accuracies"] > 0.9 and logs[-1]["rewards/margins"] > 0
-    assert (learned / REFERENCE_FILE).is_file()
+    assert (learned / REFERENCE_LOGPS_FILE).is_file()
 
     data = material["data"]
     code = cli.main(["eval", "--model", str(learned), "--preference", str(data["pairs"]), "--preference-images",
@@ -72,9 +74,9 @@ def test_a_short_run_learns_its_pairs_and_logs_trls_metrics(material, learned, c
 def test_the_precomputed_reference_is_reused_by_a_new_start_and_recomputed_when_the_data_changes(
     material, learned, caplog
 ):
-    stored = learned / REFERENCE_FILE
+    stored = learned / REFERENCE_LOGPS_FILE
     written = stored.stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="llava_lite.train.preference"):
+    with caplog.at_level(logging.INFO, logger="llava_lite.train.recipes.preference"):
         run_training(full_run(material, "learned", max_steps=1))  # resume=never: the run starts over
     assert f"reusing the reference log-probs in {stored}" in caplog.text
     assert stored.stat().st_mtime_ns == written
@@ -84,7 +86,7 @@ def test_the_precomputed_reference_is_reused_by_a_new_start_and_recomputed_when_
     try:
         pairs.write_text("".join(original.splitlines(keepends=True)[:-1]))  # one pair fewer
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="llava_lite.train.preference"):
+        with caplog.at_level(logging.INFO, logger="llava_lite.train.recipes.preference"):
             run_training(full_run(material, "learned", max_steps=1))
     finally:
         pairs.write_text(original)
@@ -96,8 +98,8 @@ def test_a_resumed_sharded_run_whose_stored_reference_is_gone_is_refused_rather_
     # Under ZeRO-3 and FSDP the reference is made at the start of training; a resumed run's model holds the
     # checkpoint's weights by then, so a missing table cannot be made again from the starting model.
     config = resolved(full_run(material, "resumed_without_reference", max_steps=1))
-    trainer, _ = preference_trainer(config, training_arguments(config))
-    stored = material["folder"] / "resumed_without_reference" / REFERENCE_FILE
+    trainer, _ = preference.build_trainer(config, None, False)
+    stored = material["folder"] / "resumed_without_reference" / REFERENCE_LOGPS_FILE
     assert stored.is_file()  # made as the trainer was built (one process: the starting model's weights)
     stored.unlink()
     trainer.reference = None
@@ -119,7 +121,7 @@ def test_orpo_trains_packed_pairs_without_a_reference_and_logs_its_terms(materia
     assert resolved(config).preference.reference == "none" and resolved(config).preference.sft_weight == 1.0
     logs = history(run_training(config))
     assert all(name in logs[-1] for name in (*TRL_METRICS, "nll_loss", "log_odds_ratio", "log_odds_chosen"))
-    assert not (material["folder"] / "orpo" / REFERENCE_FILE).exists()
+    assert not (material["folder"] / "orpo" / REFERENCE_LOGPS_FILE).exists()
 
 
 @pytest.mark.parametrize(

@@ -17,10 +17,12 @@ from llava_lite.config_io import from_dict
 from llava_lite.demo import shapes
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.presets import preset
-from llava_lite.train.config import TrainConfig, resolved
-from llava_lite.train.recipe import build_training_model
+from llava_lite.run_folder import STAGING_DIR
+from llava_lite.train.config import TrainConfig
+from llava_lite.train.recipes import resolved
 from llava_lite.train.run import run_training
-from llava_lite.train.trainer import STAGING_DIR, LlavaTrainer
+from llava_lite.train.trainable_model import build_training_model
+from llava_lite.train.trainer import LlavaTrainer
 
 QUIET = {"report_to": "none", "logging_steps": 1, "save_steps": 1000, "warmup_ratio": 0.0}
 
@@ -149,7 +151,7 @@ def test_text_only_and_image_records_train_in_one_batch(tmp_path, shapes_data, m
 def test_recipe_says_once_what_it_trains_and_freezes(tmp_path, shapes_data, caplog):
     with caplog.at_level(logging.INFO, logger="llava_lite"):
         build_training_model(resolved(config(tmp_path, shapes_data)))
-    lines = [r.getMessage() for r in caplog.records if r.name == "llava_lite.train.recipe"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "llava_lite.train.trainable_model"]
     assert len(lines) == 4
     assert lines[0].startswith("frozen ") and "vision_tower" in lines[0]
     assert lines[1].startswith("trained") and "projector" in lines[1]
@@ -329,7 +331,7 @@ def test_a_missing_data_file_is_refused_before_the_model_is_built(tmp_path, shap
     def no_model(config):
         raise AssertionError("the model was built before the data paths were checked")
 
-    monkeypatch.setattr("llava_lite.train.run.build_training_model", no_model)
+    monkeypatch.setattr("llava_lite.train.recipes.stage2.build_training_model", no_model)
     missing = tmp_path / "held_out.jsonl"
     cfg = config(tmp_path, shapes_data, eval_data={"sources": [{"path": str(missing)}]})
     with pytest.raises(ValueError, match=f"^{re.escape(str(missing))}: no such data file or folder$"):

@@ -41,3 +41,10 @@ class SkipCounter:
 def _by_reason(codes: torch.Tensor) -> Counter:
     found = torch.bincount(codes, minlength=len(REASONS) + 1)[1:]
     return Counter({REASONS[i]: int(n) for i, n in enumerate(found.tolist()) if n})
+
+
+def skips_note(skipped: Counter) -> str:
+    """`; skipped records: REASON N, ...` for a log line, or nothing when no record was skipped."""
+    if not skipped:
+        return ""
+    return "; skipped records: " + ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items()))

@@ -1,4 +1,5 @@
-"""The model a recipe trains: built or loaded, switched to the run's template, frozen where the stage says."""
+"""The model a recipe trains: built or loaded, switched to the run's template, frozen and adapted as its
+`finetune` section says; and the processor its data is encoded with."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from llava_lite.model.config import ModelConfig
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.loss import fused_linear_cross_entropy
 from llava_lite.model.presets import resolve_model_config
-from llava_lite.model.processing import build_processor
-from llava_lite.train.config import TrainConfig, chosen_templates, init_from_overrides
+from llava_lite.model.processor_for_config import processor_for_config
+from llava_lite.train.config import TrainConfig, init_from_overrides
 from llava_lite.train.precision import (
     compute_summary,
     dtype_summary,
@@ -63,7 +64,8 @@ def build_training_model(config: TrainConfig, trust_remote_code: bool = False) -
     elif method == "bitfit":
         _train_biases(model.language_model)
     elif method in ("lora", "qlora", "peft"):
-        model.language_model = _with_adapters(model, config, _template_token_rows(model, config))
+        new_rows = _template_token_rows(model, data_template) if config.finetune.train_new_token_rows else []
+        model.language_model = _with_adapters(model, config, new_rows)
     model.loss_kernel = config.train.loss_kernel
     if model.loss_kernel == "liger":
         fused_linear_cross_entropy()  # refuses at once where liger-kernel cannot run
@@ -84,7 +86,7 @@ def training_processor(
     built, else the config's prepared as training prepares it - no model is needed. Without `truncate` it keeps
     every token (preference pairs are cut by their own rule)."""
     chat_template, data_template = chosen_templates(config, model_config.chat_template)
-    return build_processor(
+    return processor_for_config(
         dataclasses.replace(model_config, chat_template=chat_template),
         tokenizer,
         template=data_template,
@@ -93,15 +95,23 @@ def training_processor(
     )
 
 
-def _template_token_rows(model: LlavaLiteModel, config: TrainConfig) -> list[int]:
+def chosen_templates(config: TrainConfig, model_template: str) -> tuple[str, str]:
+    """The one place a run's templates are decided (`config` resolved): the chat template the trained model keeps -
+    the config's `model: {chat_template}` over `model_template`, the one a loaded run or preset has - and the
+    template the training data is rendered with (`data_template`, else that chat template)."""
+    chat = model_template
+    if isinstance(config.model, dict) and "chat_template" in config.model:
+        chat = config.model["chat_template"]
+    return chat, config.data_template or chat
+
+
+def _template_token_rows(model: LlavaLiteModel, data_template: str) -> list[int]:
     """Embedding rows of the marker tokens (`<|im_start|>`...) of the template the data is rendered with,
     which adapters alone leave untrained.
 
     `<image>` is not among them: its row is always replaced by image features.
     """
-    if not config.finetune.train_new_token_rows:
-        return []
-    markers = template_special_tokens(chosen_templates(config, model.config.chat_template)[1], model.tokenizer)
+    markers = template_special_tokens(data_template, model.tokenizer)
     return sorted(model.tokenizer.convert_tokens_to_ids(t) for t in markers)
 
 
