@@ -74,9 +74,9 @@ def text_conversation() -> Conversation:
 
 def processor_for(model: LlavaLiteModel, **settings):
     """The processor for `model`, built as training and generation build it (no weights involved)."""
-    from llava_lite.model.processing import build_processor
+    from llava_lite.model.processor_for_config import processor_for_config
 
-    return build_processor(model.config, model.tokenizer, **settings)
+    return processor_for_config(model.config, model.tokenizer, **settings)
 
 
 class StopAt(TrainerCallback):

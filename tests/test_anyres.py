@@ -16,7 +16,7 @@ from llava_lite.data.collator import Collator
 from llava_lite.data.conversation import Conversation, Message
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.presets import preset
-from llava_lite.model.processing import build_processor
+from llava_lite.model.processor_for_config import processor_for_config
 
 # (height, width): square, wide, tall, extreme both ways, odd sizes, smaller and larger than every pinpoint.
 SIZES = [(32, 32), (30, 100), (100, 30), (20, 500), (500, 20), (337, 201), (97, 33), (8, 8), (64, 64), (3, 1000)]
@@ -56,7 +56,7 @@ def picture(height: int, width: int, seed: int = 0) -> Image.Image:
 @pytest.mark.parametrize("pinpoints", [None, CUSTOM_PINPOINTS], ids=["llava-next-default", "custom"])
 def test_views_and_token_counts_equal_transformers_llava_next(anyres_model, pinpoints):
     config = anyres_config(pinpoints=pinpoints)
-    ours = build_processor(config, anyres_model.tokenizer)
+    ours = processor_for_config(config, anyres_model.tokenizer)
     theirs = transformers_processor(anyres_model.tokenizer, pinpoints or LLAVA_NEXT_PINPOINTS_AT_32)
     for height, width in SIZES:
         image = picture(height, width)

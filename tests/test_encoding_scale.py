@@ -22,7 +22,7 @@ from llava_lite.data.errors import BadRecordError
 from llava_lite.data.templates import TemplateError
 from llava_lite.data.templates.tokenizer_template import TokenizerChatTemplate
 from llava_lite.model.presets import preset
-from llava_lite.model.processing import build_processor
+from llava_lite.model.processor_for_config import processor_for_config
 from llava_lite.model.tiny_tokenizer import TINY_TOKENIZER_DIR
 
 
@@ -121,7 +121,7 @@ def _cpu_seconds(processor, conversation: Conversation, repeats: int) -> float:
 
 
 def test_encoding_time_grows_linearly_with_the_turns():
-    processor = build_processor(preset("tiny"))
+    processor = processor_for_config(preset("tiny"))
     processor.encode(Conversation(turns(20)))
     seconds = {pairs: _cpu_seconds(processor, Conversation(turns(pairs)), 2) for pairs in (250, 1000, 4000)}
     # Linear: x4 the turns, about x4 the time; the square would be x16. The bound is 5 s for 4,000 pairs
@@ -132,8 +132,8 @@ def test_encoding_time_grows_linearly_with_the_turns():
 
 
 def test_a_record_far_over_max_length_keeps_the_first_tokens_of_the_whole_record():
-    whole = build_processor(preset("tiny"))
-    cut = build_processor(preset("tiny"), max_length=300)
+    whole = processor_for_config(preset("tiny"))
+    cut = processor_for_config(preset("tiny"), max_length=300)
     conversation = Conversation(turns(1500))
     expected, got = whole.encode(conversation), cut.encode(conversation)
     assert np.array_equal(got.input_ids, expected.input_ids[:300])
@@ -142,8 +142,8 @@ def test_a_record_far_over_max_length_keeps_the_first_tokens_of_the_whole_record
 
 def test_huge_records_are_cut_or_refused_in_moments():
     huge = [Conversation(turns(10_000), source="r1"), Conversation(turns(1) + [Message("user", "x" * 50_000_000)])]
-    cut = build_processor(preset("tiny"), max_length=512)
-    drop = build_processor(preset("tiny"), max_length=512, overflow="drop")
+    cut = processor_for_config(preset("tiny"), max_length=512)
+    drop = processor_for_config(preset("tiny"), max_length=512, overflow="drop")
     for conversation in huge:
         start = time.process_time()
         assert len(cut.encode(conversation).input_ids) == 512

@@ -24,7 +24,7 @@ from llava_lite.eval.vqa import read_questions
 from llava_lite.inference.generator import Generator, SamplingSettings
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.presets import preset
-from llava_lite.model.processing import build_processor
+from llava_lite.model.processor_for_config import processor_for_config
 
 SHIPPED = ROOT / "configs" / "eval" / "lmms_eval"
 
@@ -109,7 +109,7 @@ def test_a_generation_task_answers_as_generate_and_scores_as_eval_vqa(run, vqa, 
 
 def our_log_likelihood(model: LlavaLiteModel, prompt: str, image: Path, answer: str) -> float:
     """log P(answer and its end-of-turn marker | prompt) from the model's full logits (not the plugin's path)."""
-    processor = build_processor(model.config, model.tokenizer)
+    processor = processor_for_config(model.config, model.tokenizer)
     sample = processor.sample(Conversation([Message("user", prompt), Message("assistant", answer)], [str(image)]))
     with torch.no_grad():
         logits = model(input_ids=sample["input_ids"][None], pixel_values=torch.stack(sample["pixel_values"])).logits[0]

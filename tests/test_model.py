@@ -14,10 +14,11 @@ from llava_lite.data.collator import Collator
 from llava_lite.data.dataset import ConversationDataset
 from llava_lite.data.masking import IGNORE_INDEX
 from llava_lite.model import saving
-from llava_lite.model.config import CONFIG_FILE, VisionTowerConfig, load_model_config
+from llava_lite.model.config import VisionTowerConfig, load_model_config
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.presets import TINY_HF_CLIP_TOWER, TINY_LANGUAGE_MODEL, TINY_OPEN_CLIP_TOWER, preset
 from llava_lite.model.vision import build_vision_tower, vision_geometry
+from llava_lite.run_folder import MODEL_CONFIG_FILE
 
 LANGUAGE_MODELS = {
     "llama": TINY_LANGUAGE_MODEL["model_config"],
@@ -189,7 +190,7 @@ def test_save_and_load_give_identical_logits(tower, image_folder, tmp_path):
 def test_saved_folder_needs_nothing_outside_it(tiny_model, image_folder, tmp_path):
     tiny_model.save_pretrained(tmp_path / "run")
     (tmp_path / "run").rename(tmp_path / "moved")
-    saved = json.loads((tmp_path / "moved" / CONFIG_FILE).read_text())
+    saved = json.loads((tmp_path / "moved" / MODEL_CONFIG_FILE).read_text())
     assert saved["model"]["language_model"]["name"] == "language_model"
     assert saved["model"]["vision_tower"]["name"] is None
     loaded = LlavaLiteModel.from_pretrained(tmp_path / "moved")
@@ -214,7 +215,7 @@ def test_saved_llama2_tokenizer_tokenizes_as_before(real_tokenizers, tmp_path):
 
 def test_bare_unversioned_config_still_loads(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "run")
-    path = tmp_path / "run" / CONFIG_FILE
+    path = tmp_path / "run" / MODEL_CONFIG_FILE
     payload = json.loads(path.read_text())
     path.write_text(json.dumps(payload["model"]))  # the hand-written layout, no version envelope
     assert load_model_config(tmp_path / "run").projector.type == "mlp2x_gelu"
@@ -222,7 +223,7 @@ def test_bare_unversioned_config_still_loads(tiny_model, tmp_path):
 
 def test_config_from_a_newer_llava_lite_is_refused(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "run")
-    path = tmp_path / "run" / CONFIG_FILE
+    path = tmp_path / "run" / MODEL_CONFIG_FILE
     payload = json.loads(path.read_text())
     payload["format_version"] = 99
     path.write_text(json.dumps(payload))
@@ -232,7 +233,7 @@ def test_config_from_a_newer_llava_lite_is_refused(tiny_model, tmp_path):
 
 def test_saved_config_with_an_unknown_key_is_refused_naming_it(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "run")
-    path = tmp_path / "run" / CONFIG_FILE
+    path = tmp_path / "run" / MODEL_CONFIG_FILE
     payload = json.loads(path.read_text())
     payload["model"]["projector"]["kind"] = "linear"
     path.write_text(json.dumps(payload))

@@ -16,7 +16,7 @@ from llava_lite.interop.hf_export import export_hf_llava
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.pair_log_probs import pair_log_probs, split_batch
 from llava_lite.model.presets import preset
-from llava_lite.model.processing import build_processor
+from llava_lite.model.processor_for_config import processor_for_config
 from llava_lite.train.config import PreferenceSettings
 from llava_lite.train.preference_loss import preference_terms
 
@@ -77,7 +77,7 @@ def test_our_sigmoid_loss_equals_trls_dpo_trainer_on_the_same_pairs_and_weights(
     policy = LlavaLiteModel.from_pretrained(tmp_path / "policy").eval()
     reference = LlavaLiteModel.from_pretrained(tmp_path / "reference").eval()
     pairs, _ = read_pairs(DataSource(str(tmp_path / "pairs.jsonl")))
-    dataset = PreferenceDataset(pairs, build_processor(policy.config, policy.tokenizer))
+    dataset = PreferenceDataset(pairs, processor_for_config(policy.config, policy.tokenizer))
     settings = PreferenceSettings(loss="sigmoid", beta=0.1)
     for packed in (False, True):
         samples = [dataset[0], dataset[1]]

@@ -26,7 +26,7 @@ from llava_lite.data.skips import SkipCounter
 from llava_lite.model import language_model
 from llava_lite.model.llava import LlavaLiteModel
 from llava_lite.model.presets import preset
-from llava_lite.model.processing import build_processor
+from llava_lite.model.processor_for_config import processor_for_config
 from llava_lite.model.vision import VisionTower
 
 
@@ -45,7 +45,7 @@ def no_model_built(monkeypatch):
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-hf-clip"])
 def test_the_processor_encodes_real_llava_records_without_building_a_model(model, no_model_built):
-    processor = build_processor(preset(model, chat_template="vicuna_v1"), max_length=4096)
+    processor = processor_for_config(preset(model, chat_template="vicuna_v1"), max_length=4096)
     path = fixture_path("data", "llava_instruct_100.json")
     conversations, skipped = read_source(DataSource(str(path)), check_images_exist=False)
     assert not skipped and len(conversations) == 100
@@ -57,7 +57,7 @@ def test_the_processor_encodes_real_llava_records_without_building_a_model(model
 
 
 def test_the_processor_makes_samples_of_real_multi_image_records_without_building_a_model(no_model_built):
-    processor = build_processor(preset("tiny"))
+    processor = processor_for_config(preset("tiny"))
     conversations, _ = read_source(DataSource(str(fixture_path("data", "mllm_demo", "mllm_demo.json"))))
     for conversation in conversations:
         sample = processor.sample(conversation)

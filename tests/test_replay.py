@@ -20,7 +20,7 @@ from llava_lite.data.masking import IGNORE_INDEX
 from llava_lite.data.replay import ReplayMix, read_documents, text_windows, trained_tokens
 from llava_lite.demo import shapes
 from llava_lite.model.presets import preset
-from llava_lite.model.processing import build_processor
+from llava_lite.model.processor_for_config import processor_for_config
 from llava_lite.train.config import TrainConfig
 from llava_lite.train.run import run_training
 
@@ -29,7 +29,7 @@ ANSWERS = ("eval", "llava_bench_wild", "answers_gpt4.jsonl")  # real text, in a 
 
 @pytest.fixture(scope="module")
 def processor():
-    return build_processor(preset("tiny"), max_length=256)
+    return processor_for_config(preset("tiny"), max_length=256)
 
 
 @pytest.fixture(scope="module")

@@ -208,7 +208,7 @@ def our_side(pairs: Path, start: Path, args, out: Path, packed: bool) -> dict:
                 "lora": {**LORA, "target_modules": "all-linear"},
                 "train_projector": args.method != "lora",
             },
-            "preference": {"loss": "sigmoid", "beta": BETA},
+            "preference": {"loss": "sigmoid", "beta": BETA, "sft_weight": 0.0},  # TRL's DPOTrainer adds no NLL term
             "resume": "never",
         },
     )
@@ -289,14 +289,14 @@ def packed_rows_for(pairs: Path, start: Path, args) -> int:
     """Rows per packed step that carry at least as many pairs as a padded step of `--pairs` pairs, on average."""
     from llava_lite.config_io import from_dict
     from llava_lite.data.config import DataConfig
+    from llava_lite.data.preference_formats import load_pairs
     from llava_lite.data.preference_pairs import PreferenceDataset
     from llava_lite.model.llava import LlavaLiteModel
-    from llava_lite.model.processing import build_processor
-    from llava_lite.train.preference import load_pairs
+    from llava_lite.model.processor_for_config import processor_for_config
 
     model = LlavaLiteModel.from_pretrained(start)
     read, _ = load_pairs(from_dict(DataConfig, {"sources": [{"path": str(pairs)}]}))
-    lengths, _ = PreferenceDataset(read, build_processor(model.config, model.tokenizer), 4096).measure()
+    lengths, _ = PreferenceDataset(read, processor_for_config(model.config, model.tokenizer), 4096).measure()
     per_row = args.pack_length / statistics.mean(lengths)
     return max(1, math.ceil(args.pairs / per_row))
 

@@ -25,7 +25,7 @@ from llava_lite.data.config import DataSource
 from llava_lite.data.formats import read_source
 from llava_lite.data.measure import measure
 from llava_lite.model.presets import preset
-from llava_lite.model.processing import build_processor
+from llava_lite.model.processor_for_config import processor_for_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures"
@@ -46,7 +46,7 @@ def main() -> None:
     tokenizer = str(FIXTURES / "tokenizers" / args.tokenizer)
     model_config = preset("tiny", language_model={"tokenizer": tokenizer})
     template = None if args.template == "auto" else args.template
-    processor = build_processor(model_config, template=template, max_length=args.max_length)
+    processor = processor_for_config(model_config, template=template, max_length=args.max_length)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"{args.records} records, tokenizer {args.tokenizer}, template {args.template}, {cores} cores")
 

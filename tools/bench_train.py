@@ -172,10 +172,10 @@ def our_dataset(data: Path, start: Path):
     from llava_lite.data.config import DataConfig, DataSource
     from llava_lite.data.dataset import build_dataset
     from llava_lite.model.llava import LlavaLiteModel
-    from llava_lite.model.processing import build_processor
+    from llava_lite.model.processor_for_config import processor_for_config
 
     model = LlavaLiteModel.from_pretrained(start)
-    processor = build_processor(model.config, model.tokenizer, max_length=2048)
+    processor = processor_for_config(model.config, model.tokenizer, max_length=2048)
     return build_dataset(DataConfig(sources=[DataSource(str(data))], max_length=2048), processor), model.tokenizer
 
 

@@ -30,10 +30,10 @@ from llava_lite.data.cache import read_cached, write_cached
 from llava_lite.data.conversation import Conversation
 from llava_lite.data.errors import REASONS, BadRecordError
 from llava_lite.data.processor import Processor
+from llava_lite.run_folder import MEASURED_FILE
 
 logger = logging.getLogger(__name__)
 
-CACHE_FILE = "measured.safetensors"
 FORMAT = "1"
 POOL_FROM = 4000  # records of one process's share from which a pool pays for its start
 _CHUNK = 500  # records per task handed to a pool worker
@@ -60,7 +60,7 @@ def measure(
     """The counts of `conversations`, from `cache_dir`'s cache when it holds these records under this processor,
     else measured (over every process of the run together, which must all call this) and cached there."""
     key = fingerprint(conversations, processor)
-    cache = Path(cache_dir) / CACHE_FILE if cache_dir is not None else None
+    cache = Path(cache_dir) / MEASURED_FILE if cache_dir is not None else None
     cached = _read(cache, key, len(conversations)) if cache is not None else None
     if not _everywhere(cached is not None):  # a process that cannot see the cache measures with the others
         cached = None

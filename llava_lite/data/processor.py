@@ -1,7 +1,8 @@
 """Conversations and images to model inputs - what transformers' `LlavaProcessor` is to its model.
 
 Built from a tokenizer, a chat template and the vision tower's geometry (`ImageGeometry`), never from a model:
-records can be encoded with no weights loaded. Data flows one way: Conversation -> RenderedConversation
+records can be encoded with no weights loaded (`llava_lite.model.processor_for_config` builds the one a model config
+implies). Data flows one way: Conversation -> RenderedConversation
 (text + spans) -> token ids and labels with one placeholder per image -> each placeholder expanded to that
 image's token count -> cut to `max_length` -> with the images' pixels, a sample.
 """

@@ -33,10 +33,9 @@ from llava_lite.data.dataset import ConversationDataset
 from llava_lite.data.errors import BadRecordError
 from llava_lite.data.formats import load_with_datasets
 from llava_lite.data.masking import IGNORE_INDEX
+from llava_lite.run_folder import REPLAY_WINDOWS_FILE
 
 logger = logging.getLogger(__name__)
-
-WINDOWS_FILE = "replay_windows.safetensors"
 
 
 def read_replay_text(config: DataConfig) -> list[str]:
@@ -105,7 +104,7 @@ def cached_text_windows(tokenizer, documents: list[str], window: int, cache_dir:
     digest.update(tokenizer.backend_tokenizer.to_str().encode())
     for document in documents:
         digest.update(b"\x00D" + document.encode())
-    key, path = digest.hexdigest(), Path(cache_dir) / WINDOWS_FILE
+    key, path = digest.hexdigest(), Path(cache_dir) / REPLAY_WINDOWS_FILE
     cached = read_cached(path, key)
     if cached is not None:
         ids, ends = cached["ids"].numpy(), cached["ends"].tolist()

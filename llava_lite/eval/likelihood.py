@@ -22,7 +22,7 @@ from llava_lite.data.conversation import Conversation
 from llava_lite.data.masking import IGNORE_INDEX
 from llava_lite.eval.perplexity import eval_mode
 from llava_lite.model.loss import CHUNK_ELEMENTS, body_and_head, head_matches
-from llava_lite.model.processing import build_processor
+from llava_lite.model.processor_for_config import processor_for_config
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class LikelihoodScorer:
         """`model`: a LlavaLiteModel. The head-only-where-scored split is checked once, here."""
         self.model = model
         self.device = next(model.parameters()).device
-        self.processor = build_processor(model.config, model.tokenizer, max_length=max_length)
+        self.processor = processor_for_config(model.config, model.tokenizer, max_length=max_length)
         self.collator = Collator(model.tokenizer.pad_token_id, "right")
         split = body_and_head(model.language_model)
         if split is not None and not head_matches(model.language_model, *split):

@@ -131,8 +131,8 @@ def _tokenizer_for_lm_eval(model, chat_template: bool):
     tokenizer = model.tokenizer
     if chat_template:
         from llava_lite.interop.chat_template import jinja_chat_template
-        from llava_lite.model.processing import build_processor
+        from llava_lite.model.processor_for_config import processor_for_config
 
-        template = build_processor(model.config, tokenizer).template
+        template = processor_for_config(model.config, tokenizer).template
         tokenizer.chat_template = jinja_chat_template(template, tokenizer, model.config.image_token)
     return tokenizer

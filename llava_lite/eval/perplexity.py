@@ -30,7 +30,7 @@ from llava_lite.data.errors import BadRecordError
 from llava_lite.data.formats import read_source
 from llava_lite.data.masking import IGNORE_INDEX
 from llava_lite.data.replay import bos_windows
-from llava_lite.model.processing import build_processor
+from llava_lite.model.processor_for_config import processor_for_config
 
 
 @dataclass
@@ -85,7 +85,7 @@ def response_perplexity(
     if not conversations:
         raise ValueError("no held-out conversations to score")
     device = next(model.parameters()).device
-    processor = build_processor(model.config, model.tokenizer, max_length=max_length)
+    processor = processor_for_config(model.config, model.tokenizer, max_length=max_length)
     dataset = ConversationDataset(conversations, processor, on_bad_record="error")
     collator = Collator(model.tokenizer.pad_token_id, "right")
     nll, tokens = 0.0, 0

@@ -8,6 +8,9 @@ reward margin of DPO over beta. Reported: the preference accuracy (the share of 
 The reference is `--reference` (a run folder or transformers Llava folder), else the run's `init_from` (from its
 saved `train_config.yaml`), else - for a run with adapters - the run with its adapters off. The pairs are read,
 checked and encoded as training reads them (any of the four formats), with the run's template.
+
+A reward model run (`recipe: reward`, a reward head beside its model) is measured by its own scores, no reference:
+margin = r(chosen) - r(rejected), the accuracy the share of pairs above 0 (TRL's RewardTrainer `accuracy`).
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from llava_lite.data.config import DataSource
 from llava_lite.data.preference_formats import PreferencePair, read_pairs
 from llava_lite.data.preference_pairs import PreferenceCollator, PreferenceDataset
 from llava_lite.model.pair_log_probs import log_probs_of_pairs
-from llava_lite.model.processing import build_processor
-from llava_lite.train.trainer import RUN_CONFIG_FILE
+from llava_lite.model.processor_for_config import processor_for_config
+from llava_lite.model.reward_head import has_reward_head, load_reward_head
+from llava_lite.run_folder import TRAIN_CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,10 @@ def evaluate_preference(
     pairs = pairs[:limit] if limit else pairs
     if not pairs:
         raise ValueError(f"{pairs_path}: no preference pairs to evaluate")
+    if has_reward_head(model_folder):
+        if reference is not None:
+            raise ValueError(f"{model_folder} is a reward model, scored by its own head: --reference does not apply")
+        return reward_model_preference(load(model_folder), model_folder, pairs, batch_size, progress)
     run_config = _run_config(Path(model_folder))
     beta = float(((run_config.get("preference") or {}).get("beta")) or DEFAULT_BETA)
     model = load(model_folder)
@@ -78,11 +86,34 @@ def evaluate_preference(
     }
 
 
+def reward_model_preference(
+    model, folder: str | Path, pairs: list[PreferencePair], batch_size: int, progress: bool = True
+) -> dict:
+    """Preference accuracy and margins of the reward model run in `folder` (`model`, its LlavaLiteModel, ready to
+    run): its head put on the model, each pair's answers scored as training scored them."""
+    from llava_lite.eval.reward_model import RewardModel
+
+    load_reward_head(model, folder)
+    scorer = RewardModel(model, next(model.parameters()).device, batch_size)
+    chosen, rejected = scorer.pair_rewards(pairs, progress)
+    margins = chosen - rejected
+    return {
+        "pairs": len(pairs),
+        "accuracy": float((margins > 0).float().mean()),
+        "mean_margin": float(margins.mean()),
+        "beta": 1.0,  # the rewards are the margin's own scale
+        "mean_reward_margin": float(margins.mean()),
+        "chosen_rewards": float(chosen.mean()),
+        "rejected_rewards": float(rejected.mean()),
+        "reference": "none (a reward model's scores)",
+    }
+
+
 def pair_scores(
     model, pairs: list[PreferencePair], batch_size: int, context=contextlib.nullcontext, progress: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each pair's summed log-probability of its chosen and of its rejected answer under `model`, in order."""
-    processor = build_processor(model.config, model.tokenizer)
+    processor = processor_for_config(model.config, model.tokenizer)
     dataset = PreferenceDataset(pairs, processor, max_length=model.context_length)
     device = next(model.parameters()).device
     collate = PreferenceCollator(model.tokenizer.pad_token_id)
@@ -95,5 +126,5 @@ def pair_scores(
 
 
 def _run_config(folder: Path) -> dict:
-    path = folder / RUN_CONFIG_FILE
+    path = folder / TRAIN_CONFIG_FILE
     return load_yaml(path) if path.is_file() else {}

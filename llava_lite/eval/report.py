@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from llava_lite.data.writing import write_lines_atomically
+from llava_lite.run_folder import CHECKPOINT_PREFIX, TRAINER_STATE_FILE, checkpoints, read_trainer_state
 
 # Training-log keys drawn as curves: the Trainer's losses and what the evaluation callback logs.
 CURVE_KEYS = ("loss", "eval_loss", "response_perplexity", "text_perplexity", "text_perplexity_base")
@@ -61,21 +62,16 @@ def table(results: dict) -> str:
 
 
 def read_training_log(run: str | Path) -> list[dict]:
-    """The Trainer's log history of a run: its `trainer_state.json`, or that of its newest checkpoint."""
+    """The Trainer's log history of a run: its final trainer state, or that of its newest checkpoint that has one."""
     run = Path(run)
-    checkpoints = {
-        int(path.parent.name.removeprefix("checkpoint-")): path
-        for path in run.glob("checkpoint-*/trainer_state.json")
-        if path.parent.name.removeprefix("checkpoint-").isdigit()  # the Trainer's own: checkpoint-STEP
-    }
-    candidates = [run / "trainer_state.json"] + [checkpoints[step] for step in sorted(checkpoints, reverse=True)]
-    for path in candidates:
-        if path.is_file():
-            try:
-                return json.loads(path.read_text(encoding="utf-8"))["log_history"]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise ValueError(f"{path}: not a trainer state ({err})") from None
-    raise ValueError(f"{run}: no trainer_state.json in it or in a checkpoint-* folder")
+    for folder in [run, *reversed(checkpoints(run))]:
+        state = read_trainer_state(folder)
+        if state is None:
+            continue
+        if "log_history" not in state:
+            raise ValueError(f"{folder / TRAINER_STATE_FILE}: not a trainer state (no log_history)")
+        return state["log_history"]
+    raise ValueError(f"{run}: no {TRAINER_STATE_FILE} in it or in a {CHECKPOINT_PREFIX}STEP folder")
 
 
 def plot(path: str | Path, results: dict | None = None, training_log: list[dict] | None = None) -> None:

@@ -19,7 +19,7 @@ from llava_lite.data.conversation import Conversation
 from llava_lite.data.processor import EncodedConversation
 from llava_lite.data.templates import ChatTemplate
 from llava_lite.model.llava import LlavaLiteModel
-from llava_lite.model.processing import build_processor
+from llava_lite.model.processor_for_config import processor_for_config
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Generator:
     def __init__(self, model: LlavaLiteModel, device: str | torch.device = "cpu") -> None:
         self.model = model.to(device).eval()
         self.device = torch.device(device)
-        self.processor = build_processor(model.config, model.tokenizer)
+        self.processor = processor_for_config(model.config, model.tokenizer)
         self.template = self.processor.template
         self.collator = Collator(model.tokenizer.pad_token_id, padding_side="left")
         self.stop_token_ids = stop_token_ids(model.tokenizer, self.template)

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llava_lite.config_io import ConfigError, from_dict, to_dict
+from llava_lite.run_folder import MODEL_CONFIG_FILE
 
 # Bump when the saved layout changes; add a step to _MIGRATIONS so older run folders keep loading.
 FORMAT_VERSION = 1
-CONFIG_FILE = "llava_lite_config.json"
 
 
 @dataclass
@@ -114,16 +114,16 @@ def model_config_from_dict(data: dict, where: str = "model") -> ModelConfig:
 
 def save_model_config(config: ModelConfig, folder: str | Path) -> None:
     payload = {"format_version": FORMAT_VERSION, "model": to_dict(config)}
-    path = Path(folder) / CONFIG_FILE
+    path = Path(folder) / MODEL_CONFIG_FILE
     path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
 def load_model_config(folder: str | Path, trust_remote_code: bool = False) -> ModelConfig:
     """The config saved in a run folder. `trust_remote_code` is the decision of the person running the command; a
     folder whose config asks for remote code by itself is refused (ConfigError) without it."""
-    path = Path(folder) / CONFIG_FILE
+    path = Path(folder) / MODEL_CONFIG_FILE
     if not path.is_file():
-        raise ConfigError(f"{folder}: not a llava_lite model folder (no {CONFIG_FILE})")
+        raise ConfigError(f"{folder}: not a llava_lite model folder (no {MODEL_CONFIG_FILE})")
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -140,7 +140,7 @@ def load_model_config(folder: str | Path, trust_remote_code: bool = False) -> Mo
     config = model_config_from_dict(payload["model"], where=str(path))
     if config.language_model.trust_remote_code and not trust_remote_code:
         raise ConfigError(
-            f"{folder}: its {CONFIG_FILE} sets language_model.trust_remote_code, which would run code that came "
+            f"{folder}: its {MODEL_CONFIG_FILE} sets language_model.trust_remote_code, which would run code that came "
             "with the folder; a folder cannot allow that itself - give --trust-remote-code if you trust it"
         )
     # A saved run names parts by folders inside the run; make them independent of the working directory.

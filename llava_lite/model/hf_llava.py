@@ -32,18 +32,13 @@ from transformers import (
     LlavaNextForConditionalGeneration,
 )
 
-from llava_lite.model.config import (
-    CONFIG_FILE,
-    LanguageModelConfig,
-    ModelConfig,
-    ProjectorConfig,
-    VisionTowerConfig,
-)
+from llava_lite.model.config import LanguageModelConfig, ModelConfig, ProjectorConfig, VisionTowerConfig
 from llava_lite.model.parts import ModelParts
 from llava_lite.model.projector import Projector
 from llava_lite.model.vision import build_vision_tower
 from llava_lite.model.vision.hf_tower import processor_settings
 from llava_lite.model.weights_files import require_safetensors_folder
+from llava_lite.run_folder import MODEL_CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +49,7 @@ _MODEL_CLASSES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNex
 def is_hf_llava_folder(folder: str | Path) -> bool:
     """A folder with transformers' `config.json` of a Llava or LlavaNext model, and not one of our run folders."""
     folder = Path(folder)
-    if (folder / CONFIG_FILE).is_file() or not (folder / "config.json").is_file():
+    if (folder / MODEL_CONFIG_FILE).is_file() or not (folder / "config.json").is_file():
         return False
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))

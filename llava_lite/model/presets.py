@@ -6,7 +6,8 @@ import copy
 from pathlib import Path
 
 from llava_lite.config_io import ConfigError, from_dict
-from llava_lite.model.config import CONFIG_FILE, ModelConfig, load_model_config
+from llava_lite.model.config import ModelConfig, load_model_config
+from llava_lite.run_folder import MODEL_CONFIG_FILE
 
 TINY_OPEN_CLIP_TOWER = {
     "type": "open_clip",
@@ -65,7 +66,7 @@ def resolve_model_config(spec: str | dict, where: str = "model", trust_remote_co
     """A model given as a preset name, a saved model folder, or a dict (optionally `preset:` plus overrides).
     `trust_remote_code` is the command's: a saved folder cannot ask for remote code itself (a dict can)."""
     if isinstance(spec, str):
-        if (Path(spec) / CONFIG_FILE).is_file():
+        if (Path(spec) / MODEL_CONFIG_FILE).is_file():
             return load_model_config(spec, trust_remote_code)
         if spec in PRESETS:
             return preset(spec)

@@ -5,11 +5,12 @@ A folder holds what was trained and what exists nowhere else:
 - the vision tower (`vision_tower/`) when it was trained or built from a config (random weights);
 - the LM (`language_model/`, transformers' own format) when it was trained or built from a config;
 - peft adapters (`adapter/`) when the LM was trained with them;
+- a reward model's scalar head (`recipe: reward`) when the model has one (`llava_lite.model.reward_head`);
 - `llava_lite_config.json`, naming the parts that were not saved by their source (a local path or hub name),
   so a stage-1 run of a 7B LM is megabytes, not gigabytes.
 Everything is safetensors or JSON; nothing is pickled, and a pickle met where weights belong is refused. A folder
 that lacks a part it needs - whose config names no other source for it - is refused naming the missing file,
-rather than loaded with random weights.
+rather than loaded with random weights. The names are spelled in `llava_lite.run_folder`.
 """
 
 from __future__ import annotations
@@ -28,17 +29,21 @@ from llava_lite.model.config import ModelConfig, load_model_config, save_model_c
 from llava_lite.model.language_model import build_language_model, fit_embeddings, load_tokenizer
 from llava_lite.model.parts import ModelParts
 from llava_lite.model.projector import projector_for
+from llava_lite.model.reward_head import REWARD_HEAD, save_reward_head
 from llava_lite.model.vision import build_vision_tower
-from llava_lite.model.vision.base import WEIGHTS_FILE as TOWER_WEIGHTS
 from llava_lite.model.weights_files import read_safetensors, require_safetensors_folder
+from llava_lite.run_folder import (
+    ADAPTER_DIR,
+    ADAPTER_WEIGHTS_FILE,
+    LM_DIR,
+    PROJECTOR_FILE,
+    REWARD_HEAD_FILE,
+    TOKENIZER_DIR,
+    TOWER_DIR,
+    TOWER_WEIGHTS_FILE,
+)
 
 logger = logging.getLogger(__name__)
-
-PROJECTOR_FILE = "projector.safetensors"
-TOWER_DIR = "vision_tower"
-LM_DIR = "language_model"
-ADAPTER_DIR = "adapter"
-TOKENIZER_DIR = "tokenizer"
 
 
 def save_model(model, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
@@ -49,12 +54,13 @@ def save_model(model, folder: str | Path, state_dict: dict[str, torch.Tensor] | 
     config = model.config
 
     save_file(_part(state, "projector."), str(folder / PROJECTOR_FILE))
+    save_reward_head(state, folder)
 
     tower = model.vision_tower
     tower_config = config.vision_tower
     if _is_trained(tower) or tower_config.name is None:
         (folder / TOWER_DIR).mkdir(exist_ok=True)
-        save_file(_part(state, "vision_tower."), str(folder / TOWER_DIR / TOWER_WEIGHTS))
+        save_file(_part(state, "vision_tower."), str(folder / TOWER_DIR / TOWER_WEIGHTS_FILE))
         tower_config = tower.architecture_config()
 
     lm = model.language_model
@@ -111,7 +117,7 @@ def load_model(
 
         language_model = PeftModel.from_pretrained(language_model, config.adapter, is_trainable=trainable_adapters)
     vision_tower = build_vision_tower(config.vision_tower)
-    if (folder / TOWER_DIR / TOWER_WEIGHTS).is_file():
+    if (folder / TOWER_DIR / TOWER_WEIGHTS_FILE).is_file():
         vision_tower.load_weights(folder / TOWER_DIR)
     projector = projector_for(config, vision_tower.hidden_size, _embedding_width(language_model))
     projector.load_state_dict(read_safetensors(folder / PROJECTOR_FILE))
@@ -126,10 +132,10 @@ def check_parts(folder: Path, config: ModelConfig) -> None:
         raise FileNotFoundError(f"{folder / PROJECTOR_FILE}: missing (every run folder holds its projector)")
     tower = config.vision_tower
     tower_source = tower.pretrained if tower.type == "open_clip" else tower.name
-    if not tower_source and not (folder / TOWER_DIR / TOWER_WEIGHTS).is_file():
+    tower_weights = folder / TOWER_DIR / TOWER_WEIGHTS_FILE
+    if not tower_source and not tower_weights.is_file():
         raise FileNotFoundError(
-            f"{folder / TOWER_DIR / TOWER_WEIGHTS}: missing, and {folder.name}'s config names no other source for the "
-            "vision tower's weights"
+            f"{tower_weights}: missing, and {folder.name}'s config names no other source for the vision tower's weights"
         )
     lm = config.language_model
     if lm.name is None:
@@ -142,9 +148,9 @@ def check_parts(folder: Path, config: ModelConfig) -> None:
             raise FileNotFoundError(f"{folder / part}: missing (the folder's config says the {part} is there)")
     if config.adapter:
         adapter = Path(config.adapter)
-        if adapter.is_dir() and not (adapter / "adapter_model.safetensors").is_file():
+        if adapter.is_dir() and not (adapter / ADAPTER_WEIGHTS_FILE).is_file():
             require_safetensors_folder(adapter, "adapter")
-            raise FileNotFoundError(f"{adapter / 'adapter_model.safetensors'}: missing")
+            raise FileNotFoundError(f"{adapter / ADAPTER_WEIGHTS_FILE}: missing")
     require_safetensors_folder(lm.name, "language model")
 
 
@@ -156,16 +162,19 @@ def load_trained_weights(model, folder: str | Path) -> None:
         _load_sharded(model, folder)
         return
     model.projector.load_state_dict(read_safetensors(folder / PROJECTOR_FILE))
-    if (folder / TOWER_DIR / TOWER_WEIGHTS).is_file():
+    if (folder / TOWER_DIR / TOWER_WEIGHTS_FILE).is_file():
         model.vision_tower.load_weights(folder / TOWER_DIR)
     lm = model.language_model
     if model.uses_adapters:
         from peft import set_peft_model_state_dict
 
         require_safetensors_folder(folder / ADAPTER_DIR, "adapter")
-        set_peft_model_state_dict(lm, read_safetensors(folder / ADAPTER_DIR / "adapter_model.safetensors"))
+        set_peft_model_state_dict(lm, read_safetensors(folder / ADAPTER_DIR / ADAPTER_WEIGHTS_FILE))
     elif (folder / LM_DIR).is_dir():
         _load_safetensors_folder(lm, folder / LM_DIR)
+    reward_head = getattr(model, REWARD_HEAD, None)
+    if reward_head is not None:
+        reward_head.load_state_dict(read_safetensors(folder / REWARD_HEAD_FILE))
 
 
 def _is_sharded(model: nn.Module) -> bool:
@@ -183,10 +192,13 @@ def _load_sharded(model, folder: Path) -> None:
     if model.uses_adapters:
         raise ValueError(f"{folder}: resuming adapters with sharded weights (FSDP) is not supported; use DDP or ZeRO")
     state = {f"projector.{k}": v for k, v in read_safetensors(folder / PROJECTOR_FILE).items()}
-    if (folder / TOWER_DIR / TOWER_WEIGHTS).is_file():
-        state.update({f"vision_tower.{k}": v for k, v in read_safetensors(folder / TOWER_DIR / TOWER_WEIGHTS).items()})
+    tower_weights = folder / TOWER_DIR / TOWER_WEIGHTS_FILE
+    if tower_weights.is_file():
+        state.update({f"vision_tower.{k}": v for k, v in read_safetensors(tower_weights).items()})
     for shard in sorted((folder / LM_DIR).glob("*.safetensors")):
         state.update({f"language_model.{k}": v for k, v in read_safetensors(shard).items()})
+    if (folder / REWARD_HEAD_FILE).is_file():
+        state.update({f"{REWARD_HEAD}.{k}": v for k, v in read_safetensors(folder / REWARD_HEAD_FILE).items()})
     expected = set(model.state_dict())
     unknown = set(state) - expected
     trained = {name for name, p in model.named_parameters() if p.requires_grad}

@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
 import torch
 from transformers.trainer import OPTIMIZER_NAME, SCALER_NAME, SCHEDULER_NAME
 from transformers.trainer_pt_utils import safe_globals
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
+
+from llava_lite.run_folder import ROTATED_PREFIX, checkpoints
 
 logger = logging.getLogger(__name__)
-
-ROTATED_PREFIX = ".rotated-"
-_STEP = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
 def rotate_checkpoints(run_dir: str | Path, limit: int | None, best: str | None = None) -> None:
@@ -35,16 +32,16 @@ def rotate_checkpoints(run_dir: str | Path, limit: int | None, best: str | None 
     each one removed is renamed away before it is deleted."""
     if not limit or limit <= 0:
         return
-    checkpoints = sort_checkpoints(str(run_dir), PREFIX_CHECKPOINT_DIR)
-    protected = {checkpoints[-1]} if checkpoints else set()
+    found = checkpoints(run_dir)
+    protected = {found[-1]} if found else set()
     if best is not None:
-        protected.add(str(Path(best)))
-    remaining = len(checkpoints)
-    for checkpoint in checkpoints:
+        protected.add(Path(best))
+    remaining = len(found)
+    for checkpoint in found:
         if remaining <= max(limit, len(protected)):
             break
         if checkpoint not in protected:
-            _remove(Path(checkpoint))
+            _remove(checkpoint)
             remaining -= 1
 
 

@@ -33,7 +33,6 @@ from llava_lite.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-REFERENCE_FILE = "reference_logps.safetensors"
 FINGERPRINT_VERSION = 1
 
 

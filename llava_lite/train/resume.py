@@ -13,16 +13,19 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
 from llava_lite.config_io import ConfigError, load_yaml, to_dict
-from llava_lite.train.checkpoints import ROTATED_PREFIX
+from llava_lite.run_folder import (
+    CHECKPOINT_PREFIX,
+    ROTATED_PREFIX,
+    STAGING_DIR,
+    TRAIN_CONFIG_FILE,
+    TRAINER_STATE_FILE,
+    finished_at,
+)
 from llava_lite.train.config import TrainConfig
-from llava_lite.train.trainer import RUN_CONFIG_FILE, STAGING_DIR
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.json"  # written beside the final model after it
 
 # Fields that do not change what is trained: a continued run may differ in these. Everything else must match.
 NOT_AFFECTING_WEIGHTS = (
@@ -44,23 +47,21 @@ def finished_step(config: TrainConfig) -> int | None:
     """The last step of the finished run in `config.output_dir` when `resume` is `auto` and it is there, else
     None. ConfigError when that run was trained with a config that differs from `config` (resolved) in a way that
     matters: rerunning it would not give the same model."""
-    folder = Path(config.output_dir)
-    if config.resume != "auto" or not (folder / STATE_FILE).is_file():
+    if config.resume != "auto":
         return None
-    state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    step, last = state.get("global_step", 0), state.get("max_steps", 0)
-    if not last or step < last:
-        return None  # stopped early by a callback: its checkpoints, if any, carry on
-    check_same_run(config, folder)
+    step = finished_at(config.output_dir)
+    if step is None:  # not there, or stopped early by a callback: its checkpoints, if any, carry on
+        return None
+    check_same_run(config, config.output_dir)
     return step
 
 
 def check_same_run(config: TrainConfig, run_folder: str | Path | None) -> None:
     """ConfigError naming the first difference that matters between `config` (resolved) and the config saved in
     `run_folder` (a checkpoint or a finished run); nothing when there is no folder or no saved config."""
-    if run_folder is None or not (Path(run_folder) / RUN_CONFIG_FILE).is_file():
+    if run_folder is None or not (Path(run_folder) / TRAIN_CONFIG_FILE).is_file():
         return
-    saved = load_yaml(Path(run_folder) / RUN_CONFIG_FILE)
+    saved = load_yaml(Path(run_folder) / TRAIN_CONFIG_FILE)
     differences = config_differences(saved, to_dict(config))
     if differences:
         key, then, now = differences[0]
@@ -89,13 +90,13 @@ def clear_earlier_run(output_dir: str | Path) -> None:
     folder = Path(output_dir)
     if not folder.is_dir():
         return
-    stale = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-"))
+    stale = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
     for path in stale:
         shutil.rmtree(path)
     for leftover in folder.glob(f"{ROTATED_PREFIX}*"):  # what a killed rotation renamed away
         shutil.rmtree(leftover, ignore_errors=True)
     shutil.rmtree(folder / STAGING_DIR, ignore_errors=True)
-    (folder / STATE_FILE).unlink(missing_ok=True)
+    (folder / TRAINER_STATE_FILE).unlink(missing_ok=True)
     if stale:
         logger.info("starting over in %s: removed %s of the earlier run", folder, ", ".join(p.name for p in stale))
 

@@ -17,19 +17,16 @@ import yaml
 from accelerate import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava_lite.data.collator import REPLAY_TOKENS
 from llava_lite.data.sampler import ModalityLengthSampler
 from llava_lite.model.saving import load_trained_weights
+from llava_lite.run_folder import STAGING_DIR, TRAIN_CONFIG_FILE, checkpoint_name
 from llava_lite.train.checkpoints import rotate_checkpoints
 from llava_lite.train.precision import as_loaded_dtype
 from llava_lite.train.regularizers import Objective, row_losses
 
 logger = logging.getLogger(__name__)
-
-RUN_CONFIG_FILE = "train_config.yaml"
-STAGING_DIR = ".staging"
 
 
 class LlavaTrainer(Trainer):
@@ -174,7 +171,7 @@ class LlavaTrainer(Trainer):
         if not self._staging:  # the finished run, not a checkpoint: saved in the dtype it will be loaded in
             state_dict = as_loaded_dtype(unwrapped, state_dict if state_dict is not None else unwrapped.state_dict())
         unwrapped.save_pretrained(output_dir, state_dict=state_dict)
-        with open(Path(output_dir) / RUN_CONFIG_FILE, "w", encoding="utf-8") as handle:
+        with open(Path(output_dir) / TRAIN_CONFIG_FILE, "w", encoding="utf-8") as handle:
             yaml.safe_dump(self.run_config, handle, sort_keys=False)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -187,7 +184,7 @@ class LlavaTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         run_dir = self._get_output_dir(trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        name = checkpoint_name(self.state.global_step)
         staging = Path(run_dir) / STAGING_DIR
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)  # what a killed save left behind

@@ -12,8 +12,7 @@ from torch import nn
 from llava_lite.data.geometry import ImageGeometry
 from llava_lite.model.config import VisionTowerConfig
 from llava_lite.model.weights_files import read_safetensors
-
-WEIGHTS_FILE = "vision_tower.safetensors"
+from llava_lite.run_folder import TOWER_WEIGHTS_FILE
 
 
 class VisionTower(nn.Module):
@@ -86,11 +85,11 @@ class VisionTower(nn.Module):
     def save(self, folder: str | Path) -> VisionTowerConfig:
         """Write the weights into `folder`; return the config that rebuilds this tower from them."""
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(Path(folder) / WEIGHTS_FILE))
+        save_file(state, str(Path(folder) / TOWER_WEIGHTS_FILE))
         return self.architecture_config()
 
     def load_weights(self, folder: str | Path) -> None:
-        state = read_safetensors(Path(folder) / WEIGHTS_FILE)
+        state = read_safetensors(Path(folder) / TOWER_WEIGHTS_FILE)
         self.load_state_dict(state, strict=True)
 
 

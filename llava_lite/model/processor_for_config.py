@@ -1,4 +1,5 @@
-"""The processor for a model config: its tokenizer, a chat template and the tower's geometry - no weights built.
+"""The `Processor` (`llava_lite.data.processor`: conversation -> ids, labels, image slots) that a model config
+implies: its tokenizer, a chat template and the tower's image geometry - no weights built.
 
 Training, generation, serving, evaluation, `inspect-data` and the benchmarks all get their processor here.
 """
@@ -14,7 +15,7 @@ from llava_lite.model.image_layout import image_geometry
 from llava_lite.model.language_model import prepare_tokenizer
 
 
-def build_processor(
+def processor_for_config(
     config: ModelConfig,
     tokenizer: PreTrainedTokenizerBase | None = None,
     template: str | None = None,
