@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import fixture_path
 
-from llava_lite.datagen.inputs import build_context, load_annotations, normalise_pixel_box
+from llava_lite.data.annotations import build_context, load_annotations, normalise_pixel_box
 
 CAPS_BOXES = ("data", "caps_boxes_coco2014_val_80.jsonl")
 COCO_CAPTIONS = ("data", "coco", "captions_val2017_sample.json")

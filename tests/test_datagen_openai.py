@@ -10,12 +10,12 @@ from types import SimpleNamespace
 from chat_server import ChatServer, write_scenes
 
 from llava_lite.cli import main
-from llava_lite.datagen.backends import openai
-from llava_lite.datagen.backends.openai import OpenAIBackend
-from llava_lite.datagen.inputs import load_annotations
-from llava_lite.datagen.pipeline import Generator, build_tasks, finish
+from llava_lite.data.annotations import load_annotations
+from llava_lite.datagen.pipeline import TaskRunner, build_tasks, finish
 from llava_lite.datagen.prompts import load_prompts
-from llava_lite.datagen.writer import Journal
+from llava_lite.llm import openai
+from llava_lite.llm.journal import Journal
+from llava_lite.llm.openai import OpenAIBackend
 
 FAULTS = {
     "scene 1": ["429"],  # answered with Retry-After: 1
@@ -52,7 +52,7 @@ def generate(annotations: str, out: Path, server: ChatServer, concurrency: int =
     backend = OpenAIBackend(server.url, "fake-model", concurrency=concurrency, timeout=0.5, max_retries=2, backoff=0.01)
     journal = Journal.open(out.with_name(out.name + ".journal"), {"test": 1})
     try:
-        Generator(backend, prompts, journal).run(tasks, progress=False)
+        TaskRunner(backend, prompts, journal).run(tasks, progress=False)
         summary = finish(tasks, journal, out, out.with_name("rejects.jsonl"), near_duplicate=0.7)
     finally:
         backend.close()
@@ -178,7 +178,7 @@ def test_retry_after_is_read_as_seconds_milliseconds_or_an_http_date():
 
     import httpx
 
-    from llava_lite.datagen.backends.openai import _retry_after
+    from llava_lite.llm.openai import _retry_after
 
     def wait(**headers):
         return _retry_after(httpx.Response(429, headers=headers))

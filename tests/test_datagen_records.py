@@ -12,7 +12,7 @@ from llava_lite.cli import main
 from llava_lite.data.config import DataSource
 from llava_lite.data.formats import read_source
 from llava_lite.data.masking import IGNORE_INDEX
-from llava_lite.datagen.filters import DEFAULT_BOUNDS, Deduplicator, check_reply, check_turns, parse_score
+from llava_lite.datagen.filters import DEFAULT_BOUNDS, DuplicateFilter, check_reply, check_turns, parse_score
 from llava_lite.datagen.parse import Rejection, Turn, parse_description, parse_turns
 
 
@@ -93,7 +93,7 @@ def test_length_turn_count_and_repeated_questions_are_rejected_with_their_reason
 
 
 def test_exact_duplicates_anywhere_and_near_duplicates_within_an_image_are_dropped():
-    dedup = Deduplicator(threshold=0.7)
+    dedup = DuplicateFilter(threshold=0.7)
     text = "What is the man doing? He is flying a red kite on a sunny beach near the water."
     dedup.check("img1", text)
     with pytest.raises(Rejection, match="duplicate"):
@@ -137,9 +137,9 @@ def test_datagen_records_load_with_the_foundation_loader_and_train_only_the_answ
 
 
 def test_hf_backend_generates_batched_and_padding_does_not_change_a_reply(tmp_path, tiny_model):
-    from llava_lite.datagen.backends import Request
-    from llava_lite.datagen.backends.hf import HFBackend
-    from llava_lite.datagen.inputs import ImageAnnotations
+    from llava_lite.data.annotations import ImageAnnotations
+    from llava_lite.llm.chat import ChatRequest
+    from llava_lite.llm.hf import HFBackend
 
     folder = tmp_path / "lm"
     tiny_model.language_model.save_pretrained(folder)
@@ -148,7 +148,7 @@ def test_hf_backend_generates_batched_and_padding_does_not_change_a_reply(tmp_pa
     image = ImageAnnotations("1", "a.jpg", ["A cat."])
     contexts = ["A cat.", "A long description of a dog running over a field of green grass in the sun.", "Hi"]
     requests = [
-        Request(str(n), "conversation", [{"role": "user", "content": c}], image) for n, c in enumerate(contexts)
+        ChatRequest(str(n), "conversation", [{"role": "user", "content": c}], image) for n, c in enumerate(contexts)
     ]
     together = backend.complete(requests)
     alone = [backend.complete([request])[0] for request in requests]

@@ -13,7 +13,7 @@ from chat_server import ChatServer, write_scenes
 from conftest import ROOT
 
 from llava_lite.cli import main
-from llava_lite.datagen.writer import Journal
+from llava_lite.llm.journal import Journal
 
 TASKS = 40  # 20 images x 2 kinds
 
@@ -101,7 +101,7 @@ def test_a_journal_with_other_settings_is_refused_before_the_backend_is_built(tm
     def no_backend(*args):
         raise AssertionError("the backend (for hf: minutes of loading) was built before the journal was checked")
 
-    monkeypatch.setattr("llava_lite.commands.datagen._backend", no_backend)
+    monkeypatch.setattr("llava_lite.datagen.run._backend", no_backend)
     assert main(["datagen", "--annotations", annotations, "--out", str(out)]) == 2
     assert "left by a run with other settings" in capsys.readouterr().err
 

@@ -1,12 +1,13 @@
-"""`llava-lite data sample`, `data score` and `data pairs`: the self-improvement loop's steps, one command each."""
+"""`llava-lite data sample`, `data score` and `data pairs`: the self-improvement loop's steps, one command each
+(their arguments here; the steps themselves in `llava_lite.improve.steps`, which the loop runs too)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from llava_lite.commands._generation_args import add_model_arguments, add_sampling_arguments, add_trust_argument
+from llava_lite.commands._llm_args import add_openai_arguments, at_least
 
 
 def register(tools: argparse._SubParsersAction) -> None:
@@ -41,31 +42,32 @@ def _register_sample(tools: argparse._SubParsersAction) -> None:
 def _register_score(tools: argparse._SubParsersAction) -> None:
     parser = tools.add_parser(
         "score",
-        help="a score per sampled candidate: reference answer, LLM judge, or the run itself",
+        help="a score per sampled candidate: reference answer, LLM judge, the run itself, or a reward model",
         description=(
             "Score every candidate of a `data sample` file. reference: agreement with the line's `reference` "
             "(VQAv2-normalised exact match, --match contains or f1). judge: an LLM (--backend openai or hf) rates "
             "helpfulness and visual faithfulness 1-10 given the line's captions and boxes; the score is their mean. "
             "self: the run (--model, or served at --base-url) rates its own candidates on the same rubric, seeing "
-            "the image. Judged scores are journaled (OUT.journal): a rerun asks only for what is missing or failed."
+            "the image. Judged scores are journaled (OUT.journal): a rerun asks only for what is missing or failed. "
+            "reward-model: a run of `recipe: reward` (--model RUN) scores each candidate after its prompt and image."
         ),
     )
     parser.add_argument("--input", required=True, metavar="SAMPLES.jsonl")
     parser.add_argument("--output", required=True, metavar="SCORED.jsonl")
-    parser.add_argument("--scorer", choices=["reference", "judge", "self"], default="reference")
+    parser.add_argument("--scorer", choices=["reference", "judge", "self", "reward-model"], default="reference")
     parser.add_argument("--match", choices=["exact", "contains", "f1"], default="exact", help="reference: how")
     parser.add_argument("--backend", choices=["openai", "hf"], default="openai", help="judge: the LLM's backend")
-    parser.add_argument("--model", default=None, help="judge: served name or hf folder; self: the run folder")
+    parser.add_argument("--model", default=None, help="judge: served name or hf folder; self, reward-model: the run")
     parser.add_argument("--base-url", default=None, help="openai backend (judge, or self served): the API base URL")
-    parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable with the API key")
-    parser.add_argument("--concurrency", type=int, default=4, help="openai: requests in flight (default: 4)")
-    parser.add_argument("--max-retries", type=int, default=5, help="openai: retries per request (default: 5)")
-    parser.add_argument("--backoff", type=float, default=1.0, help="openai: first retry wait in seconds")
-    parser.add_argument("--timeout", type=float, default=120.0, help="openai: seconds to wait for a reply")
-    parser.add_argument("--max-tokens", type=int, default=128, help="longest judge reply in tokens (default: 128)")
-    parser.add_argument("--batch-size", type=int, default=8, help="hf and self: requests per batch")
-    parser.add_argument("--image-folder", default=None, help="self: the images (default: the input's folder)")
-    parser.add_argument("--device", default="auto", help="hf and self: cpu, cuda, ...")
+    add_openai_arguments(parser, concurrency=4)
+    parser.add_argument(
+        "--max-tokens", type=at_least(1), default=128, help="longest judge reply in tokens (default: 128)"
+    )
+    parser.add_argument(
+        "--batch-size", type=at_least(1), default=8, help="hf, self: requests per batch; reward-model: candidates"
+    )
+    parser.add_argument("--image-folder", default=None, help="self, reward-model: the images (default: the input's)")
+    parser.add_argument("--device", default="auto", help="hf, self, reward-model: cpu, cuda, ...")
     add_trust_argument(parser)
     parser.add_argument("--overwrite", action="store_true", help="start again, replacing OUT and its journal")
     parser.set_defaults(run=run_score)
@@ -97,20 +99,24 @@ def _register_pairs(tools: argparse._SubParsersAction) -> None:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from llava_lite.improve.sample import SampleSettings, check_output, journal_path, sample_file
-    from llava_lite.inference.generator import Generator
+    from llava_lite.improve.sample import SampleSettings
+    from llava_lite.improve.steps import sample_step
 
     settings = SampleSettings(
         args.samples, args.temperature, args.top_p, args.max_new_tokens, args.seed, args.batch_size
     )
-    check_output(Path(args.input), Path(args.output), args.overwrite)  # before the model loads
-    if journal_path(args.output).exists() and not args.overwrite:
-        print(f"resuming from {journal_path(args.output)}", file=sys.stderr)
-    generator = Generator.from_folder(args.model, args.device, args.dtype, args.trust_remote_code)
-    report = sample_file(
-        generator, args.input, args.output, settings, args.image_folder, args.overwrite, progress=sys.stderr.isatty()
+    report = sample_step(
+        args.model,
+        args.input,
+        args.output,
+        settings,
+        args.image_folder,
+        args.overwrite,
+        args.device,
+        args.dtype,
+        args.trust_remote_code,
+        progress=sys.stderr.isatty(),
+        log=lambda line: print(line, file=sys.stderr),
     )
     print(
         f"{report.prompts} prompts: {report.sampled} sampled now, {report.already_done} already done, "
@@ -122,29 +128,14 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from llava_lite.improve.score import score_by_reference
-
-    report = score_by_reference(args.input, args.output, args.match) if args.scorer == "reference" else _judged(args)
-    for line in report.lines():
-        print(line)
-    print(f"-> {args.output}")
-    if report.unscored.get("backend_error"):
-        print("some requests failed at the backend; rerun the same command to retry them", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _judged(args: argparse.Namespace):
-    from pathlib import Path
-
     from llava_lite.improve.config import ScoreSettings
-    from llava_lite.improve.judges import judge_for
-    from llava_lite.improve.score import score_by_judge, settings_for_journal
+    from llava_lite.improve.steps import score_step
 
-    if not args.model:
+    if args.scorer != "reference" and not args.model:
         raise ValueError(f"--scorer {args.scorer} needs --model (the judge's name or folder, or the run)")
     settings = ScoreSettings(
         scorer=args.scorer,
+        match=args.match,
         backend=args.backend,
         model=args.model,
         base_url=args.base_url,
@@ -153,36 +144,32 @@ def _judged(args: argparse.Namespace):
         max_retries=args.max_retries,
         backoff=args.backoff,
         timeout=args.timeout,
+        deadline=args.deadline,
         max_tokens=args.max_tokens,
         batch_size=args.batch_size,
     )
-    folder = args.image_folder or str(Path(args.input).parent)
-    backend, messages_for = judge_for(settings, folder, args.device, args.trust_remote_code)
-    journal = settings_for_journal(scorer=args.scorer, model=args.model, url=args.base_url)
-    return score_by_judge(args.input, args.output, backend, messages_for, journal, args.overwrite)
+    report = score_step(
+        args.input, args.output, settings, args.image_folder, args.device, args.trust_remote_code, args.overwrite
+    )
+    for line in report.lines():
+        print(line)
+    print(f"-> {args.output}")
+    if report.failed:
+        print(
+            "some requests failed (at the backend, or with a malformed reply); rerun the same command to retry them",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def run_pairs(args: argparse.Namespace) -> int:
-    from llava_lite.data.writing import write_records
-    from llava_lite.improve.pairs import PairSettings, build_pairs
-    from llava_lite.model.config import LanguageModelConfig
-    from llava_lite.model.language_model import load_tokenizer
+    from llava_lite.improve.pairs import PairSettings
+    from llava_lite.improve.steps import pairs_step
 
     settings = PairSettings(args.mode, args.min_gap, args.balance_length, args.sft_min_score)
-    tokenizer = load_tokenizer(LanguageModelConfig(name=args.tokenizer))
-    rows, sft, summary = build_pairs(args.input, settings, tokenizer)
-    write_records(args.output, rows)
-    if args.sft:
-        write_records(args.sft, sft)
-    if args.summary:
-        _write_json(args.summary, summary.as_dict())
+    summary = pairs_step(args.input, args.output, settings, args.sft, args.summary, args.tokenizer)
     for line in summary.lines():
         print(line)
     print(f"-> {args.output}" + (f", {args.sft}" if args.sft else ""))
     return 0
-
-
-def _write_json(path: str, data: dict) -> None:
-    from llava_lite.data.writing import write_lines_atomically
-
-    write_lines_atomically(path, [json.dumps(data, indent=1)])

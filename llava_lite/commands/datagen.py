@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import textwrap
-from dataclasses import asdict, replace
 from pathlib import Path
 
-from llava_lite.datagen.backends import BACKENDS, Backend
-from llava_lite.datagen.filters import DEFAULT_BOUNDS
-from llava_lite.datagen.inputs import InputReport, load_annotations
-from llava_lite.datagen.pipeline import Generator, Judge, Settings, build_tasks, finish, pending_tasks
-from llava_lite.datagen.prompts import JUDGE, KINDS, fingerprint, load_prompts
-from llava_lite.datagen.writer import Journal
+from llava_lite.commands._llm_args import add_openai_arguments, at_least, backend_settings
+from llava_lite.datagen.prompts import KINDS
+from llava_lite.datagen.run import TEMPLATE, DatagenSettings, run_datagen
+from llava_lite.llm.backends import BACKENDS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inputs.add_argument(
         "--images-dir", default=None, help="check every image exists here (image paths are relative to it)"
     )
-    inputs.add_argument("--limit", type=_at_least(1), default=None, help="use only the first N usable images")
+    inputs.add_argument("--limit", type=at_least(1), default=None, help="use only the first N usable images")
 
     what = parser.add_argument_group("what to generate")
     what.add_argument(
@@ -67,20 +62,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
 
     backend = parser.add_argument_group("backend")
-    backend.add_argument("--backend", choices=BACKENDS, default="template", help="default: template (offline)")
+    backend.add_argument(
+        "--backend", choices=(TEMPLATE, *BACKENDS), default=TEMPLATE, help="default: template (offline)"
+    )
     backend.add_argument("--model", default=None, help="openai: the served model name; hf: a local model folder")
     backend.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="openai: the API base URL")
-    backend.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai: environment variable with the key")
+    add_openai_arguments(backend, concurrency=8)
     backend.add_argument(
-        "--concurrency", type=_at_least(1), default=8, help="openai: requests in flight at once (default: 8)"
-    )
-    backend.add_argument("--timeout", type=float, default=120.0, help="openai: seconds to wait for a reply")
-    backend.add_argument(
-        "--max-retries", type=_at_least(0), default=5, help="openai: retries on 429, 5xx, timeouts (default: 5)"
-    )
-    backend.add_argument("--backoff", type=float, default=1.0, help="openai: first retry wait in seconds, then doubled")
-    backend.add_argument(
-        "--batch-size", type=_at_least(1), default=8, help="hf: prompts generated together (default: 8)"
+        "--batch-size", type=at_least(1), default=8, help="hf: prompts generated together (default: 8)"
     )
     backend.add_argument("--device", default=None, help="hf: cuda, cpu, ... (default: cuda when there is one)")
     backend.add_argument(
@@ -90,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     backend.add_argument(
         "--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default 0.7)"
     )
-    backend.add_argument("--max-tokens", type=_at_least(1), default=1024, help="longest reply in tokens")
+    backend.add_argument("--max-tokens", type=at_least(1), default=1024, help="longest reply in tokens")
 
     checks = parser.add_argument_group("filters")
     checks.add_argument("--min-answer-words", type=int, default=None, help="shortest answer kept (default per kind)")
@@ -103,7 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     checks.add_argument("--judge-threshold", type=float, default=7.0, help="lowest judge score kept, of 10 (default 7)")
     checks.add_argument(
         "--max-consecutive-failures",
-        type=_at_least(1),
+        type=at_least(1),
         default=20,
         help="stop when the backend fails this often in a row",
     )
@@ -114,59 +103,14 @@ def run(args: argparse.Namespace) -> int:
     kinds = _kinds(args.kinds)
     if not args.annotations and not args.instances:
         raise ValueError("give --annotations and/or --instances")
-    if args.judge and args.backend == "template":
-        raise ValueError("--judge needs an LLM backend (openai or hf); the template backend cannot judge")
-    out = Path(args.out)
-    rejects = Path(args.rejects) if args.rejects else out.with_name(f"{out.stem}.rejects.jsonl")
-    journal_path = out.with_name(out.name + ".journal")
-    if out.exists() and not journal_path.exists() and not args.overwrite:
-        raise ValueError(f"{out} already exists; pass --overwrite to generate it again")
-
-    images, report = load_annotations([*args.annotations, *args.instances], args.images_dir, args.limit)
-    _print_inputs(report, len(images), args.images_dir)
-    if not images:
-        raise ValueError("no usable image in the annotations (the problems are listed above)")
-    prompts = load_prompts([*kinds, *([JUDGE] if args.judge else [])], args.prompts)
-    settings = Settings(_bounds(args, kinds), args.max_consecutive_failures)
-    # The journal before the backend: one left with other settings is refused before a model loads for minutes.
-    journal = Journal.open(journal_path, _run_settings(args, kinds, prompts, settings), fresh=args.overwrite)
-    backends: list[Backend] = []
-    try:
-        backend = _backend(args, args.model, report)
-        backends.append(backend)
-        judge = None
-        if args.judge:
-            judge_backend = backend
-            if args.judge_model not in (None, args.model):
-                judge_backend = _backend(args, args.judge_model, report)
-                backends.append(judge_backend)
-            judge = Judge(judge_backend, prompts[JUDGE], args.judge_threshold)
-        tasks = build_tasks(images, kinds, prompts, args.seed)
-        resumed = len(tasks) - len(pending_tasks(tasks, journal))
-        if resumed:
-            print(f"resuming: {resumed} of {len(tasks)} tasks already done in {journal_path}", file=sys.stderr)
-        Generator(backend, prompts, journal, settings, judge).run(tasks, progress=sys.stderr.isatty())
-        summary = finish(tasks, journal, out, rejects, args.near_duplicate)
-    except KeyboardInterrupt:
-        if journal.entries:
-            print(
-                f"datagen: stopped; {journal_path} keeps what was done - run the same command to resume",
-                file=sys.stderr,
-            )
-        raise
-    finally:
-        for each in backends:
-            each.close()
-        if journal.entries:
-            journal.close()  # kept for a rerun to resume (finish() removes it once every task succeeded)
-        else:
-            journal.remove()  # nothing in it: a rerun with other settings need not pass --overwrite
-    print(f"wrote {out} and {rejects}")
+    settings = _settings(args, kinds)
+    summary = run_datagen(settings)
+    print(f"wrote {settings.out} and {settings.rejects_path}")
     for line in summary.lines():
         print(line)
     if summary.failed:
         print(
-            f"{summary.failed} task(s) failed at the backend (in the rejects as backend_error); "
+            f"{summary.failed} task(s) failed at the backend (in the rejects as backend_error or malformed_reply); "
             "rerun the same command to retry them"
         )
         return 1
@@ -183,83 +127,26 @@ def _kinds(text: str) -> list[str]:
     return list(dict.fromkeys(kinds))
 
 
-def _bounds(args: argparse.Namespace, kinds: list[str]) -> dict:
-    changes = {}
-    if args.min_answer_words is not None:
-        changes["min_answer_words"] = args.min_answer_words
-    if args.max_answer_words is not None:
-        changes["max_answer_words"] = args.max_answer_words
-    return {kind: replace(DEFAULT_BOUNDS[kind], **changes) for kind in kinds}
-
-
-def _backend(args: argparse.Namespace, model: str | None, report: InputReport) -> Backend:
-    if args.backend == "template":
-        from llava_lite.datagen.backends.template import TemplateBackend
-
-        return TemplateBackend(report.vocabulary, args.seed)
-    if args.backend == "openai":
-        from llava_lite.datagen.backends.openai import OpenAIBackend
-
-        return OpenAIBackend(
-            args.base_url,
-            model,
-            api_key_env=args.api_key_env,
-            concurrency=args.concurrency,
-            timeout=args.timeout,
-            max_retries=args.max_retries,
-            backoff=args.backoff,
-            temperature=args.temperature,
-            max_tokens=args.max_tokens,
-        )
-    from llava_lite.datagen.backends.hf import HFBackend
-
-    return HFBackend(
-        model,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_tokens,
-        temperature=args.temperature,
-        device=args.device,
-        dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code,
+def _settings(args: argparse.Namespace, kinds: list[str]) -> DatagenSettings:
+    llm = None
+    if args.backend != TEMPLATE:
+        llm = backend_settings(args)
+    return DatagenSettings(
+        annotations=[*args.annotations, *args.instances],
+        out=Path(args.out),
+        kinds=kinds,
+        images_dir=args.images_dir,
+        limit=args.limit,
+        prompts_dir=args.prompts,
+        rejects=Path(args.rejects) if args.rejects else None,
+        overwrite=args.overwrite,
         seed=args.seed,
+        llm=llm,
+        min_answer_words=args.min_answer_words,
+        max_answer_words=args.max_answer_words,
+        near_duplicate=args.near_duplicate,
+        judge=args.judge,
+        judge_model=args.judge_model,
+        judge_threshold=args.judge_threshold,
+        max_consecutive_failures=args.max_consecutive_failures,
     )
-
-
-def _run_settings(args, kinds, prompts, settings: Settings) -> dict:
-    """What decides the records: a journal left by a run with other values is not resumed."""
-    data = {
-        "inputs": [[str(Path(f).resolve()), Path(f).stat().st_size] for f in [*args.annotations, *args.instances]],
-        "images_dir": args.images_dir,
-        "limit": args.limit,
-        "kinds": kinds,
-        "backend": args.backend,
-        "model": args.model if args.backend != "template" else None,
-        "sampling": [args.temperature, args.max_tokens] if args.backend != "template" else None,
-        "seed": args.seed,
-        "prompts": fingerprint(prompts),
-        "bounds": {kind: asdict(bounds) for kind, bounds in settings.bounds.items()},
-        "judge": [args.judge_model or args.model, args.judge_threshold] if args.judge else None,
-    }
-    return json.loads(json.dumps(data))  # tuples to lists: equal to what the journal reads back
-
-
-def _at_least(minimum: int):
-    """An argparse type: a whole number of at least `minimum`, else a usage error naming the flag."""
-
-    def whole_number(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}, got {text!r}")
-        return value
-
-    return whole_number
-
-
-def _print_inputs(report: InputReport, usable: int, images_dir: str | None) -> None:
-    checked = "checked in " + images_dir if images_dir else "not checked (no --images-dir)"
-    print(f"inputs: {report.images_listed} images listed, {usable} used; image files {checked}")
-    for line in report.lines():
-        print(f"  {line}")

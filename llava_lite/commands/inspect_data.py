@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import random
 import sys
-from collections import Counter
-from pathlib import Path
 
 from llava_lite.commands._generation_args import add_trust_argument
 
@@ -51,193 +48,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from llava_lite.data.inspection import InspectionOptions, inspect_conversations, inspect_pairs
+    from llava_lite.train.processor_for_target import processor_for_target
 
-    from llava_lite.data.dataset import load_conversations
-    from llava_lite.data.errors import BadRecordError
-    from llava_lite.data.images import load_image
-    from llava_lite.data.preview import mark_trained
-
-    processor, data_config, pairs = _processor(args)
-    data_config.on_bad_record = "skip"  # inspection counts bad records instead of stopping at the first
-    if pairs:
-        return _inspect_pairs(args, processor, data_config)
-    conversations, skipped = load_conversations(data_config)
-    read = len(conversations) + sum(skipped.values())
-    if args.limit is not None:
-        conversations = conversations[: args.limit]
-
-    good = []
-    for conversation in tqdm(conversations, desc="encoding", unit="record", disable=len(conversations) < 500):
-        try:
-            encoded = processor.encode(conversation)
-            if not args.no_image_check:
-                for path in encoded.images:
-                    load_image(path, conversation.source)
-        except BadRecordError as err:
-            skipped[err.reason] += 1
-            continue
-        good.append((conversation, encoded))
-
-    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    rng = random.Random(args.seed)
-    shown = sorted(rng.sample(range(len(good)), min(args.samples, len(good))))
-    for number in shown:
-        conversation, encoded = good[number]
-        print(
-            f"--- {conversation.source} | {len(encoded.images)} image(s) | {len(encoded.input_ids)} tokens, "
-            f"{sum(encoded.image_tokens)} image tokens{_per_image(encoded.image_tokens)}, "
-            f"{encoded.num_trained_tokens} trained"
-        )
-        print(
-            mark_trained(
-                processor.tokenizer,
-                encoded.input_ids,
-                encoded.labels,
-                processor.image_token_id,
-                encoded.image_tokens,
-                color,
-            )
-        )
-        print()
-    _print_summary(read, len(conversations), [encoded for _, encoded in good], skipped, processor)
-    if data_config.packing or args.pack_length:
-        _print_packing([encoded for _, encoded in good], data_config, args.pack_length, args.seed)
+    target = processor_for_target(
+        args.target,
+        model=args.model,
+        template=args.template,
+        max_length=args.max_length,
+        image_folder=args.image_folder,
+        pairs=args.pairs,
+        trust_remote_code=args.trust_remote_code,
+    )
+    options = InspectionOptions(
+        samples=args.samples,
+        limit=args.limit,
+        check_images=not args.no_image_check,
+        seed=args.seed,
+        color=args.color == "always" or (args.color == "auto" and sys.stdout.isatty()),
+        pack_length=args.pack_length,
+    )
+    inspect = inspect_pairs if target.pairs else inspect_conversations
+    inspect(target.processor, target.data_config, options)
     return 0
-
-
-def _print_packing(good, data_config, pack_length: int | None, seed: int) -> None:
-    from llava_lite.data.packing import PackingBudget, packing_efficiency, plan_rows
-
-    budget = PackingBudget.of(data_config, pack_length)
-    lengths = [len(encoded.input_ids) for encoded in good]
-    rows = plan_rows(lengths, [len(e.images) for e in good], budget, data_config.pack_window, seed)
-    print(
-        f"packing: {len(good)} samples into {len(rows)} rows of up to {budget.tokens} tokens, "
-        f"{100 * packing_efficiency(rows, lengths, budget):.1f} % of the rows' tokens filled"
-    )
-
-
-def _processor(args: argparse.Namespace):
-    """The processor and the data config, as training would have them - built from configs, no model weights."""
-    from llava_lite.config_io import ConfigError
-    from llava_lite.data.config import DataConfig, DataSource
-    from llava_lite.model.presets import resolve_model_config
-    from llava_lite.model.processing import build_processor
-    from llava_lite.train.config import check_data_paths, load_train_config, resolved
-    from llava_lite.train.recipe import training_processor
-
-    target = Path(args.target)
-    if target.suffix.lower() in (".yaml", ".yml"):
-        recipe = resolved(load_train_config(target))
-        check_data_paths(recipe)
-        if args.template:
-            recipe.data_template = args.template
-        if args.max_length is not None:
-            recipe.data.max_length = args.max_length
-        model_config = resolve_model_config(
-            args.model or recipe.init_from or recipe.model, trust_remote_code=args.trust_remote_code
-        )
-        pairs = recipe.recipe == "preference"
-        return training_processor(recipe, model_config, truncate=not pairs), recipe.data, pairs
-    if not target.exists():
-        raise ConfigError(f"{target}: no such data file")
-    data_config = DataConfig(sources=[DataSource(path=str(target), image_folder=args.image_folder)])
-    if args.max_length is not None:
-        data_config.max_length = args.max_length
-    model_config = resolve_model_config(args.model or "tiny", trust_remote_code=args.trust_remote_code)
-    max_length = None if args.pairs else data_config.max_length  # pairs are cut by their own rule
-    processor = build_processor(
-        model_config, template=args.template, max_length=max_length, overflow=data_config.overflow
-    )
-    return processor, data_config, args.pairs
-
-
-def _inspect_pairs(args: argparse.Namespace, processor, data_config) -> int:
-    """Preference pairs as stage 3 encodes them: each answer's sequence after the shared prompt, its answer marked."""
-    from llava_lite.data.errors import BadRecordError
-    from llava_lite.data.images import load_image
-    from llava_lite.data.preference_pairs import PreferenceDataset
-    from llava_lite.data.preview import mark_trained
-    from llava_lite.train.preference import load_pairs
-
-    pairs, skipped = load_pairs(data_config)
-    read = len(pairs) + sum(skipped.values())
-    pairs = pairs[: args.limit] if args.limit is not None else pairs
-    dataset = PreferenceDataset(pairs, processor, data_config.max_length, data_config.overflow, "skip")
-    good = []
-    for index, pair in enumerate(pairs):
-        try:
-            encoded = dataset.encode(index)
-            if not args.no_image_check:
-                for path in encoded.chosen.images:
-                    load_image(path, pair.source)
-        except BadRecordError as err:
-            skipped[err.reason] += 1
-            continue
-        good.append((pair, encoded))
-    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    shown = sorted(random.Random(args.seed).sample(range(len(good)), min(args.samples, len(good))))
-    for number in shown:
-        pair, encoded = good[number]
-        for side in ("chosen", "rejected"):
-            sequence = getattr(encoded, side)
-            print(
-                f"--- {pair.source} | {side} | {len(sequence.input_ids)} tokens, {sequence.num_trained_tokens} trained"
-            )
-            print(mark_trained(processor.tokenizer, sequence.input_ids, sequence.labels, processor.image_token_id,
-                               sequence.image_tokens, color))  # fmt: skip
-        print()
-    sequences = [side for _, encoded in good for side in (encoded.chosen, encoded.rejected)]
-    _print_summary(read, len(pairs), sequences, skipped, processor)
-    cut = sum(encoded.truncated for _, encoded in good)
-    print(
-        f"pairs: {len(good)} usable, each two sequences in the counts above (its images go through the tower once); "
-        f"answers cut to max_length {data_config.max_length}: {cut}"
-    )
-    if data_config.packing or args.pack_length:
-        _print_packing([_Joined(encoded) for _, encoded in good], data_config, args.pack_length, args.seed)
-    return 0
-
-
-class _Joined:
-    """A pair as packing sees it: both sequences' tokens, the prompt's images once."""
-
-    def __init__(self, encoded) -> None:
-        self.input_ids = range(encoded.length)
-        self.images = encoded.chosen.images
-
-
-def _print_summary(read, considered, good, skipped, processor) -> None:
-    import numpy as np
-
-    template = processor.template
-    geometry = processor.geometry
-    per_image = (
-        f"{geometry.tokens_per_image} tokens per image"
-        if geometry.anyres is None
-        else f"anyres: tokens per image from its size ({geometry.tokens_per_image} for the whole view, tiles on "
-        f"{', '.join(f'{h}x{w}' for h, w in geometry.anyres.pinpoints)})"
-    )
-    print(f"template: {template.name} (end of turn {template.end_of_turn!r}); {per_image}")
-    reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items())) or "none"
-    print(f"records: {read} read, {considered} considered, {len(good)} usable; skipped: {reasons}")
-    if not good:
-        return
-    lengths = np.asarray([len(encoded.input_ids) for encoded in good])
-    trained = [encoded.num_trained_tokens for encoded in good]
-    p50, p95 = np.percentile(lengths, [50, 95])
-    print(f"tokens per sample: mean {lengths.mean():.0f}, median {p50:.0f}, p95 {p95:.0f}, max {lengths.max()}")
-    print(f"trained tokens per sample: mean {np.mean(trained):.0f}; total {int(np.sum(trained))}")
-    images = Counter(len(encoded.images) for encoded in good)
-    print(
-        f"images: {sum(len(e.images) for e in good)} in all ({sum(sum(e.image_tokens) for e in good)} image tokens); "
-        f"samples by image count: {dict(sorted(images.items()))}"
-    )
-    counts = [n for encoded in good for n in encoded.image_tokens]
-    if counts and len(set(counts)) > 1:
-        print(f"tokens per image: min {min(counts)}, median {np.median(counts):.0f}, max {max(counts)}")
-
-
-def _per_image(counts: list[int]) -> str:
-    return f" ({', '.join(map(str, counts))} per image)" if len(counts) > 1 else ""

@@ -11,7 +11,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-from llava_lite.datagen.inputs import Box
+from llava_lite.data.annotations import Box
 
 SIDE_MARGIN = 0.1  # centres this far apart (of the image's width or height) make "left of" or "above" clear
 REGION_MARGIN = 0.03  # a centre this close to a third's border is not called left, centre or right

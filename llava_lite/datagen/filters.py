@@ -97,7 +97,7 @@ def normalise(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
-class Deduplicator:
+class DuplicateFilter:
     """Exact duplicates (after `normalise`) anywhere; near duplicates among the records of the same image.
 
     Near means the Jaccard similarity of the texts' word pairs reaches `threshold` (one word changed in a

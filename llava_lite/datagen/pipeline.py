@@ -16,14 +16,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from llava_lite.data.annotations import ImageAnnotations, build_context
 from llava_lite.data.conversation import IMAGE_PLACEHOLDER
 from llava_lite.data.writing import write_records
-from llava_lite.datagen.backends import BACKEND_ERROR, Backend, Reply, Request
-from llava_lite.datagen.filters import DEFAULT_BOUNDS, Bounds, Deduplicator, check_reply, check_turns, parse_score
-from llava_lite.datagen.inputs import ImageAnnotations, build_context
+from llava_lite.datagen.filters import DEFAULT_BOUNDS, Bounds, DuplicateFilter, check_reply, check_turns, parse_score
 from llava_lite.datagen.parse import Rejection, Turn, parse_description, parse_turns
 from llava_lite.datagen.prompts import PromptSet
-from llava_lite.datagen.writer import Journal
+from llava_lite.llm.chat import Backend, ChatReply, ChatRequest
+from llava_lite.llm.journal import Journal
 
 OK, REJECTED, FAILED = "ok", "rejected", "failed"
 
@@ -64,11 +64,14 @@ def build_tasks(
 
 
 def pending_tasks(tasks: list[Task], journal: Journal) -> list[Task]:
-    """The tasks a run still has to do: those the journal lacks, or has as failed at the backend."""
+    """The tasks a run still has to do: those the journal lacks, or has as failed (at the backend, or malformed)."""
     return [task for task in tasks if journal.entries.get(task.key, {}).get("status") not in (OK, REJECTED)]
 
 
-class Generator:
+class TaskRunner:
+    """Runs tasks through the backend (and the judge, if any) into the journal, as many batches at once as the
+    backend's concurrency."""
+
     def __init__(
         self,
         backend: Backend,
@@ -124,7 +127,7 @@ class Generator:
 
     def process(self, batch: list[Task]) -> list[dict]:
         """One batch of tasks to journal entries (runs in a worker thread)."""
-        requests = [Request(t.key, t.kind, self.prompts[t.kind].messages(t.context), t.image) for t in batch]
+        requests = [ChatRequest(t.key, t.kind, self.prompts[t.kind].messages(t.context), t.image) for t in batch]
         replies = self.backend.complete(requests)
         entries = [self._entry(task, reply) for task, reply in zip(batch, replies)]
         if self.judge is not None:
@@ -132,10 +135,10 @@ class Generator:
         return entries
 
     # ----- one reply to one entry -------------------------------------------------------------------------------
-    def _entry(self, task: Task, reply: Reply) -> dict:
+    def _entry(self, task: Task, reply: ChatReply) -> dict:
         entry = {"key": task.key, "usage": _usage(reply), "retries": dict(reply.retries)}
-        if reply.error == BACKEND_ERROR:
-            return {**entry, "status": FAILED, "reason": BACKEND_ERROR, "detail": reply.detail}
+        if reply.failed:  # journaled as failed: the next run asks again
+            return {**entry, "status": FAILED, "reason": reply.error, "detail": reply.detail}
         try:
             if reply.error:
                 raise Rejection(reply.error, reply.detail)
@@ -181,8 +184,8 @@ class Generator:
             for cause, count in reply.retries.items():
                 entry["retries"][cause] = entry["retries"].get(cause, 0) + count
             score = parse_score(reply.text)
-            if reply.error == BACKEND_ERROR:
-                entry.update(status=FAILED, reason=BACKEND_ERROR, detail=f"judge: {reply.detail}")
+            if reply.failed:
+                entry.update(status=FAILED, reason=reply.error, detail=f"judge: {reply.detail}")
             elif score is None:
                 entry.update(
                     status=REJECTED, reason="judge_no_score", detail="the judge gave no `Score: N`", reply=reply.text
@@ -196,7 +199,7 @@ class Generator:
                 continue
             entry.pop("record")
 
-    def _judge_request(self, task: Task, record: dict) -> Request:
+    def _judge_request(self, task: Task, record: dict) -> ChatRequest:
         turns = record["conversations"]
         labels = {"human": "Question", "gpt": "Answer"}
         dialogue = "\n".join(
@@ -204,7 +207,7 @@ class Generator:
         )
         text = self.judge.prompt.request.replace("{context}", task.context).replace("{dialogue}", dialogue)
         messages = [{"role": "system", "content": self.judge.prompt.system}, {"role": "user", "content": text}]
-        return Request(f"{task.key}-judge", "judge", messages, task.image)
+        return ChatRequest(f"{task.key}-judge", "judge", messages, task.image)
 
 
 # ----- the final files --------------------------------------------------------------------------------------------
@@ -233,7 +236,7 @@ class Summary:
 def finish(tasks: list[Task], journal: Journal, out: str | Path, rejects: str | Path, near_duplicate: float) -> Summary:
     """Write the output and rejects from the journal, duplicates dropped in task order; remove the journal when done."""
     summary = Summary()
-    dedup = Deduplicator(near_duplicate)
+    dedup = DuplicateFilter(near_duplicate)
     records, rejected = [], []
     for task in tasks:
         entry = journal.entries[task.key]
@@ -273,7 +276,7 @@ def _record_text(record: dict) -> str:
     return "\n".join(turn["value"].replace(IMAGE_PLACEHOLDER, "") for turn in record["conversations"])
 
 
-def _usage(reply: Reply) -> dict[str, int]:
+def _usage(reply: ChatReply) -> dict[str, int]:
     return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}
 
 

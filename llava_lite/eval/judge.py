@@ -22,11 +22,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from llava_lite.data.annotations import build_context, load_annotations
 from llava_lite.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message
 from llava_lite.data.formats import read_json_objects
-from llava_lite.datagen.backends import Request
-from llava_lite.datagen.backends.openai import OpenAIBackend
-from llava_lite.datagen.inputs import build_context, load_annotations
+from llava_lite.llm.backends import BackendSettings, build_backend
+from llava_lite.llm.chat import ChatRequest
 
 QUESTION_FILES = ("questions.jsonl", "qa90_questions.jsonl")
 REFERENCE_FILES = ("answers_gpt4.jsonl", "qa90_gpt4_answer.jsonl")
@@ -115,7 +115,8 @@ def boxes_contexts(path: Path) -> dict[str, tuple[str, bool]]:
     return {image.image: (build_context(image), bool(image.boxes)) for image in images}
 
 
-def judge_messages(item: BenchItem, answer: str) -> list[dict[str, str]]:
+def bench_review_messages(item: BenchItem, answer: str) -> list[dict[str, str]]:
+    """The review request: the context, the question, the reference as Assistant 1 and our answer as Assistant 2."""
     instruction = JUDGE_INSTRUCTION.format(boxes=_BOXES_NOTE if item.has_boxes else "")
     content = (
         f"[Context]\n{item.context}\n\n[Question]\n{item.question}\n\n"
@@ -145,11 +146,14 @@ def judge_answers(
     progress: bool = False,
 ) -> list[dict]:
     """One review per item: the judge's text and the two scores (None when the judge gave none)."""
-    backend = OpenAIBackend(base_url, model, api_key_env=api_key_env, concurrency=concurrency, temperature=temperature)
+    settings = BackendSettings(
+        "openai", model, base_url, api_key_env=api_key_env, concurrency=concurrency, temperature=temperature
+    )
+    backend = build_backend(settings)
 
     def review(pair: tuple[BenchItem, str]) -> dict:
         item, answer = pair
-        request = Request(key=item.question_id, kind="judge", messages=judge_messages(item, answer), image=None)
+        request = ChatRequest(item.question_id, "judge", bench_review_messages(item, answer))
         reply = backend.complete([request])[0]
         scores = parse_scores(reply.text) if reply.text else None
         return {

@@ -4,9 +4,9 @@ so that a kill loses nothing and a rerun samples nothing twice.
 Prompts are the lines `generate` reads (`{"id", "image"?, "prompt"}` or `{"id", "messages", "images"?}`), any other
 field (a `reference` answer, captions, boxes) carried along. The good lines are cut into batches of `batch_size`
 prompts in file order, and batch N is sampled - its prompts each repeated K times - with the seed `seed` and N.
-A batch is one journal line (`OUT.journal`, datagen's journal), written when it is done: after a kill the journal
-holds whole batches, the rerun samples only the others, and since a batch's prompts and seed do not depend on
-what was done before, the output is the uninterrupted run's. `OUT` is written whole when every batch is done.
+A batch is one journal line (`OUT.journal`, `llava_lite.llm.journal`), written when it is done: after a kill the
+journal holds whole batches, the rerun samples only the others, and since a batch's prompts and seed do not depend
+on what was done before, the output is the uninterrupted run's. `OUT` is written whole when every batch is done.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from tqdm import tqdm
 from llava_lite.data.errors import BadRecordError
 from llava_lite.data.formats import json_object_line
 from llava_lite.data.writing import write_records
-from llava_lite.datagen.writer import Journal
 from llava_lite.inference.batch import Request, parse_request
 from llava_lite.inference.generator import Generator, SamplingSettings
+from llava_lite.llm.journal import Journal
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The `self` scorer's judge: the run that sampled the candidates, seeing each one's image, answering the rubric.
 
-Loaded here (`RunJudge`, a datagen backend over our batched generator, greedy) or served by `llava-lite serve`
-and reached through datagen's `openai` backend, the images then sent as data URIs in the request.
+Loaded here (`RunJudge`, an LLM backend over our batched generator, greedy) or served by `llava-lite serve` and
+reached through `llava_lite.llm`'s `openai` backend, the images then sent as data URIs in the request.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 
 from llava_lite.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message
 from llava_lite.data.images import load_image, resolve_image_path
-from llava_lite.datagen.backends import Reply, Request
-from llava_lite.improve import rubric
-from llava_lite.improve.score import last_question
 from llava_lite.inference.generator import Generator, SamplingSettings
+from llava_lite.llm.chat import Backend, ChatReply, ChatRequest
+from llava_lite.rewards import rubric
+from llava_lite.rewards.rubric import last_question
 
 
 def image_paths(row: dict, folder: str | Path) -> list[Path]:
@@ -54,7 +54,7 @@ def _data_uri(path: Path) -> str:
 
 
 class RunJudge:
-    """A datagen backend answering with a run loaded here: greedy, batched, the images read per batch."""
+    """An LLM backend answering with a run loaded here: greedy, batched, the images read per batch."""
 
     name = "self"
     concurrency = 1  # one model: the batch is the parallelism
@@ -65,7 +65,7 @@ class RunJudge:
         self.batch_size = batch_size
         self.settings = SamplingSettings(max_new_tokens=max_new_tokens)
 
-    def complete(self, requests: list[Request]) -> list[Reply]:
+    def complete(self, requests: list[ChatRequest]) -> list[ChatReply]:
         conversations, images = [], []
         for request in requests:
             paths = [path for message in request.messages for path in message.get("images", [])]
@@ -73,25 +73,25 @@ class RunJudge:
             conversations.append(Conversation(messages, paths, request.key, f"judging {request.key}"))
             images.append([load_image(path, request.key) for path in paths])
         done = self.generator.complete(conversations, images, self.settings)
-        return [Reply(c.text, prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens) for c in done]
+        return [ChatReply(c.text, prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens) for c in done]
 
     def close(self) -> None:
         pass
 
 
 class ServedRunJudge:
-    """datagen's `openai` backend, the requests' images turned into data URIs first."""
+    """The `openai` backend, the requests' images turned into data URIs first."""
 
     name = "self"
 
-    def __init__(self, backend) -> None:
+    def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.model = backend.model
         self.concurrency = backend.concurrency
         self.batch_size = backend.batch_size
 
-    def complete(self, requests: list[Request]) -> list[Reply]:
-        converted = [Request(r.key, r.kind, served_messages(r.messages), r.image) for r in requests]
+    def complete(self, requests: list[ChatRequest]) -> list[ChatReply]:
+        converted = [ChatRequest(r.key, r.kind, served_messages(r.messages), r.annotations) for r in requests]
         return self.backend.complete(converted)
 
     def close(self) -> None:

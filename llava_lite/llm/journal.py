@@ -1,10 +1,11 @@
-"""Files that survive a kill: an append-only journal during the run, final files that appear whole or not at all.
+"""Files that survive a kill: an append-only journal of finished requests, read back by a rerun.
 
-The journal (`OUT.journal`) starts with the run's settings, then gets one JSON line per finished task, flushed
-as it is written. A rerun with the same settings reads it back, drops a last line cut short by a kill, and
-does only the tasks it lacks - so nothing is done twice and nothing is lost. Tasks that failed at the backend
-are in the journal too, and are tried again by the next run. The final output and rejects are written
-atomically (`llava_lite.data.writing`), so a reader never sees half a file.
+A journal (`OUT.journal`, beside the file a run writes: datagen's output, `data sample`'s and `data score`'s)
+starts with the run's settings, then gets one JSON line per finished task, flushed as it is written. A rerun with
+the same settings reads it back, drops a last line cut short by a kill, and does only the tasks it lacks - so
+nothing is done twice and nothing is lost. Tasks that failed (at the backend, or with a malformed reply) are in
+the journal too, and are tried again by the next run. The final files are written atomically
+(`llava_lite.data.writing`), so a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -83,5 +84,5 @@ def _read_journal(path: Path) -> tuple[dict, dict[str, dict], int]:
                 entries[data["key"]] = data
             good += len(raw)
     if not header:
-        raise ValueError(f"{path}: not a datagen journal (no header line); remove it or pass --overwrite")
+        raise ValueError(f"{path}: not a journal (no header line); remove it or pass --overwrite")
     return header, entries, good

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llava_lite.data.conversation import Message
 from llava_lite.data.templates import get_template
-from llava_lite.datagen.backends import TRUNCATED, Reply, Request
+from llava_lite.llm.chat import TRUNCATED, ChatReply, ChatRequest
 from llava_lite.model.language_model import DTYPES
 
 
@@ -49,7 +49,7 @@ class HFBackend:
         self.template = get_template("auto", self.tokenizer)
         torch.manual_seed(seed)  # sampling is then repeatable for the same batches in the same order
 
-    def complete(self, requests: list[Request]) -> list[Reply]:
+    def complete(self, requests: list[ChatRequest]) -> list[ChatReply]:
         prompts = [self._render(request) for request in requests]
         # The rendered templates carry their own BOS where the model wants one.
         batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
@@ -66,15 +66,15 @@ class HFBackend:
     def close(self) -> None:
         pass
 
-    def _render(self, request: Request) -> str:
+    def _render(self, request: ChatRequest) -> str:
         messages = [Message(m["role"], m["content"]) for m in request.messages]
         return self.template.render(messages, add_generation_prompt=True).text
 
-    def _reply(self, tokens: torch.Tensor, prompt_tokens: int) -> Reply:
+    def _reply(self, tokens: torch.Tensor, prompt_tokens: int) -> ChatReply:
         ended = [i for i, token in enumerate(tokens.tolist()) if token in self.stops]
         length = ended[0] if ended else len(tokens)
         text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True)
-        reply = Reply(text=text, prompt_tokens=prompt_tokens, completion_tokens=length + bool(ended))
+        reply = ChatReply(text=text, prompt_tokens=prompt_tokens, completion_tokens=length + bool(ended))
         if not ended and length >= self.max_new_tokens:
             reply.error, reply.detail = TRUNCATED, f"the reply hit max_new_tokens ({self.max_new_tokens})"
         return reply

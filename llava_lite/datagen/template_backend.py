@@ -1,18 +1,20 @@
 """The offline backend: replies built from the annotations alone, deterministic for a seed, true of the boxes.
 
-Conversations ask a few questions of different sorts (counts, presence, where, left or right, above or below,
-size); a detailed description is the captions followed by what the boxes show; a reasoning question orders
-objects from left to right, adds counts up, or compares the halves of the image, step by step. Replies use
-the same `Question:`/`Answer:` form an LLM is asked for, so they go through the same parsing and filters.
+It lives in datagen, not in `llava_lite.llm`: it is no LLM client but datagen's offline stand-in for one,
+answering only datagen's own kinds from the annotations; it speaks the same `Backend` protocol, so the pipeline
+cannot tell. Conversations ask a few questions of different sorts (counts, presence, where, left or right, above
+or below, size); a detailed description is the captions followed by what the boxes show; a reasoning question
+orders objects from left to right, adds counts up, or compares the halves of the image, step by step. Replies
+use the same `Question:`/`Answer:` form an LLM is asked for, so they go through the same parsing and filters.
 """
 
 from __future__ import annotations
 
 import random
 
+from llava_lite.data.annotations import ImageAnnotations
 from llava_lite.datagen import facts
-from llava_lite.datagen.backends import Reply, Request
-from llava_lite.datagen.inputs import ImageAnnotations
+from llava_lite.llm.chat import ChatReply, ChatRequest
 
 CONVERSATION_TURNS = 4
 DETAIL_CAPTIONS = 3
@@ -29,25 +31,25 @@ class TemplateBackend:
         self.vocabulary = vocabulary
         self.seed = seed
 
-    def complete(self, requests: list[Request]) -> list[Reply]:
+    def complete(self, requests: list[ChatRequest]) -> list[ChatReply]:
         return [self._reply(request) for request in requests]
 
     def close(self) -> None:
         pass
 
-    def _reply(self, request: Request) -> Reply:
+    def _reply(self, request: ChatRequest) -> ChatReply:
         rng = random.Random(f"{self.seed}:{request.key}")
         if request.kind == "detail":
-            text = describe(request.image)
+            text = describe(request.annotations)
         elif request.kind == "reasoning":
-            boxes = request.image.boxes
+            boxes = request.annotations.boxes
             qa = facts.order_question(boxes, rng) or facts.total_question(boxes, rng) or facts.halves_question(boxes)
             text = _format([qa]) if qa else ""
         else:
-            text = _format(self.conversation(request.image, rng))
+            text = _format(self.conversation(request.annotations, rng))
         if not text:
-            return Reply(error=NOTHING_TO_ASK, detail="the annotations give nothing to ask about")
-        return Reply(text=text)
+            return ChatReply(error=NOTHING_TO_ASK, detail="the annotations give nothing to ask about")
+        return ChatReply(text=text)
 
     def conversation(self, image: ImageAnnotations, rng: random.Random) -> list[facts.QA]:
         boxes = image.boxes

@@ -1,4 +1,5 @@
-"""Annotations in, one `ImageAnnotations` per image out, and the text context an LLM is shown for it.
+"""Captions and object boxes of images, read into one `ImageAnnotations` per image, and the text context an LLM
+is shown for an image (datagen's prompts, eval's judged bench, the loop's text-only judge).
 
 Read: COCO captions and instances JSON (`images`, `annotations`, `categories`; boxes `[x, y, w, h]` in pixels)
 and captions-and-boxes records (LLaVA's JSONL: `captions`, `instances: [{category, bbox}]`, boxes `[x1, y1, x2,
