@@ -3,6 +3,10 @@ prepares what our pipeline prepares, and what cannot be represented is refused w
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import open_clip
 import pytest
 import torch
@@ -14,6 +18,7 @@ from llava_lite.cli import main
 from llava_lite.data.conversation import Conversation, Message
 from llava_lite.data.templates import BUILTIN_FORMATS, get_template
 from llava_lite.interop.chat_template import jinja_chat_template
+from llava_lite.interop.folders import EXPORT_MARKER
 from llava_lite.interop.hf_export import export_hf_llava
 from llava_lite.interop.open_clip_to_hf import NotConvertible, clip_vision_config, clip_vision_state_dict
 from llava_lite.model.llava import LlavaLiteModel
@@ -161,6 +166,114 @@ def test_export_command_writes_a_folder_transformers_loads(tmp_path, capsys):
     hf_model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype="auto")
     assert hf_model.dtype == torch.bfloat16
     assert AutoProcessor.from_pretrained(tmp_path / "hf").image_token == "<image>"
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    """Every file, folder and link under `folder` (links not followed), each with its content's digest."""
+    found = {}
+    for root, folders, files in os.walk(folder):
+        for name in folders + files:
+            path = Path(root, name)
+            where = str(path.relative_to(folder))
+            if path.is_symlink():
+                found[where] = f"link to {os.readlink(path)}"
+            elif path.is_dir():
+                found[where] = "folder"
+            else:
+                found[where] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("saved") / "run"
+    LlavaLiteModel.from_config(preset("tiny-hf-clip")).save_pretrained(run)
+    return run
+
+
+def a_run_in(folder: Path, saved_run: Path) -> Path:
+    """A copy of the saved run, with a checkpoint folder in it as training leaves one."""
+    run = folder / "run"
+    run.mkdir(parents=True)
+    for file in saved_run.rglob("*"):
+        if file.is_file():
+            (run / file.relative_to(saved_run)).parent.mkdir(parents=True, exist_ok=True)
+            (run / file.relative_to(saved_run)).write_bytes(file.read_bytes())
+    (run / "checkpoint-2").mkdir()
+    (run / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    return run
+
+
+OVER_THE_RUN = {
+    # where --out points, from the folder holding the run
+    "the run": lambda run: run,
+    "a folder inside it": lambda run: run / "checkpoint-2",
+    "a new folder inside it": lambda run: run / "hf",
+    "a link to it": lambda run: _link(run.parent / "link", run),
+    "a link to a folder inside it": lambda run: _link(run.parent / "link", run / "checkpoint-2"),
+    "the folder holding it": lambda run: run.parent,
+}
+
+
+def _link(link: Path, target: Path) -> Path:
+    link.symlink_to(target, target_is_directory=True)
+    return link
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
+@pytest.mark.parametrize("export_format", ["hf", "merged"])
+@pytest.mark.parametrize("where", list(OVER_THE_RUN))
+def test_export_never_writes_over_its_run(tmp_path, saved_run, capsys, where, export_format, overwrite):
+    run = a_run_in(tmp_path / "runs", saved_run)
+    out = OVER_THE_RUN[where](run)
+    before = checksums(tmp_path)
+    capsys.readouterr()
+    assert main(["export", "--model", str(run), "--format", export_format, "--out", str(out), *overwrite]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "reads" in error and str(out) in error, error
+    assert checksums(tmp_path) == before
+
+
+@pytest.mark.parametrize("export_format", ["hf", "merged"])
+def test_overwrite_never_replaces_a_folder_export_did_not_write(tmp_path, saved_run, capsys, export_format):
+    run = a_run_in(tmp_path / "runs", saved_run)
+    mine = tmp_path / "notes"
+    (mine / "drafts").mkdir(parents=True)
+    (mine / "drafts" / "plan.txt").write_text("mine")
+    (mine / "config.json").write_text("{}")
+    before = checksums(tmp_path)
+    capsys.readouterr()
+    for overwrite in ([], ["--overwrite"]):
+        command = ["export", "--model", str(run), "--format", export_format, "--out", str(mine), *overwrite]
+        assert main(command) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and str(mine) in error, error
+        assert (EXPORT_MARKER in error) == bool(overwrite), error
+    assert checksums(tmp_path) == before
+
+
+@pytest.mark.parametrize("export_format", ["hf", "merged"])
+def test_overwrite_replaces_an_earlier_export(tmp_path, saved_run, capsys, export_format):
+    run = a_run_in(tmp_path / "runs", saved_run)
+    run_before = checksums(run)
+    out = tmp_path / "exported"
+    command = ["export", "--model", str(run), "--format", export_format, "--out", str(out)]
+    assert main(command) == 0
+    assert (out / EXPORT_MARKER).is_file()
+    (out / "stale.txt").write_text("from an older export")
+    assert main(command) == 2  # not without --overwrite
+    assert "not empty" in capsys.readouterr().err
+    assert main([*command, "--overwrite"]) == 0
+    assert (out / EXPORT_MARKER).is_file() and not (out / "stale.txt").exists()
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []  # no staging left
+    assert checksums(run) == run_before
+    if export_format == "hf":
+        assert LlavaForConditionalGeneration.from_pretrained(out).config.image_token_id is not None
+    else:
+        exported_weights = LlavaLiteModel.from_pretrained(out).state_dict()
+        run_weights = LlavaLiteModel.from_pretrained(run).state_dict()
+        assert exported_weights.keys() == run_weights.keys()
+        assert all(torch.equal(exported_weights[name], run_weights[name]) for name in run_weights)
 
 
 TOKENIZERS = {"tiny": str(TINY_TOKENIZER_DIR), "llama2": None, "qwen2.5": None}

@@ -24,6 +24,7 @@ def server(request, tmp_path_factory):
 def _post(server, body, headers=None) -> httpx.Response:
     send = {"content": body} if isinstance(body, bytes) else {"json": body}
     headers = server.headers() if headers is None else headers
+    headers = {**headers, "Content-Type": "application/json"}  # declared JSON, as httpx's json= says it
     return httpx.post(f"{server.url}/v1/chat/completions", headers=headers, timeout=60, **send)
 
 
@@ -88,9 +89,11 @@ def test_too_many_messages_are_refused_before_rendering(server):
 
 @pytest.fixture(scope="module")
 def roomy_app(tmp_path_factory):
-    """The app in this process, with the default limits (a 32 MB body)."""
+    """The app in this process, with the default limits (a 32 MB body), reached as 127.0.0.1 (TestClient's own
+    name, testserver, is not one the server answers to)."""
     generator = Generator.from_folder(make_run_folder(tmp_path_factory.mktemp("roomy") / "run"), "cpu")
-    with TestClient(create_app(generator, ServeConfig(model_name=MODEL_NAME))) as client:
+    app = create_app(generator, ServeConfig(model_name=MODEL_NAME))
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
         yield client
 
 

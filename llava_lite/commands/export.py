@@ -28,11 +28,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["hf", "merged"],
         help="hf: transformers' Llava format; merged: a run with its adapters merged into the LM",
     )
-    parser.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="the folder to write: missing or empty, never the run or a folder inside it or holding it",
+    )
     parser.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="hf: weight dtype (default: the LM's)"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out when it is an earlier export (it holds the .llava_lite_export that export writes); "
+        "any other non-empty folder is refused",
+    )
     add_trust_argument(parser)
     parser.set_defaults(run=run)
 
@@ -40,15 +49,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from llava_lite.interop.folders import check_output_folder
     from llava_lite.interop.hf_export import export_hf_llava
     from llava_lite.interop.merge import export_merged
     from llava_lite.model.llava import LlavaLiteModel
 
+    check_output_folder(args.out, [args.model], args.overwrite)  # before the model loads
     if args.format == "merged":
         out = export_merged(args.model, args.out, args.overwrite, args.trust_remote_code)
         print(f"merged run written to {out}")
         return 0
     model = LlavaLiteModel.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    out = export_hf_llava(model, args.out, getattr(torch, args.dtype) if args.dtype else None, args.overwrite)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    out = export_hf_llava(model, args.out, dtype, args.overwrite, sources=[args.model])
     print(f"transformers Llava model written to {out}")
     return 0

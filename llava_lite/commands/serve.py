@@ -51,6 +51,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"demand Authorization: Bearer KEY on every route but /health (default: ${API_KEY_ENV} if set)",
     )
 
+    browsers = parser.add_argument_group(
+        "web pages",
+        "a request sent by a web page (it carries Origin) is refused unless it comes from this server's own chat "
+        "page or --allow-origin lists its origin; a Host header must name this server (DNS rebinding)",
+    )
+    browsers.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="accept requests from web pages at this origin, e.g. http://localhost:3000 (repeatable)",
+    )
+    browsers.add_argument(
+        "--allowed-hosts",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME",
+        help="host names clients may reach this server by, besides localhost, IP addresses and --host "
+        "(e.g. the name a reverse proxy forwards)",
+    )
+
     images = parser.add_argument_group("images in requests")
     images.add_argument("--image-root", type=Path, default=None, help="allow local image files, only under here")
     images.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (off by default)")
@@ -75,6 +97,9 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
         model_name=args.served_model_name or Path(args.model).resolve().name,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        bound_host=args.host,
+        allowed_hosts=tuple(args.allowed_hosts),
+        allow_origins=tuple(args.allow_origin),
         image_root=args.image_root.resolve() if args.image_root else None,
         allow_remote_images=args.allow_remote_images,
         allow_private_image_hosts=args.allow_private_image_hosts,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -39,7 +40,7 @@ from transformers import (
 from llava_lite.data.templates import ChatTemplate, get_template
 from llava_lite.inference.generator import stop_token_ids
 from llava_lite.interop.chat_template import jinja_chat_template
-from llava_lite.interop.folders import replace_folder_atomically
+from llava_lite.interop.folders import check_output_folder, replace_folder_atomically
 from llava_lite.interop.image_processor import export_image_processor, open_clip_settings
 from llava_lite.interop.merge import merge_adapters
 from llava_lite.interop.open_clip_to_hf import NotConvertible, clip_vision_config, clip_vision_state_dict
@@ -52,19 +53,25 @@ logger = logging.getLogger(__name__)
 
 
 def export_hf_llava(
-    model: LlavaLiteModel, out: str | Path, dtype: torch.dtype | None = None, overwrite: bool = False
+    model: LlavaLiteModel,
+    out: str | Path,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    sources: Iterable[str | Path] = (),
 ) -> Path:
     """Write `model` to `out` in transformers' Llava format (whole or not at all); adapters are merged first,
-    in place."""
+    in place. `out` may not be, hold or lie in one of `sources` (the folder `model` came from), and
+    `overwrite` replaces only an earlier export (interop/folders.py)."""
+    check_output_folder(out, sources, overwrite)  # before the weights are assembled
     hf_model = _assemble_for_saving(model, dtype)
-    processor = build_processor(model)
+    processor = hf_llava_processor(model)
 
     def write(folder: Path) -> None:
         hf_model.save_pretrained(folder)
         processor.save_pretrained(folder)
         keep_legacy_flag(processor.tokenizer, folder)
 
-    return replace_folder_atomically(out, write, overwrite)
+    return replace_folder_atomically(out, write, overwrite, sources)
 
 
 def _assemble_for_saving(model: LlavaLiteModel, dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -171,7 +178,7 @@ def language_model_state(lm) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_processor(model: LlavaLiteModel) -> LlavaProcessor | LlavaNextProcessor:
+def hf_llava_processor(model: LlavaLiteModel) -> LlavaProcessor | LlavaNextProcessor:
     """Tokenizer (with `<image>` and the chat template) and image processor, as one `LlavaProcessor`
     (`LlavaNextProcessor` under AnyRes)."""
     tower = model.vision_tower

@@ -7,8 +7,9 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from llava_lite.interop.folders import replace_folder_atomically
+from llava_lite.interop.folders import check_output_folder, replace_folder_atomically
 from llava_lite.model.llava import LlavaLiteModel
+from llava_lite.model.reward_head import has_reward_head, load_reward_head
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +34,13 @@ def merge_adapters(model: LlavaLiteModel) -> LlavaLiteModel:
 
 
 def export_merged(run: str | Path, out: str | Path, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
-    """Load `run`, merge its adapters, save the result as a normal run folder at `out` (written whole or not at all)."""
+    """Load `run`, merge its adapters, save the result as a normal run folder at `out` (written whole or not at all).
+    `out` may not be, hold or lie in `run`, and `overwrite` replaces only an earlier export (interop/folders.py)."""
+    check_output_folder(out, [run], overwrite)  # before the model loads
     model = LlavaLiteModel.from_pretrained(run, trust_remote_code=trust_remote_code)
     if not model.uses_adapters:
         logger.warning("%s has no adapters: the merged copy is the same model", run)
     merge_adapters(model)
-    return replace_folder_atomically(out, model.save_pretrained, overwrite)
+    if has_reward_head(run):  # a reward model keeps its scalar head: save_pretrained writes it beside the model
+        load_reward_head(model, run)
+    return replace_folder_atomically(out, model.save_pretrained, overwrite, [run])

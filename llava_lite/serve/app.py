@@ -12,11 +12,13 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, Response
 from pydantic import ValidationError
 
 from llava_lite.inference.generator import Completion, Generator
 from llava_lite.serve.auth import ApiKeyCheck
+from llava_lite.serve.browser_guard import BrowserGuard
 from llava_lite.serve.config import ServeConfig
 from llava_lite.serve.errors import ApiError, install_error_handlers
 from llava_lite.serve.prompts import PromptBuilder
@@ -56,7 +58,20 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
     )
     app.state.scheduler = scheduler
     install_error_handlers(app, config.max_body_bytes)
-    app.add_middleware(ApiKeyCheck, api_key=config.api_key)  # outermost: the key before any byte of the body
+    app.add_middleware(ApiKeyCheck, api_key=config.api_key)  # the key before any byte of the body
+    if config.allow_origins:
+        # A listed page's JSON request comes after a preflight (OPTIONS, no API key): answered here, before the key.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.allow_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    # Outermost: a request sent to a name that is not this server's, or by a foreign page, is refused first.
+    bound = config.bound_host.strip("[]").lower().rstrip(".")
+    app.add_middleware(
+        BrowserGuard, host_names=frozenset({bound, *config.allowed_hosts}), origins=frozenset(config.allow_origins)
+    )
 
     @app.get("/health")
     async def health() -> dict:
@@ -82,6 +97,7 @@ def create_app(generator: Generator, config: ServeConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> ChatCompletion | Response:
+        _check_json_body(request)
         body = _parsed(await request.body())
         _check_model(body.model, config)
         # What every chunk of a stream, or the one plain answer, carries.
@@ -141,6 +157,20 @@ async def _unless_client_leaves(request: Request, answering: Awaitable[Completio
             work.cancel()
             await asyncio.wait({work})
     return None if work.cancelled() else work.result()
+
+
+def _check_json_body(request: Request) -> None:
+    """415 unless the body is declared JSON. The types a web page may send anywhere without a preflight
+    (text/plain, form-urlencoded, multipart, or none) are what a cross-site request would use."""
+    declared = request.headers.get("content-type")
+    if declared is not None and declared.partition(";")[0].strip().lower() == "application/json":
+        return
+    shown = "none" if declared is None else repr(declared[:100])
+    raise ApiError(
+        415,
+        f"the request body must be JSON sent with the header Content-Type: application/json (this one has {shown})",
+        "unsupported_media_type",
+    )
 
 
 def _parsed(body: bytes) -> ChatCompletionRequest:

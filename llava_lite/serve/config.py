@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from llava_lite.serve.browser_guard import normalized_host_name, normalized_origin
+
 API_KEY_ENV = "LLAVA_LITE_API_KEY"
 
 
@@ -12,6 +14,11 @@ API_KEY_ENV = "LLAVA_LITE_API_KEY"
 class ServeConfig:
     model_name: str
     api_key: str | None = None  # None: no key asked for
+    # What a browser may reach (serve/browser_guard.py): the address the server is bound to, names a Host header may
+    # carry besides localhost, IP addresses and that one, and web page origins besides the server's own.
+    bound_host: str = "127.0.0.1"
+    allowed_hosts: tuple[str, ...] = ()
+    allow_origins: tuple[str, ...] = ()
     # Local image files are read only under this folder; None refuses every local path.
     image_root: Path | None = None
     allow_remote_images: bool = False
@@ -58,6 +65,8 @@ class ServeConfig:
             )
         if not self.remote_image_timeout > 0:  # NaN too
             raise ValueError(f"--remote-image-timeout must be more than 0 seconds, not {self.remote_image_timeout}")
+        self.allowed_hosts = tuple(normalized_host_name(name) for name in self.allowed_hosts)
+        self.allow_origins = tuple(normalized_origin(origin) for origin in self.allow_origins)
         if self.image_root is not None and not Path(self.image_root).is_dir():
             raise ValueError(f"--image-root {self.image_root} is not a folder")
 
