@@ -222,3 +222,19 @@ def test_visible_end_of_turn_is_what_decoding_without_special_tokens_leaves(real
     decoded = tokenizer.decode(tokenizer(said, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
     assert decoded.strip().endswith(visible)
     assert template.answer_from(decoded) == "A red bus."
+
+
+@pytest.mark.parametrize("tokenizer_name", REAL_TOKENIZERS)
+def test_an_empty_earlier_answer_renders_with_an_empty_span_at_the_end_of_its_generation_prompt(
+    real_tokenizers, tokenizer_name
+):
+    # A model's empty first answer stays in the context of the second turn (MT-Bench asks turn 2 after it).
+    tokenizer = prepared(real_tokenizers[tokenizer_name], "tokenizer")
+    template = get_template("tokenizer", tokenizer)
+    messages = [Message("user", "Name a colour."), Message("assistant", ""), Message("user", "And another?")]
+    rendered = template.render(messages, add_generation_prompt=True)
+    as_dicts = [{"role": m.role, "content": m.content} for m in messages]
+    assert rendered.text == tokenizer.apply_chat_template(as_dicts, tokenize=False, add_generation_prompt=True)
+    ((start, end),) = rendered.assistant_spans
+    assert start == len(tokenizer.apply_chat_template(as_dicts[:1], tokenize=False, add_generation_prompt=True))
+    assert start <= end <= rendered.text.index("And another?")  # only the end-of-turn marker, if any

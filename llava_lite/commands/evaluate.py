@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from llava_lite.config_io import ConfigError
 
@@ -22,14 +23,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "per category), lm-evaluation-harness tasks on the run's LM, adapters merged (--lm-eval; with "
             "--base on the base LM too), and held-out preference pairs (--preference FILE, any format stage 3 "
             "reads: the share of pairs whose chosen answer the run prefers against its reference, and the mean "
-            "margin; the reference is --reference, else the run's init_from, else the run with its adapters off). "
+            "margin; the reference is --reference, else the run's init_from, else the run with its adapters off; "
+            "a reward model run, recipe: reward, is measured by its head's scores: the share of pairs it ranks right). "
+            "Judged by a model behind an OpenAI-compatible server (the --judge-* flags): MT-Bench questions "
+            "(--mt-bench FILE: every turn answered in the context of the model's earlier answers, a 1-10 score per "
+            "answer; means per turn and category), and a pairwise comparison (--versus BASELINE --prompts FILE: "
+            "the baseline is another run or a file of reference answers; win rate, tie rate, length-controlled win "
+            "rate, 95% bootstrap intervals; each pair judged in both orders). Both keep their answers and the "
+            "judge's verdicts beside --out, and a rerun asks only for what is missing. "
             "Prints a table; --out writes the results as JSON, --plot draws them. "
             "--training-log RUN plots the run's loss and logged perplexities over steps (no --model needed)."
         ),
     )
     parser.add_argument("--model", default=None, help="a run folder, or a transformers Llava folder")
     parser.add_argument("--instruct", default=None, metavar="DATA", help="held-out instruction data (any data format)")
-    parser.add_argument("--image-folder", default=None, help="images of --instruct (default: its folder)")
+    parser.add_argument(
+        "--image-folder", default=None, help="images of --instruct, --mt-bench, --prompts (default: each file's folder)"
+    )
     parser.add_argument("--text", default=None, metavar="TXT", help="plain text for general-text perplexity")
     parser.add_argument("--base-lm", default=None, help="the base LM (transformers folder) to compare --text against")
     parser.add_argument("--text-window", type=int, default=1024, help="tokens per text window (default: 1024)")
@@ -46,11 +56,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="env variable holding the judge's key")
     parser.add_argument("--judge-concurrency", type=int, default=4, help="judge requests in flight (default: 4)")
     parser.add_argument("--judge-temperature", type=float, default=0.2, help="judge sampling temperature (0.2)")
+    parser.add_argument(
+        "--judge-images", action="store_true", help="send visual questions' images to the judge (a vision judge)"
+    )
+    parser.add_argument("--mt-bench", default=None, metavar="FILE", help="MT-Bench questions (question_id, turns, ...)")
+    parser.add_argument(
+        "--versus",
+        default=None,
+        metavar="BASELINE",
+        help="pairwise win rate against a run folder, or a file of reference answers (instruction, output)",
+    )
+    parser.add_argument(
+        "--prompts", default=None, metavar="FILE", help="the prompts of --versus (default: the baseline's answer file)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of --versus' bootstrap intervals (default: 0)")
     parser.add_argument("--preference", default=None, metavar="PAIRS", help="held-out preference pairs (stage 3)")
     parser.add_argument("--preference-images", default=None, help="images of --preference (default: its folder)")
     parser.add_argument("--reference", default=None, help="the reference model of --preference (default: init_from)")
     parser.add_argument("--batch-size", type=int, default=8, help="records per forward or generation batch")
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="longest bench answer (default: 512)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=512, help="longest bench, MT-Bench or --versus answer (default: 512)"
+    )
     parser.add_argument("--limit", type=int, default=None, help="only the first N records of each set")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="weights dtype")
@@ -122,13 +148,18 @@ def run(args: argparse.Namespace) -> int:
 
     config = eval_config(args)
     lm_eval = lm_eval_settings(args)
-    if not (config.anything or lm_eval or args.preference) and not args.training_log:
+    judged = check_judged(args)
+    if not (config.anything or lm_eval or args.preference or judged) and not args.training_log:
         raise ConfigError(
-            "nothing to evaluate: give --instruct, --text, --vqa, --bench, --lm-eval or --preference (or "
-            "--training-log RUN)"
+            "nothing to evaluate: give --instruct, --text, --vqa, --bench, --lm-eval, --preference, --mt-bench or "
+            "--versus (or --training-log RUN)"
         )
-    if (config.anything or lm_eval or args.preference) and not args.model:
-        raise ConfigError("--model is needed to evaluate --instruct, --text, --vqa, --bench, --lm-eval or --preference")
+    if (config.anything or lm_eval or args.preference or judged) and not args.model:
+        raise ConfigError(
+            "--model is needed to evaluate --instruct, --text, --vqa, --bench, --lm-eval, --preference, --mt-bench "
+            "or --versus"
+        )
+    generator = None
     results: dict = {}
     if config.anything or lm_eval:
         from llava_lite.inference.generator import Generator
@@ -139,6 +170,9 @@ def run(args: argparse.Namespace) -> int:
         from llava_lite.eval.suite import run_suite
 
         results.update(run_suite(generator.model, config, generator=generator))
+    if judged:  # before lm-eval, which merges the run's adapters into the loaded model
+        results["model"] = args.model
+        results.update(run_judged(args, generator))
     if lm_eval:  # last of the evaluations of this model: it merges the run's adapters into its LM
         from llava_lite.eval.lm_eval_bridge import run_lm_eval
 
@@ -166,8 +200,101 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2, ensure_ascii=False))
     elif results:
-        print(report.table(results))
+        print("\n".join(part for part in (report.table(results), judged_table(results)) if part))
     for path in (args.out, args.plot):
         if path:
             print(f"wrote {path}")
     return 0
+
+
+def check_judged(args: argparse.Namespace) -> bool:
+    """Whether --mt-bench or --versus is asked for, after checking what they need (before any model loads)."""
+    if args.prompts and not args.versus:
+        raise ConfigError("--prompts are the prompts of --versus BASELINE: give --versus too")
+    if not (args.mt_bench or args.versus):
+        return False
+    if not args.out:
+        raise ConfigError(
+            "--mt-bench and --versus keep their answers and the judge's verdicts beside the results: give --out "
+            "RESULTS.json"
+        )
+    if not (args.judge_base_url and args.judge_model):
+        raise ConfigError(
+            "--mt-bench and --versus are judged: give --judge-base-url and --judge-model (the judge's server and name)"
+        )
+    if args.versus and Path(args.versus).is_dir() and not args.prompts:
+        raise ConfigError("--versus RUN needs --prompts FILE: the prompts both runs answer")
+    if args.versus and not Path(args.versus).exists():
+        raise ConfigError(f"--versus {args.versus}: no such run folder or reference answers file")
+    return True
+
+
+def run_judged(args: argparse.Namespace, generator=None) -> dict:
+    """MT-Bench scores and the pairwise comparison: the questions read and the judge set up before any answering;
+    the models loaded only if answers are missing (`generator`, when the command loaded one already, is reused)."""
+    from llava_lite.eval import prompt_files
+    from llava_lite.eval.judge_calls import JudgeSettings
+    from llava_lite.eval.turns import model_identity
+
+    judge = JudgeSettings(
+        args.judge_base_url,
+        args.judge_model,
+        api_key_env=args.judge_api_key_env,
+        concurrency=args.judge_concurrency,
+        temperature=args.judge_temperature,
+        images=args.judge_images,
+    )
+
+    # One model in memory at a time: the run's, loaded once for both evaluations, then the baseline run's.
+    loaded = {"folder": args.model if generator else None, "generator": generator}
+
+    def loader(folder: str):
+        def load():
+            if loaded["folder"] != folder:
+                from llava_lite.inference.generator import Generator
+
+                loaded.update(folder=None, generator=None)
+                loaded.update(folder=folder, generator=Generator.from_folder(folder, args.device, args.dtype))
+            return loaded["generator"]
+
+        return load
+
+    # Both files read and checked (and the baseline's answers matched) before anything is answered or judged.
+    questions = prompt_files.read_mt_bench(args.mt_bench, args.image_folder, args.limit) if args.mt_bench else None
+    prompts = baseline = None
+    if args.versus:
+        from llava_lite.eval.versus import Contender
+
+        prompts = prompt_files.read_pairwise_prompts(args.prompts or args.versus, args.image_folder, args.limit)
+        if Path(args.versus).is_dir():
+            baseline = Contender(args.versus, loader(args.versus), model_identity(args.versus))
+        else:
+            baseline = Contender(args.versus, answers=prompt_files.baseline_outputs(args.versus, prompts))
+    results: dict = {}
+    if questions:
+        from llava_lite.eval.mt_bench import run_mt_bench
+
+        results["mt_bench"] = run_mt_bench(
+            questions, loader(args.model), model_identity(args.model), judge, args.out, args.max_new_tokens,
+            args.batch_size,
+        )  # fmt: skip
+    if prompts:
+        from llava_lite.eval.versus import Contender, run_versus
+
+        ours = Contender(args.model, loader(args.model), model_identity(args.model))
+        results["versus"] = run_versus(
+            prompts, ours, baseline, judge, args.out, args.max_new_tokens, args.batch_size, args.seed
+        )
+    return results
+
+
+def judged_table(results: dict) -> str:
+    from llava_lite.eval import mt_bench, versus
+
+    rows = []
+    if "mt_bench" in results:
+        rows += mt_bench.table_rows(results["mt_bench"])
+    if "versus" in results:
+        rows += versus.table_rows(results["versus"])
+    width = max((len(name) for name, _ in rows), default=0)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

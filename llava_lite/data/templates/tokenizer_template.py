@@ -173,6 +173,10 @@ class TokenizerChatTemplate(ChatTemplate):
         start, end = layout.starts[index], layout.starts[index + 1]
         header = layout.headers[index]
         prompt_end = start + len(header) if text.startswith(header, start, end) else None
+        if not message.content.strip() and prompt_end is not None:
+            # An empty answer (a model that said nothing, an earlier turn of a chat): its span is empty and sits
+            # where the generation prompt ends; its end-of-turn marker follows as for any answer.
+            return prompt_end, prompt_end + len(text[prompt_end:end].rstrip())
         for content in (message.content, message.content.strip()):
             offset = text.find(content, start if prompt_end is None else prompt_end, end) if content else -1
             if offset >= 0:
