@@ -1,5 +1,6 @@
 """`llava-lite data mix` and `llava-lite data stats`: combine datasets by ratio; describe a dataset. (The
-self-improvement loop's `data sample`, `data score` and `data pairs` live in `data_loop`.)"""
+self-improvement loop's `data sample`, `data score` and `data pairs` live in `data_loop`; curation's `dedup` and
+`tag` in `data_dedup_tag`, `rate` and `select` in `data_rate_select`.)"""
 
 from __future__ import annotations
 
@@ -7,16 +8,16 @@ import argparse
 import json
 import sys
 
-from llava_lite.commands import data_loop
+from llava_lite.commands import data_dedup_tag, data_loop, data_rate_select
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "data",
-        help="mix datasets by ratio, or describe one",
+        help="mix, describe, deduplicate, tag, rate and select datasets; the loop's sample, score and pairs",
         description=(
-            "Tools for curating training data: `data mix`, `data stats`, and the self-improvement loop's "
-            "`sample`, `score` and `pairs`."
+            "Tools for training data: `data mix`, `data stats`; curation: `dedup`, `tag`, `rate`, `select`; and "
+            "the self-improvement loop's `sample`, `score` and `pairs`."
         ),
     )
     tools = parser.add_subparsers(dest="tool", metavar="TOOL", required=True)
@@ -50,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Report records, distinct images, text-only share, turns, token lengths (percentiles), record kinds, "
             "answer lengths, and the diversity of the instructions: distinct leading word pairs (in the spirit "
-            "of InsTag's verb-object analysis) and distinct word bigrams."
+            "of InsTag's verb-object analysis) and distinct word bigrams; where records carry `tags` (`data tag`), "
+            "the tag coverage: distinct tags, tags per record, the commonest."
         ),
     )
     stats.add_argument("path", help="a data file any loader reads (.json, .jsonl, .parquet, ...)")
@@ -61,6 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats.add_argument("--plot", default=None, metavar="PNG", help="also draw histograms to this file (matplotlib)")
     stats.set_defaults(run=run_stats)
     data_loop.register(tools)
+    data_rate_select.register(tools)
+    data_dedup_tag.register(tools)
 
 
 def run_mix(args: argparse.Namespace) -> int:

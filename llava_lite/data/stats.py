@@ -2,7 +2,8 @@
 
 Diversity follows the spirit of InsTag and Self-Instruct's analysis, without a parser: each instruction's
 leading word (its verb, or its question word) and the first content word after it form a pair; many distinct
-pairs, spread evenly, mean varied instructions. Complexity is read from turns and instruction length.
+pairs, spread evenly, mean varied instructions. Complexity is read from turns and instruction length. Where records
+carry `tags` (`llava-lite data tag`), their coverage is reported too: distinct tags, tags per record, the commonest.
 """
 
 from __future__ import annotations
@@ -41,12 +42,26 @@ class DatasetStats:
     lead_pairs: Counter = field(default_factory=Counter)
     instruction_words: list[int] = field(default_factory=list)
     distinct_bigram_ratio: float = 0.0
+    # Tags (`data tag`'s, InsTag-style), where records carry a `tags` list: coverage of tasks and skills.
+    tagged: int = 0
+    tags: Counter = field(default_factory=Counter)  # tag -> records carrying it
+    tags_per_record: list[int] = field(default_factory=list)  # of tagged records
 
     @property
     def text_only_share(self) -> float:
         return 1 - self.with_images / self.records if self.records else 0.0
 
     def as_dict(self) -> dict:
+        tags = {}
+        if self.tagged:
+            tags = {
+                "tags": {
+                    "records_tagged": self.tagged,
+                    "distinct": len(self.tags),
+                    "per_record": _summary(self.tags_per_record),
+                    "top": [[tag, n] for tag, n in self.tags.most_common(10)],
+                }
+            }
         return {
             "records": self.records,
             "skipped": dict(self.skipped),
@@ -64,6 +79,7 @@ class DatasetStats:
                 "distinct_bigram_ratio": round(self.distinct_bigram_ratio, 4),
                 "top_lead_pairs": [[" ".join(pair), n] for pair, n in self.lead_pairs.most_common(10)],
             },
+            **tags,
         }
 
 
@@ -78,6 +94,7 @@ def describe(records: list[tuple[dict, Conversation]], tokenizer, skipped: Count
         stats.with_images += bool(conversation.images)
         metadata = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
         stats.kinds[metadata.get("kind", "unmarked")] += 1
+        _count_tags(stats, raw.get("tags"))
         stats.turns.append(sum(m.role == "assistant" for m in conversation.messages))
         for message in conversation.messages:
             texts.append(_plain(message.content))
@@ -101,6 +118,15 @@ def describe(records: list[tuple[dict, Conversation]], tokenizer, skipped: Count
     stats.images = len(images)
     stats.distinct_bigram_ratio = len(bigrams) / max(sum(bigrams.values()), 1)
     return stats
+
+
+def _count_tags(stats: DatasetStats, tags) -> None:
+    if not isinstance(tags, list):
+        return
+    distinct = {tag for tag in tags if isinstance(tag, str)}
+    stats.tagged += 1
+    stats.tags.update(distinct)
+    stats.tags_per_record.append(len(distinct))
 
 
 def lead_pair(words: list[str]) -> tuple[str, str] | None:
@@ -135,6 +161,16 @@ def table(stats: DatasetStats) -> str:
         ),
         ("top pairs", ", ".join(f"{pair} {n}" for pair, n in instructions["top_lead_pairs"]) or "-"),
     ]
+    if stats.tagged:
+        tags = data["tags"]
+        rows += [
+            (
+                "tags",
+                f"{tags['distinct']} distinct on {stats.tagged} tagged records ({stats.tagged / stats.records:.1%}); "
+                f"per record {_format(tags['per_record'])}",
+            ),
+            ("top tags", ", ".join(f"{tag} {n}" for tag, n in tags["top"])),
+        ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

@@ -1,0 +1,1 @@
+"""Curating instruction data: dedup, tag, rate, select - one module per job."""
