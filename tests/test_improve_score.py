@@ -11,9 +11,9 @@ from improve_helpers import corner_prompts, read_lines, tiny_run
 from rubric_server import RubricServer, user_text
 
 from llava_lite.cli import main
-from llava_lite.improve.rubric import parse_rubric
 from llava_lite.improve.sample import journal_path
 from llava_lite.improve.score import reference_score
+from llava_lite.rewards.rubric import parse_rubric
 
 
 @pytest.mark.parametrize(

@@ -3,14 +3,16 @@
 - `reference`: agreement with the line's `reference` answer (or `references` / `answers`, the best of them), after
   VQAv2's normalisation (case, punctuation, articles, number words): `exact` match (1 or 0, the default),
   `contains` (1 when the reference's words appear in order, as a run, in the candidate's) or token `f1` (SQuAD's).
-- `judge`: an LLM through datagen's backends (`openai`, `hf`) scores the rubric (`llava_lite.improve.rubric`),
-  given the line's captions and boxes; retries are the backend's.
+- `judge`: an LLM through `llava_lite.llm`'s backends (`openai`, `hf`) scores the rubric
+  (`llava_lite.rewards.rubric`), given the line's captions and boxes; retries are the backend's.
 - `self`: the run that sampled judges its own candidates on the same rubric, seeing the image (Self-Rewarding),
   loaded here or served (`llava-lite serve`) behind an OpenAI-compatible URL.
+- `reward-model`: a run of `recipe: reward` scores each candidate after its prompt and images
+  (`llava_lite.eval.reward_model`); a candidate the model's context leaves no token of is unscored (`too_long`).
 A judged candidate's score is the mean of the rubric's two axes; a reply without both is `no_score`, a request
-the backend failed after its retries `backend_error`: both leave the candidate unscored (`score: null`). Judged
-scores go to `OUT.journal` (datagen's journal) one batch at a time, so a kill loses nothing; a rerun asks only for
-what the journal lacks or has as a backend error.
+the backend failed after its retries `backend_error`, a reply that is no chat completion `malformed_reply`: each
+leaves the candidate unscored (`score: null`). Judged scores go to `OUT.journal` (`llava_lite.llm.journal`) one
+batch at a time, so a kill loses nothing; a rerun asks only for what the journal lacks or has as a failure.
 """
 
 from __future__ import annotations
@@ -25,16 +27,16 @@ from pathlib import Path
 
 from llava_lite.data.formats import read_json_objects
 from llava_lite.data.writing import write_records
-from llava_lite.datagen.backends import BACKEND_ERROR, Backend, Request
-from llava_lite.datagen.writer import Journal
-from llava_lite.eval.vqa import normalize_answer
-from llava_lite.improve import rubric
 from llava_lite.improve.sample import check_output, journal_path
+from llava_lite.llm.chat import FAILURES, Backend, ChatReply, ChatRequest
+from llava_lite.llm.journal import Journal
+from llava_lite.rewards import rubric
+from llava_lite.rewards.reference import MATCHES as MATCHES  # the scorer's matches, as the improve config reads them
+from llava_lite.rewards.reference import line_references, reference_score
 
 logger = logging.getLogger(__name__)
 
-SCORERS = ("reference", "judge", "self")
-MATCHES = ("exact", "contains", "f1")
+SCORERS = ("reference", "judge", "self", "reward-model")
 NO_SCORE = "no_score"
 
 
@@ -63,42 +65,21 @@ class ScoreReport:
             )
         return lines
 
+    @property
+    def failed(self) -> int:
+        """Candidates whose request failed (at the backend, or with a malformed reply): a rerun asks again."""
+        return sum(self.unscored[reason] for reason in FAILURES)
+
 
 # ----- reference -------------------------------------------------------------------------------------------------
-
-
-def reference_score(candidate: str, references: list[str], match: str = "exact") -> float:
-    """The candidate's agreement with its best reference, from 0 to 1 (see the module doc for `match`)."""
-    if match not in MATCHES:
-        raise ValueError(f"unknown match {match!r}; choose from {', '.join(MATCHES)}")
-    words = normalize_answer(candidate).split()
-    best = 0.0
-    for reference in references:
-        wanted = normalize_answer(reference).split()
-        if match == "exact":
-            value = float(words == wanted)
-        elif match == "contains":
-            size = len(wanted)
-            value = float(any(words[i : i + size] == wanted for i in range(len(words) - size + 1)) and size > 0)
-        else:
-            value = _token_f1(words, wanted)
-        best = max(best, value)
-    return best
-
-
-def _token_f1(words: list[str], wanted: list[str]) -> float:
-    common = sum((Counter(words) & Counter(wanted)).values())
-    if not words or not wanted or not common:
-        return float(words == wanted)
-    precision, recall = common / len(words), common / len(wanted)
-    return 2 * precision * recall / (precision + recall)
+# The scorer is the `reference` reward's (`llava_lite.rewards.reference`): one implementation of scoring an answer.
 
 
 def references_of(row: dict, where: str) -> list[str]:
-    value = row.get("reference", row.get("references", row.get("answers")))
-    values = value if isinstance(value, list) else [value]
-    values = [v.get("answer") if isinstance(v, dict) else v for v in values]
-    if not values or not all(isinstance(v, str) for v in values):
+    """The line's known answers (`llava_lite.rewards.reference.line_references`); ValueError naming the line when
+    it has none."""
+    values = line_references(row)
+    if values is None:
         raise ValueError(f"{where}: the reference scorer needs a `reference` answer (or `references`) on every line")
     return values
 
@@ -112,6 +93,31 @@ def score_by_reference(input_path: str | Path, output_path: str | Path, match: s
             candidate["score"] = reference_score(candidate["text"], references, match)
         _count(report, row)
         rows.append(row)
+    write_records(output_path, rows)
+    return report
+
+
+# ----- reward model -----------------------------------------------------------------------------------------------
+
+
+def score_by_reward_model(
+    input_path: str | Path, output_path: str | Path, reward_model, image_folder: str | Path
+) -> ScoreReport:
+    """Every candidate scored by `reward_model` (`llava_lite.eval.reward_model.RewardModel`), after its line's prompt,
+    whose images resolve inside `image_folder`; a prompt's candidates go through the model together."""
+    lines = list(_sampled_rows(input_path))
+    rows = [row for _, row in lines]
+    prompts = [row for row in rows for _ in row["candidates"]]
+    texts = [candidate["text"] for row in rows for candidate in row["candidates"]]
+    names = [where for where, row in lines for _ in row["candidates"]]
+    scores = iter(reward_model.score(prompts, texts, image_folder, progress=True, names=names))
+    report = ScoreReport()
+    for row in rows:
+        for candidate in row["candidates"]:
+            candidate["score"] = next(scores)
+            if candidate["score"] is None:
+                candidate["error"] = "too_long"
+        _count(report, row)
     write_records(output_path, rows)
     return report
 
@@ -138,7 +144,7 @@ def score_by_judge(
     journal = Journal.open(journal_path(output_path), settings, fresh=overwrite)
     report = ScoreReport()
     todo = [
-        Request(key, "judge", messages_for(row, candidate["text"]), None)
+        ChatRequest(key, "judge", messages_for(row, candidate["text"]))
         for row in rows
         for key, candidate in _keyed(row)
         if journal.entries.get(key, {}).get("status") not in ("ok", NO_SCORE)
@@ -163,7 +169,7 @@ def score_by_judge(
                 candidate["axes"] = entry["axes"]
             else:
                 candidate["error"] = entry["status"]
-                failed += entry["status"] == BACKEND_ERROR
+                failed += entry["status"] in FAILURES
         _count(report, row)
     write_records(output_path, rows)
     if not failed:
@@ -171,37 +177,18 @@ def score_by_judge(
     return report
 
 
-def _entry(request: Request, reply) -> dict:
+def _entry(request: ChatRequest, reply: ChatReply) -> dict:
     entry = {
         "key": request.key,
         "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens},
         "retries": dict(reply.retries),
     }
-    if reply.error == BACKEND_ERROR:
-        return {**entry, "status": BACKEND_ERROR, "detail": reply.detail}
+    if reply.failed:
+        return {**entry, "status": reply.error, "detail": reply.detail}
     axes = rubric.parse_rubric(reply.text) if reply.error is None else None
     if axes is None:
         return {**entry, "status": NO_SCORE, "reply": reply.text, "detail": reply.error or "no rubric scores"}
     return {**entry, "status": "ok", "axes": axes, "score": sum(axes.values()) / len(axes)}
-
-
-def judge_messages(row: dict, answer: str) -> list[dict]:
-    """A text-only judge's request: the rubric, what the line says about its image, the question, the answer."""
-    text = rubric.judge_text(last_question(row), answer, rubric.context_of(row), sees_image=False)
-    return [{"role": "system", "content": rubric.SYSTEM}, {"role": "user", "content": text}]
-
-
-def last_question(row: dict) -> str:
-    """The prompt's last user turn as text (its image parts left out)."""
-    if isinstance(row.get("prompt"), str):
-        return row["prompt"]
-    for message in reversed(row.get("messages") or []):
-        if isinstance(message, dict) and message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, list):
-                return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-            return str(content)
-    return ""
 
 
 # ----- shared -----------------------------------------------------------------------------------------------------

@@ -140,7 +140,7 @@ def parse_request(line: str, where: str, folder: Path) -> Request:
     if "messages" in row:
         conversation = parse_record(row, where, require_answer=False)
     elif isinstance(row.get("prompt"), str):
-        conversation = _conversation_from_prompt(row)
+        conversation = conversation_from_prompt_line(row)
     else:
         raise BadRecordError(where, "malformed", "needs a string `prompt` or a `messages` list")
     if conversation.messages[-1].role != "user":
@@ -156,8 +156,10 @@ def parse_request(line: str, where: str, folder: Path) -> Request:
     return Request(request_id, conversation, images, echo)
 
 
-def _conversation_from_prompt(row: dict) -> Conversation:
-    images = row.get("image") or []
+def conversation_from_prompt_line(row: dict) -> Conversation:
+    """A prompt line `{"prompt", "image"?, "system"?}` (`image` one path or a list; `images` too) as a conversation
+    to answer: the images before the text when it holds no `<image>` placeholder (LLaVA's layout)."""
+    images = row.get("image", row.get("images")) or []
     images = [images] if isinstance(images, str) else list(images)
     prompt = row["prompt"]
     if IMAGE_PLACEHOLDER not in prompt:

@@ -1,9 +1,9 @@
 """A training run as data: which recipe, which model, which data, and the hyperparameters, with recipe defaults.
 
 Stages are data, not code paths: `recipe: stage1`, `recipe: stage2` and `recipe: preference` (stage 3) differ
-only in the defaults below (what is trained, the template, the learning rate) and, for stage 3, its data (pairs)
-and loss (the `preference` section). A YAML file under `configs/` is one run; `key=value`
-overrides on the command line change any field.
+in the defaults their modules fill in (`llava_lite.train.recipes`: what is trained, the template, the learning
+rate) and, for stage 3, its data (pairs) and loss (the `preference` section). A YAML file under `configs/` is one
+run; `key=value` overrides on the command line change any field.
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from llava_lite.config_io import ConfigError, apply_overrides, from_dict, load_yaml
+from llava_lite.config_io import apply_overrides, from_dict, load_yaml
 from llava_lite.data.config import DataConfig
 from llava_lite.eval.config import EvalConfig
 
-Recipe = Literal["stage1", "stage2", "preference"]
 PreferenceLoss = Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"]
 REFERENCE_FREE = ("simpo", "orpo")
 Method = Literal["none", "full", "lora", "qlora", "peft", "bitfit"]
@@ -114,8 +113,10 @@ class PreferenceSettings:
     loss: PreferenceLoss = "sigmoid"
     # DPO's beta (IPO's tau, ORPO's lambda); default 0.1, and 2.0 for simpo (its paper's).
     beta: float | None = None
-    # Weight of the chosen answer's negative log-likelihood (per token) added to the loss, as RPO and MPO do;
-    # default 0, and 1 for orpo (its own NLL term).
+    # Weight of the chosen answer's negative log-likelihood (per token) added to the loss, as RPO and MPO do (and
+    # orpo's own term); default 1 for every loss. 0 gives TRL's losses alone - which on pairs of a model's own
+    # mistakes pulled the chosen answers' log-probs down with the rejected ones (likelihood displacement) and made
+    # the model worse (README: "RL against DPO and SFT on the model's own answers").
     sft_weight: float | None = None
     # The chance a pair's labels are flipped: conservative DPO for sigmoid, robust's and simpo's smoothing.
     label_smoothing: float = 0.0
@@ -137,8 +138,79 @@ class PreferenceSettings:
 
 
 @dataclass
+class RewardSettings:
+    """`recipe: reward`: a Bradley-Terry reward model's loss, -log sigmoid(r_chosen - r_rejected - margin), with
+    TRL's RewardTrainer options."""
+
+    # The record field holding each pair's margin (TRL's `margin` column, e.g. the gap between two ratings): every
+    # pair must carry a number there. None: no margin.
+    margin_column: str | None = None
+    # TRL's center_rewards_coefficient: this times mean((r_chosen + r_rejected)^2) is added to the loss, keeping the
+    # rewards centred on 0 (the Bradley-Terry loss alone sees only their differences). 0: not added.
+    center_rewards_coefficient: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.center_rewards_coefficient < 0:
+            raise ValueError(f"center_rewards_coefficient must be 0 or more, got {self.center_rewards_coefficient}")
+        if self.margin_column is not None and not self.margin_column.strip():
+            raise ValueError("margin_column must name a record field, or be left out")
+
+
+RLLoss = Literal["grpo", "dr_grpo", "dapo", "gspo"]
+
+
+@dataclass
+class RLSettings:
+    """Stage 3 as reward maximisation (`recipe: rl`): on-policy sampling, rewards, advantages and the loss, as TRL's
+    GRPOTrainer defines them (`llava_lite.train.rl_loss`). Defaults left None are filled in by the recipe."""
+
+    # G: answers sampled per prompt (a group); a group stays on one process.
+    num_generations: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # What is maximised: a list of {kind, weight, ...}, summed by weight (llava_lite.rewards: reference, format,
+    # iou, length, judge, reward_model, python).
+    rewards: list[dict[str, Any]] = field(default_factory=list)
+    # grpo: each answer's token mean, then the batch's mean; dr_grpo: the tokens' sum over answers x max_new_tokens;
+    # dapo: every token of the batch counts once (TRL's default); gspo: one importance ratio per answer.
+    loss: RLLoss = "dapo"
+    # group: the reward less its group's mean (GRPO); rloo: less the mean of the group's other answers.
+    advantage: Literal["group", "rloo"] = "group"
+    # The advantage divided by the rewards' std: of its group, of the batch, or not at all (Dr. GRPO). Default:
+    # group for advantage group, none for rloo (TRL's RLOO); rloo takes none or batch.
+    scale_rewards: Literal["group", "batch", "none"] | None = None
+    # KL(policy || reference) weight, TRL's k3 estimator per token; 0 needs no reference.
+    beta: float = 0.0
+    # The importance ratio is clipped to [1 - epsilon, 1 + epsilon_high]. Defaults: 0.2 and epsilon (TRL's); gspo
+    # 3e-4 and 4e-4 (its paper's, as TRL's GSPO recipe sets them).
+    epsilon: float | None = None
+    epsilon_high: float | None = None
+    # Updates per generation batch (PPO's mu); above 1 the ratio to the policy that sampled counts.
+    num_iterations: int = 1
+    # Answers cut at max_new_tokens take no part in the loss.
+    mask_truncated_completions: bool = False
+    # DAPO: groups whose answers all score the same are dropped and refilled with groups of other prompts.
+    dynamic_sampling: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be 2 or more (a group is compared), got {self.num_generations}")
+        if self.max_new_tokens < 1 or self.num_iterations < 1:
+            raise ValueError("max_new_tokens and num_iterations must be 1 or more")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"temperature must be above 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be 0 or more, got {self.beta}")
+        for name in ("epsilon", "epsilon_high"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be 0 or more, got {value}")
+
+
+@dataclass
 class TrainConfig:
-    recipe: Recipe
+    recipe: str  # a name in llava_lite.train.recipes.RECIPES
     output_dir: str
     data: DataConfig
     # A preset name, a saved model folder, or a model mapping (`preset:` plus overrides allowed).
@@ -153,6 +225,10 @@ class TrainConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     # Stage 3 only: the preference loss and its reference (defaults filled in for recipe preference).
     preference: PreferenceSettings | None = None
+    # recipe reward only: its loss's margin and centring (defaults filled in for recipe reward).
+    reward: RewardSettings | None = None
+    # recipe rl only: sampling, rewards and the loss (defaults filled in for recipe rl).
+    rl: RLSettings | None = None
     # The template the training data is rendered with; default: `plain` for stage 1 (image, then caption),
     # the model's own chat template for stage 2. The saved model keeps its chat template either way.
     data_template: str | None = None
@@ -196,81 +272,19 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
     return from_dict(TrainConfig, data, str(path))
 
 
-def resolved(config: TrainConfig) -> TrainConfig:
-    """The config with every recipe default filled in, as it is saved beside each checkpoint."""
-    finetune = config.finetune
-    method = finetune.method or ("none" if config.recipe == "stage1" else "full")
-    efficient = method in PARAMETER_EFFICIENT
+def with_learning_rates(config: TrainConfig, learning_rate: float, projector_lr: float | None) -> TrainConfig:
+    """`config` with the learning rates it leaves open set to a recipe's defaults: `learning_rate` for the LM,
+    `projector_lr` for the projector (None: the LM's) and the LM's for the tower."""
     train = config.train
-    if config.recipe == "stage1":
-        if method != "none":
-            raise ConfigError("recipe stage1 trains the projector alone: finetune.method must be none")
-        if not finetune.train_projector:
-            raise ConfigError("recipe stage1 trains the projector: finetune.train_projector must be true")
-        if config.data.replay or train.kl_to_base:
-            raise ConfigError("replay and kl_to_base keep what the LM knew; stage 1 does not train the LM")
-    if config.eval_data is not None and config.eval_data.replay is not None:
-        raise ConfigError("eval_data: replay text is mixed into training data only")
-    if train.kl_to_base and train.kl_positions == "replay" and config.data.replay is None:
-        raise ConfigError("train.kl_positions replay needs replay text (data.replay and a kind: text source)")
-    preference = None
-    if config.recipe == "preference":
-        preference = _resolved_preference(config, method)
-        lr = train.learning_rate or (5e-7 if method == "full" else 5e-6)
-        projector_lr = train.projector_lr or lr
-    else:
-        if config.preference is not None:
-            raise ConfigError(f"the preference section is for recipe preference, not {config.recipe}")
-        lr = train.learning_rate or {"none": 1e-3, "full": 2e-5}.get(method, 2e-4)
-        projector_lr = train.projector_lr or (2e-5 if efficient else lr)
+    lr = train.learning_rate or learning_rate
     return dataclasses.replace(
         config,
-        data_template=config.data_template or ("plain" if config.recipe == "stage1" else None),
-        finetune=dataclasses.replace(finetune, method=method),
-        preference=preference,
         train=dataclasses.replace(
             train,
             learning_rate=lr,
-            projector_lr=projector_lr,
+            projector_lr=train.projector_lr or projector_lr or lr,
             vision_tower_lr=train.vision_tower_lr or lr,
         ),
-    )
-
-
-def _resolved_preference(config: TrainConfig, method: str) -> PreferenceSettings:
-    """Stage 3's checks and defaults: what its data and method may be, and its loss's beta, NLL weight, reference."""
-    data, settings = config.data, config.preference or PreferenceSettings()
-    if method == "none":
-        raise ConfigError("recipe preference tunes the LM: finetune.method must not be none")
-    if data.replay or data.text_sources or config.train.kl_to_base:
-        raise ConfigError(
-            "recipe preference trains on pairs alone: no replay text, no kind: text source, no kl_to_base"
-        )
-    if data.group_by_modality_length:
-        raise ConfigError("recipe preference: data.group_by_modality_length is not supported (pack the pairs instead)")
-    if config.eval_data is not None:
-        raise ConfigError(
-            "recipe preference has no eval_data: measure held-out pairs with llava-lite eval --preference"
-        )
-    reference = settings.reference
-    if settings.loss in REFERENCE_FREE:
-        if reference not in ("auto", "none"):
-            raise ConfigError(f"preference.loss {settings.loss} needs no reference: set preference.reference none")
-        reference = "none"
-    elif reference == "none":
-        raise ConfigError(f"preference.loss {settings.loss} needs a reference (adapters_off or precomputed)")
-    elif reference == "auto":
-        reference = "adapters_off" if method in ("lora", "qlora", "peft") else "precomputed"
-    elif reference == "adapters_off" and method not in ("lora", "qlora", "peft"):
-        raise ConfigError(
-            f"preference.reference adapters_off needs adapters (finetune.method lora, qlora or peft), not {method}: "
-            "use precomputed, which keeps no second copy of the model"
-        )
-    return dataclasses.replace(
-        settings,
-        beta=settings.beta or (2.0 if settings.loss == "simpo" else 0.1),
-        sft_weight=settings.sft_weight if settings.sft_weight is not None else float(settings.loss == "orpo"),
-        reference=reference,
     )
 
 
@@ -279,13 +293,3 @@ def check_data_paths(config: TrainConfig) -> None:
     for data in (config.data, config.eval_data):
         for source in data.sources if data else ():
             source.check_exists()
-
-
-def chosen_templates(config: TrainConfig, model_template: str) -> tuple[str, str]:
-    """The one place a run's templates are decided (`config` resolved): the chat template the trained model keeps -
-    the config's `model: {chat_template}` over `model_template`, the one a loaded run or preset has - and the
-    template the training data is rendered with (`data_template`, else that chat template)."""
-    chat = model_template
-    if isinstance(config.model, dict) and "chat_template" in config.model:
-        chat = config.model["chat_template"]
-    return chat, config.data_template or chat
