@@ -26,10 +26,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from llava_lite.data.config import DataSource
+from llava_lite.data.config import DataConfig, DataSource
 from llava_lite.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message, images_first
 from llava_lite.data.errors import BadRecordError
-from llava_lite.data.formats import DEFAULT_ROLES, image_list, parse_message, read_source
+from llava_lite.data.formats import DEFAULT_ROLES, image_list, parse_message, read_source, read_sources
 
 
 @dataclass
@@ -46,6 +46,13 @@ class PreferencePair:
     def conversation(self, answer: str) -> Conversation:
         """The prompt followed by `answer` as the assistant's turn."""
         return Conversation([*self.prompt, Message("assistant", answer)], list(self.images), self.id, self.source)
+
+
+def load_pairs(data: DataConfig) -> tuple[list[PreferencePair], Counter]:
+    """Every source's pairs, in order, and the pairs skipped while reading them, by reason."""
+    if not data.sources:
+        raise ValueError("data: no sources given")
+    return read_sources(data.sources, data.on_bad_record, data.check_images_exist, read=read_pairs)
 
 
 def read_pairs(

@@ -136,7 +136,7 @@ def recipes(out: Path, paths: dict[str, Path], settings: PreferenceDemoSettings)
         "output_dir": str(out / "stage3"),
         "data": {"sources": [{"path": str(paths["pairs"]), "image_folder": str(paths["images"])}], "max_length": 256},
         "finetune": {"method": "full"},
-        "preference": {"loss": "sigmoid", "beta": settings.beta},
+        "preference": {"loss": "sigmoid", "beta": settings.beta, "sft_weight": 0.0},  # as its README table was measured
         "train": {
             "max_steps": settings.stage3_steps,
             "batch_size": settings.stage3_batch_size,

@@ -8,7 +8,8 @@ round is done again. Round 0 is the start's evaluation.
 
 A round's folder `output_dir/round_N` holds `samples.jsonl`, `scored.jsonl`, `pairs.jsonl`, `sft.jsonl`,
 `pairs_summary.json`, the run `run/` (its `train.yaml` beside it) and `eval.json`; `output_dir/improve.json` is the
-table.
+table. With `curate:` set, the data trained on is curated first (`llava_lite.improve.curate_step`): `deduped.jsonl`,
+`curated.jsonl`, `curate_summary.json`.
 """
 
 from __future__ import annotations
@@ -24,15 +25,15 @@ from pathlib import Path
 import yaml
 
 from llava_lite.config_io import ConfigError, from_dict, load_yaml
-from llava_lite.data.writing import write_lines_atomically, write_records
+from llava_lite.data.writing import write_lines_atomically
 from llava_lite.improve.config import ImproveConfig
-from llava_lite.improve.pairs import build_pairs
+from llava_lite.improve.curate_step import curate_step
 from llava_lite.improve.sample import SampleSettings, journal_path, sample_file
-from llava_lite.improve.score import score_by_judge, score_by_reference, settings_for_journal
+from llava_lite.improve.score import score_by_reference
+from llava_lite.improve.steps import pairs_step, score_step
 from llava_lite.inference.generator import Generator
-from llava_lite.train.config import TrainConfig, resolved
-from llava_lite.train.resume import finished_step
-from llava_lite.train.run import resume_checkpoint, run_training
+from llava_lite.train.config import TrainConfig
+from llava_lite.train.run import prepare_run, run_training
 
 logger = logging.getLogger(__name__)
 SUMMARY_FILE = "improve.json"
@@ -76,6 +77,11 @@ def run_improve(config: ImproveConfig, log=print, callbacks: list | None = None)
         if not summary["pairs" if config.train["recipe"] == "preference" else "sft_records"]:
             log(f"round {number}: nothing to train on ({data.name} is empty); stopping")
             break
+        if config.curate is not None:
+            data = curate_step(config, number, previous, data, folder, log)
+            if data is None:
+                log(f"round {number}: curation kept nothing to train on; stopping")
+                break
         run = _train(config, number, previous, data, folder, log, callbacks)
         result = _evaluated(
             config, number, previous, run, log, time.monotonic() - started, summary["pairs"], summary["sft_records"]
@@ -84,7 +90,7 @@ def run_improve(config: ImproveConfig, log=print, callbacks: list | None = None)
         log(f"round {number}: {config.eval.metric} {_shown(result.metric)} (round 0: {_shown(rows[0].metric)})")
         _write_summary(out, config, rows)
         previous = run
-        if result.metric is not None and (best is None or result.metric > best + config.min_improvement):
+        if _improved(config, result.metric, best):
             best, stale = result.metric, 0
         else:
             stale += 1
@@ -119,19 +125,12 @@ def _score(config: ImproveConfig, start: Path, sampled: Path, folder: Path, log)
         return path
     score = config.score
     log(f"{folder.name}: scoring with the {score.scorer} scorer")
-    if score.scorer == "reference":
-        report = score_by_reference(sampled, path, score.match)
-    else:
-        from llava_lite.improve.judges import judge_for
-
-        if score.scorer == "self" and not score.base_url:
-            score = dataclasses.replace(score, model=str(start))  # the run that sampled judges its own answers
-        backend, messages_for = judge_for(score, config.image_folder or str(Path(config.prompts).parent))
-        settings = settings_for_journal(scorer=score.scorer, model=score.model, url=score.base_url)
-        report = score_by_judge(sampled, path, backend, messages_for, settings)
+    if score.scorer == "self" and not score.base_url:
+        score = dataclasses.replace(score, model=str(start))  # the run that sampled judges its own answers
+    report = score_step(sampled, path, score, config.image_folder or str(Path(config.prompts).parent))
     for line in report.lines():
         log(f"  {line}")
-    if report.unscored.get("backend_error"):
+    if report.failed:
         raise ValueError(f"{path}: the judge failed some requests; run the loop again to retry them")
     return path
 
@@ -140,12 +139,10 @@ def _pairs(config: ImproveConfig, scored: Path, folder: Path, log) -> dict:
     summary_path = folder / "pairs_summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text(encoding="utf-8"))
-    rows, sft, summary = build_pairs(str(scored), config.pairs)
-    write_records(folder / "pairs.jsonl", rows)
-    write_records(folder / "sft.jsonl", sft)
+    # The summary is written last: it marks the step as done.
+    summary = pairs_step(scored, folder / "pairs.jsonl", config.pairs, folder / "sft.jsonl", summary_path)
     for line in summary.lines()[:4]:
         log(f"  {line}")
-    write_lines_atomically(summary_path, [json.dumps(summary.as_dict(), indent=1)])  # last: the step's mark
     return summary.as_dict()
 
 
@@ -164,13 +161,12 @@ def _train(config: ImproveConfig, number: int, start: Path, data: Path, folder: 
     config_file = folder / "train.yaml"
     if not config_file.exists() or config_file.read_text(encoding="utf-8") != text + "\n":
         write_lines_atomically(config_file, [text])  # beside the run, for `llava-lite train` to rerun it
-    train_config = from_dict(TrainConfig, raw, f"{folder}/train.yaml")
-    if finished_step(resolved(train_config)) is not None:
+    run = prepare_run(from_dict(TrainConfig, raw, f"{folder}/train.yaml"))
+    if run.finished_at is not None:
         return output
-    checkpoint = resume_checkpoint(train_config) if output.is_dir() else None
-    where = f", continuing from {Path(checkpoint).name}" if checkpoint else ""
+    where = f", continuing from {Path(run.checkpoint).name}" if run.checkpoint else ""
     log(f"round {number}: training ({raw['recipe']}) from {start} on {data.name}{where}")
-    return run_training(train_config, callbacks)
+    return run_training(run, callbacks)
 
 
 def _evaluated(
@@ -181,7 +177,7 @@ def _evaluated(
         return RoundResult(**json.loads(path.read_text(encoding="utf-8")))
     path.parent.mkdir(parents=True, exist_ok=True)
     log(f"round {number}: evaluating {run}")
-    results = evaluate(config, run, path.parent)
+    results = evaluate(config, run, path.parent, previous=start if number else None)
     result = RoundResult(
         number, str(start), str(run), pairs, sft, metric_value(results, config.eval.metric), results, seconds
     )
@@ -189,8 +185,9 @@ def _evaluated(
     return result
 
 
-def evaluate(config: ImproveConfig, run: Path, folder: Path) -> dict:
-    """The round's numbers: held-out accuracy by the reference scorer, and the `eval` suite's results."""
+def evaluate(config: ImproveConfig, run: Path, folder: Path, previous: Path | None = None) -> dict:
+    """The round's numbers: held-out accuracy by the reference scorer, the `eval` suite's results, and with
+    `eval.versus` its win rate against `previous` (the run it started from; none for round 0)."""
     step = config.eval
     results: dict = {}
     generator = _generator(run)
@@ -207,7 +204,21 @@ def evaluate(config: ImproveConfig, run: Path, folder: Path) -> dict:
 
         suite = run_suite(generator.model, step.suite, progress=False, generator=generator)
         results.update(_without_answer_lists(suite))
+    if step.versus is not None and previous is not None:
+        from llava_lite.eval.versus import compare_runs
+
+        results["versus"] = compare_runs(run, previous, step.versus, folder / "versus.json", generator=generator)
     return results
+
+
+def _improved(config: ImproveConfig, metric: float | None, best: float | None) -> bool:
+    """A round improves when its metric beats the best so far by `min_improvement`; a win rate against the round
+    before (`eval.versus`) when it is above 0.5 by that much."""
+    if metric is None:
+        return False
+    if config.eval.relative:
+        return metric > 0.5 + config.min_improvement
+    return best is None or metric > best + config.min_improvement
 
 
 def held_out_accuracy(scored: Path, group_by: str) -> dict:
@@ -229,6 +240,8 @@ def held_out_accuracy(scored: Path, group_by: str) -> dict:
 
 def metric_value(results: dict, metric: str) -> float | None:
     """`results` at the dotted path `metric` ("held_out.accuracy", "vqa.by_category.corner.accuracy")."""
+    if metric.startswith("versus.") and "versus" not in results:
+        return None  # round 0 has no round before it to be compared with
     value = results
     for key in metric.split("."):
         if not isinstance(value, dict) or key not in value:
