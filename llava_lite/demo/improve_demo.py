@@ -56,9 +56,9 @@ class ImproveDemoResult:
     seconds: dict[str, float]
 
 
-def weak_questions(questions: list[dict], every: int) -> list[dict]:
-    """The stage-2 conversations with the weak kind's question kept for one picture in `every` only."""
-    question = shapes.QUESTIONS[WEAK][0]
+def weak_questions(questions: list[dict], every: int, kind: str = WEAK) -> list[dict]:
+    """The stage-2 conversations with `kind`'s question (the weak kind's) kept for one picture in `every` only."""
+    question = shapes.QUESTIONS[kind][0]
     records = []
     for number, record in enumerate(questions):
         turns = record["conversations"]

@@ -107,26 +107,10 @@ def build_data(out: Path, settings: RLDemoSettings) -> dict[str, Path]:
     questions = json.loads(paths["questions"].read_text(encoding="utf-8"))
     paths["weak"] = shapes.write_json(
         paths["weak"].with_name(f"questions_weak_{settings.weak}.json"),
-        weak_questions(questions, settings.weak, settings.weak_every),
+        improve_demo.weak_questions(questions, settings.weak_every, settings.weak),
     )
     paths["held_out_pairs"] = held_out_pairs(paths)
     return paths
-
-
-def weak_questions(questions: list[dict], kind: str, every: int) -> list[dict]:
-    """The stage-2 conversations with `kind`'s question kept for one picture in `every` only."""
-    question = shapes.QUESTIONS[kind][0]
-    records = []
-    for number, record in enumerate(questions):
-        turns = record["conversations"]
-        pairs = [(q["value"].replace("<image>\n", ""), a) for q, a in zip(turns[::2], turns[1::2])]
-        if number % every:
-            pairs = [(q, a) for q, a in pairs if q != question]
-        conversation = []
-        for index, (q, a) in enumerate(pairs):
-            conversation += [{"from": "human", "value": f"<image>\n{q}" if index == 0 else q}, a]
-        records.append({**record, "conversations": conversation})
-    return records
 
 
 def held_out_pairs(paths: dict[str, Path]) -> Path:
