@@ -26,12 +26,12 @@ def test_the_quick_benchmark_reports_both_sides_doing_the_same_work_and_their_ra
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "failed" not in done.stdout, done.stdout
-    for side in ("trl", "ours"):
+    for side in bench_rl.SIDES:
         assert f"\n{side} " in done.stdout
     assert "ours / trl: completions/s " in done.stdout and "x (target >= 3), peak memory " in done.stdout
     report = json.loads(out.read_text())
     settings, sides = report["settings"], report["sides"]
-    assert set(sides) == {"trl", "ours"}
+    assert set(sides) == {"trl", "ours", "ours_unshared"}
     for side, result in sides.items():
         # One timed step of 3 prompts (one of them text-only) x 2 answers, each at most 8 tokens.
         assert result["completions"] == settings["steps"] * settings["prompts"] * settings["generations"] == 6, side

@@ -169,6 +169,37 @@ def test_packed_samples_keep_a_sliding_window_under_varlen_sdpa(image_folder):
     assert not torch.allclose(eager, unwindowed, atol=1e-3)  # the window matters on these samples
 
 
+@pytest.mark.parametrize("window", [None, 8])
+def test_samples_sharing_a_prefix_see_what_they_would_see_written_after_it(window):
+    lm = {"model_type": "mistral", "sliding_window": window, "head_dim": 16}
+    model = model_with("sdpa", **lm).eval()
+    generator = torch.Generator().manual_seed(0)
+    prefix, answers = torch.randint(3, 500, (12,), generator=generator), [
+        torch.randint(3, 500, (n,), generator=generator) for n in (5, 9, 1)
+    ]
+    lengths = [len(prefix), *map(len, answers)]
+    shared = {
+        "input_ids": torch.cat([prefix, *answers])[None],
+        "position_ids": torch.cat([torch.arange(12)] + [torch.arange(12, 12 + len(a)) for a in answers])[None],
+        "cu_seq_lens": torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32),
+        "segment_prefixes": torch.tensor([-1, 0, 0, 0], dtype=torch.int32),
+    }
+    with torch.no_grad():
+        logits = model(**shared).logits[0].split(lengths)
+        for answer, got in zip(answers, logits[1:]):
+            alone = model(input_ids=torch.cat([prefix, answer])[None]).logits[0]
+            torch.testing.assert_close(got, alone[12:], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits[0], alone[:12], rtol=1e-5, atol=1e-5)
+    if window:  # the window reaches back into the prefix, and matters
+        model.language_model.config.sliding_window = None
+        with torch.no_grad():
+            unwindowed = model(**shared).logits[0].split(lengths)
+        assert not torch.allclose(unwindowed[2], logits[2], atol=1e-3)
+    model.language_model.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match="segment_prefixes need .* sdpa_varlen, not eager"):
+        model(**shared)
+
+
 def test_a_new_models_first_batch_may_be_packed(image_folder):
     model = model_with("sdpa").train()  # the loss's one-time probe of the LM runs before the packed forward
     samples = samples_for(model, image_folder)

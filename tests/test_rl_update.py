@@ -1,5 +1,5 @@
-"""RL's update pass: packed answers give the unpacked loss and gradients; the tower is not run again; per-token
-log-probabilities from the chunked head are the full softmax's."""
+"""RL's update pass: answers sharing their prompt, or packed each after a copy of it, give the padded loss and
+gradients; the tower is not run again; per-token log-probabilities from the chunked head are the full softmax's."""
 
 from __future__ import annotations
 
@@ -47,9 +47,9 @@ def _groups(model: LlavaLiteModel, max_new_tokens: int = 8):
     return sample_groups(model, batch, settings, stops, model.tokenizer.pad_token_id)
 
 
-def _loss_and_grads(model, groups, objective_for, packed: bool):
+def _loss_and_grads(model, groups, objective_for, layout: str):
     model.zero_grad()
-    inputs = update_inputs(groups, packed=packed)
+    inputs = update_inputs(groups, layout=layout)
     output = model(**inputs, objective=objective_for())
     output.loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
@@ -57,7 +57,7 @@ def _loss_and_grads(model, groups, objective_for, packed: bool):
 
 
 @pytest.mark.parametrize("loss", ["grpo", "dapo", "gspo"])
-def test_the_packed_update_equals_the_unpacked_one_in_loss_and_gradients(loss):
+def test_the_shared_and_packed_updates_equal_the_padded_one_in_loss_and_gradients(loss):
     model = _model()
     groups = _groups(model)
     reference = ReferenceLM(model)  # the starting weights; then the model moves away from them
@@ -77,17 +77,31 @@ def test_the_packed_update_equals_the_unpacked_one_in_loss_and_gradients(loss):
     def objective():
         return UpdateObjective(settings, 1.3, advantages, mask, old_logps=old, reference=reference)
 
-    packed, packed_grads = _loss_and_grads(model, groups, objective, packed=True)
-    padded, padded_grads = _loss_and_grads(model, groups, objective, packed=False)
-    assert packed.loss.item() == pytest.approx(padded.loss.item(), rel=1e-5)
-    assert torch.allclose(packed.logps, padded.logps, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(packed.ref_logps, padded.ref_logps, rtol=1e-5, atol=1e-6)
-    assert packed.stats[0] > 0  # a KL was taken
-    assert packed.stats[3] > 0 or loss == "gspo"  # and ratios clipped (gspo's one per answer, with few answers)
-    assert packed_grads.keys() == padded_grads.keys() and len(packed_grads) > 10
-    for name, grad in packed_grads.items():
-        scale = padded_grads[name].abs().max().clamp(min=1e-8)
-        assert ((grad - padded_grads[name]).abs().max() / scale).item() < 1e-5, name
+    padded, padded_grads = _loss_and_grads(model, groups, objective, "padded")
+    assert padded.stats[0] > 0  # a KL was taken
+    assert padded.stats[3] > 0 or loss == "gspo"  # and ratios clipped (gspo's one per answer, with few answers)
+    assert len(padded_grads) > 10
+    for layout in ("shared", "packed"):
+        output, grads = _loss_and_grads(model, groups, objective, layout)
+        assert output.loss.item() == pytest.approx(padded.loss.item(), rel=1e-5), layout
+        assert torch.allclose(output.logps, padded.logps, rtol=1e-5, atol=1e-6), layout
+        assert torch.allclose(output.ref_logps, padded.ref_logps, rtol=1e-5, atol=1e-6), layout
+        assert grads.keys() == padded_grads.keys()
+        for name, grad in grads.items():
+            scale = padded_grads[name].abs().max().clamp(min=1e-8)
+            assert ((grad - padded_grads[name]).abs().max() / scale).item() < 1e-5, (layout, name)
+
+
+def test_the_shared_update_runs_each_prompt_once():
+    model = _model()
+    groups = _groups(model, max_new_tokens=4)
+    shared, packed = update_inputs(groups, layout="shared"), update_inputs(groups, layout="packed")
+    prompts = sum(len(ids) for ids in groups.prompt_ids)
+    answers = sum(len(ids) for ids in groups.completion_ids)
+    # Each prompt once but its last token, which leads each of its answers.
+    assert shared["input_ids"].shape[1] == prompts + (GROUPS - 1) * len(groups.prompt_ids) + answers
+    assert packed["input_ids"].shape[1] == GROUPS * prompts + answers
+    assert len(shared["image_tokens"]) == 3 and len(packed["image_tokens"]) == 3 * GROUPS  # image slots too
 
 
 def test_the_update_runs_no_tower_when_it_is_frozen_and_once_per_image_when_it_trains():

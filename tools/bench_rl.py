@@ -4,8 +4,11 @@ One model, one set of prompts, two sides, each in a process of its own, repetiti
 - `trl`: TRL's `GRPOTrainer` on `LlavaForConditionalGeneration` (generation by transformers' `generate`, no vLLM);
   its batch is `prompts x G` rows, each prompt - its image included - repeated G times, for generation and update;
 - `ours`: `recipe: rl`, the tower once per image per prompt and one prefill per prompt shared by its G answers
-  (`llava_lite.inference.group_sampling`), the update packed, log-probabilities from the chunked head at the
-  answers' tokens only.
+  (`llava_lite.inference.group_sampling`), the update with each prompt once and its G answers after it (the
+  `shared` layout of `llava_lite.train.rl_update`), log-probabilities from the chunked head at the answers' tokens
+  only;
+- `ours_unshared`: the same, but its update puts each answer after a copy of its prompt (the `packed` layout, what
+  an attention that cannot share a prefix gets): what sharing the prompt in the update is worth.
 Every side starts from the same weights (`tools/bench_train.py`'s model: a CLIP tower 224/16 frozen, 196 image
 tokens, an mlp2x_gelu projector, a Llama LM 4 x 512, TinyLlama's 32k tokenizer, the Vicuna v1 template) and trains
 every weight but the tower with the same settings: TRL's defaults for GRPO where both have them (DAPO's loss, group
@@ -46,7 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import FIXTURES, build_start, chosen_sides, peak_memory, run_child  # noqa: E402
 
-SIDES = ("trl", "ours")
+SIDES = ("trl", "ours", "ours_unshared")
 TOKENIZER = "tinyllama-chat"
 LEARNING_RATE = 1e-6  # TRL's GRPO default, and ours for full fine-tuning
 LOSS = "dapo"  # TRL's default loss_type
@@ -276,12 +279,24 @@ def our_side(prompts: Path, start: Path, args, out: Path) -> dict:
     meter = RolloutMeter()
     trainer_class = rl_trainer_module.RLTrainer
     trainer_class.get_batch_samples = step_marking(meter, trainer_class.get_batch_samples)
+    if args.side == "ours_unshared":
+        trainer_class.__init__ = unshared_update(trainer_class.__init__)
     # Our generation is `sample_groups` (the tower, the shared prefill, then `generate`), as the trainer imported it.
     rl_trainer_module.sample_groups = timed_generation(
         meter, rl_trainer_module.sample_groups, lambda groups: [len(ids) for ids in groups.completion_ids]
     )
     run_training(config, callbacks=[meter.callback()])
     return meter.result()
+
+
+def unshared_update(init):
+    """The trainer's `__init__`, then its update's layout set to `packed`: each answer after its whole prompt."""
+
+    def unshared(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.update_layout = "packed"
+
+    return unshared
 
 
 def run_side(args) -> dict:
@@ -317,7 +332,7 @@ def print_table(title: str, sides: dict) -> None:
     print(f"\n{title}")
     header = ("side", "completions/s", "x trl (spread)", "tokens/s", "x trl", "mean length", "generating",
               "reward", "peak MiB", "x trl")  # fmt: skip
-    print("{:<6}{:>15}{:>19}{:>10}{:>7}{:>13}{:>12}{:>8}{:>10}{:>7}".format(*header))
+    print("{:<14}{:>15}{:>19}{:>10}{:>7}{:>13}{:>12}{:>8}{:>10}{:>7}".format(*header))
     for side, figures in sides.items():
         speed, tokens = figures["completions_per_s"], figures["tokens_per_s"]
         ratio = token_ratio = memory = "-"
@@ -328,7 +343,7 @@ def print_table(title: str, sides: dict) -> None:
             token_ratio = f"{tokens / base['tokens_per_s']:.2f}"
             memory = f"{figures['peak_mib'] / base['peak_mib']:.2f}"
         print(
-            f"{side:<6}{speed:>15.3f}{ratio:>19}{tokens:>10.1f}{token_ratio:>7}{figures['mean_length']:>13.1f}"
+            f"{side:<14}{speed:>15.3f}{ratio:>19}{tokens:>10.1f}{token_ratio:>7}{figures['mean_length']:>13.1f}"
             f"{100 * figures['generating']:>11.1f}%{figures['reward']:>8.3f}{figures['peak_mib']:>10.0f}{memory:>7}"
         )
     if base and "ours" in sides:

@@ -32,7 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 
 from llava_lite.data.templates import template_special_tokens
-from llava_lite.model.attention import attending_by_segments, use_varlen_sdpa
+from llava_lite.model.attention import attending_by_segments, shares_prefixes, use_varlen_sdpa
 from llava_lite.model.config import ModelConfig
 from llava_lite.model.hf_llava import is_hf_llava_folder, load_hf_llava
 from llava_lite.model.image_layout import image_geometry
@@ -300,6 +300,7 @@ class LlavaLiteModel(nn.Module):
         image_sizes: torch.Tensor | None = None,
         cu_seq_lens: torch.Tensor | None = None,
         image_order: torch.Tensor | None = None,
+        segment_prefixes: torch.Tensor | None = None,
         sequence_log_probs: bool = False,
         objective=None,
         **kwargs,
@@ -318,7 +319,9 @@ class LlavaLiteModel(nn.Module):
         (one row, no attention mask, position ids restarting per sample) keep their samples apart: `cu_seq_lens`,
         the samples' cumulative lengths, reach the LM's attention as variable-length boundaries (flash attention,
         `llava_lite.model.attention` under sdpa); and no KV cache is made here, so transformers also reads the
-        restarts as boundaries wherever an attention takes a mask.
+        restarts as boundaries wherever an attention takes a mask. `segment_prefixes` (one per packed sample: the
+        earlier sample it continues, or -1) let samples share a prefix (`llava_lite.model.attention`); only an LM
+        that runs `sdpa_varlen` takes them.
 
         With `sequence_log_probs` (and `labels`), the result is a `SequenceLogProbs`: each sequence's (row's, or
         packed sample's) summed log-probability of its labelled tokens, from the head at those positions only, and
@@ -339,6 +342,13 @@ class LlavaLiteModel(nn.Module):
         if sequence_log_probs:
             kwargs["sequences"] = cu_seq_lens
         segments = nullcontext()
+        if segment_prefixes is not None:
+            if cu_seq_lens is None or not shares_prefixes(self.language_model):
+                raise ValueError(
+                    "segment_prefixes need a packed batch (cu_seq_lens) and an LM whose attention is sdpa_varlen, "
+                    f"not {getattr(self.language_model.config, '_attn_implementation', None)}"
+                )
+            kwargs["segment_prefixes"] = segment_prefixes
         if cu_seq_lens is not None:
             longest = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
             kwargs.update(

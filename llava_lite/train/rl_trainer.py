@@ -36,6 +36,7 @@ from llava_lite.data.collator import Collator, batch_to
 from llava_lite.data.processor import Processor
 from llava_lite.inference.generator import stop_token_ids
 from llava_lite.inference.group_sampling import SampledGroups, SamplingSettings, sample_groups
+from llava_lite.model.attention import shares_prefixes
 from llava_lite.rewards import Reward, score_completions, weighted_sum
 from llava_lite.run_folder import COMPLETIONS_FILE
 from llava_lite.train.config import RLSettings
@@ -129,6 +130,14 @@ class RLTrainer(LlavaTrainer):
         self.rollouts: list[Rollout] = []
         self.unlogged: list[tuple[int, Rollout]] = []  # (step, rollout) not yet in completions.jsonl
         self._log_started = False
+        # Each prompt once in the update, its answers after it, where the LM's attention can share a prefix.
+        self.update_layout = "shared" if shares_prefixes(self.model.language_model) else "packed"
+        if self.update_layout == "packed":
+            logger.info(
+                "the LM's attention (%s) cannot share a prompt between answers: each answer's update runs its "
+                "whole prompt (sdpa shares it)",
+                getattr(self.model.language_model.config, "_attn_implementation", None),
+            )
 
     # ----- the prompts' order: blocks of a step, repeated num_iterations times -----------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -290,7 +299,7 @@ class RLTrainer(LlavaTrainer):
             sequences=sequences, tokens=tokens,
         )  # fmt: skip
         with_pixels = self.tower_trains or rollout.tower_in_update
-        model_inputs = batch_to(update_inputs(rollout.groups, with_pixels), self.args.device)
+        model_inputs = batch_to(update_inputs(rollout.groups, with_pixels, self.update_layout), self.args.device)
         output = model(**model_inputs, objective=objective)
         if keep and rollout.old_logps is None:
             rollout.old_logps = output.logps.detach()

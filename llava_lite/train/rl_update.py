@@ -1,12 +1,17 @@
 """RL's update pass: the sampled answers, each after its prompt, through the model with their log-probabilities
 taken at the answers' tokens only.
 
-Each answer is one sample, its prompt's tokens then its own, only its own labelled; the samples are packed into one
-row with isolation (position ids restarting, `cu_seq_lens`: no sample attends to another, and no padding between
-them) - or, for comparison, padded into rows. A prompt's images enter every one of its answers' samples without
-running the tower again: the features the sampling computed go in as `image_features`, each image's projected
-features filling its slots in every sample that shows it (`image_order`); a tower that trains gets its pixels
-instead and runs once per image.
+The layout (`update_inputs`) is one packed row, in one of two forms:
+- `shared` (the default wherever the LM's attention takes it: `sdpa_varlen`): each prompt once, but its last token,
+  as a sample of its own; then each of its G answers as a sample that continues it (`segment_prefixes`), led by
+  the prompt's last token (whose hidden state predicts the answer's first token) - the prompt's positions, images
+  and activations once per prompt, not once per answer, as the sampling's prefill was;
+- `packed`: each answer after a copy of its whole prompt, the samples isolated (position ids restarting,
+  `cu_seq_lens`: no sample attends to another, and no padding between them);
+or, for comparison, `padded` rows. A prompt's images enter without running the tower again: the features the
+sampling computed go in as `image_features`, each image's projected features filling its slots in every sample
+that shows it (`image_order`); a tower that trains gets its pixels instead and runs once per image. All three give
+the same log-probabilities, loss and gradients (`tests/test_rl_update.py`).
 
 The loss runs inside the model's forward (`objective`), where engines that shard weights hold the LM head whole:
 the body's last hidden state, the chunked head at the answers' tokens (`llava_lite.model.token_log_probs`), the
@@ -34,34 +39,32 @@ from llava_lite.train.sharded_reference import ShardedReference
 STAT_NAMES = ("kl", "clipped_low", "clipped_high", "clipped", "clip_count", "tokens")
 
 
-def update_inputs(groups: SampledGroups, tower_trains: bool = False, packed: bool = True) -> dict:
-    """The model's inputs for `groups`' answers: one packed row (or padded rows), labels at the answers' tokens,
-    and the prompts' images once each - their tower features, or their pixels when the tower trains."""
-    samples = []
-    for index, completion in enumerate(groups.completion_ids):
-        prompt = groups.prompt_ids[index // groups.groups]
-        ids = torch.cat([prompt, completion])
-        labels = torch.cat([torch.full_like(prompt, IGNORE_INDEX), completion])
-        samples.append((ids, labels))
-    if packed:
-        ends = list(itertools.accumulate(len(ids) for ids, _ in samples))
-        inputs = {
-            "input_ids": torch.cat([ids for ids, _ in samples])[None],
-            "labels": torch.cat([labels for _, labels in samples])[None],
-            "position_ids": torch.cat([torch.arange(len(ids)) for ids, _ in samples])[None],
-            "cu_seq_lens": torch.tensor([0, *ends], dtype=torch.int32),
-        }
+LAYOUTS = ("shared", "packed", "padded")
+
+
+def update_inputs(groups: SampledGroups, tower_trains: bool = False, layout: str = "shared") -> dict:
+    """The model's inputs for `groups`' answers in `layout` (see the module), labels at the answers' tokens, and
+    the prompts' images once each - their tower features, or their pixels when the tower trains."""
+    if layout == "shared":
+        inputs = _shared(groups)
     else:
-        inputs = _padded(samples)
+        samples = []
+        for index, completion in enumerate(groups.completion_ids):
+            prompt = groups.prompt_ids[index // groups.groups]
+            samples.append((torch.cat([prompt, completion]), torch.cat([_ignored(prompt), completion])))
+        inputs = _packed(samples) if layout == "packed" else _padded(samples)
     if groups.image_tokens:
-        starts = [0, *itertools.accumulate(groups.images_per_prompt)]
-        order = [
-            image
-            for index in range(len(groups.completion_ids))
-            for image in range(starts[index // groups.groups], starts[index // groups.groups + 1])
-        ]
-        inputs["image_order"] = torch.tensor(order, dtype=torch.long)
-        inputs["image_tokens"] = torch.tensor([groups.image_tokens[i] for i in order])
+        if layout != "shared":  # every answer's sample shows its prompt's images
+            starts = [0, *itertools.accumulate(groups.images_per_prompt)]
+            order = [
+                image
+                for index in range(len(groups.completion_ids))
+                for image in range(starts[index // groups.groups], starts[index // groups.groups + 1])
+            ]
+            inputs["image_order"] = torch.tensor(order, dtype=torch.long)
+            inputs["image_tokens"] = torch.tensor([groups.image_tokens[i] for i in order])
+        else:
+            inputs["image_tokens"] = torch.tensor(groups.image_tokens)
         if tower_trains:
             inputs["pixel_values"] = _stacked(groups.pixel_values)
         else:
@@ -69,6 +72,43 @@ def update_inputs(groups: SampledGroups, tower_trains: bool = False, packed: boo
         if groups.image_sizes:
             inputs["image_sizes"] = torch.tensor(groups.image_sizes, dtype=torch.long)
     return inputs
+
+
+def _ignored(ids: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(ids, IGNORE_INDEX)
+
+
+def _packed(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    ends = list(itertools.accumulate(len(ids) for ids, _ in samples))
+    return {
+        "input_ids": torch.cat([ids for ids, _ in samples])[None],
+        "labels": torch.cat([labels for _, labels in samples])[None],
+        "position_ids": torch.cat([torch.arange(len(ids)) for ids, _ in samples])[None],
+        "cu_seq_lens": torch.tensor([0, *ends], dtype=torch.int32),
+    }
+
+
+def _shared(groups: SampledGroups) -> dict:
+    """Per prompt: its tokens but the last (a sample), then each answer led by that last token (a sample that
+    continues the first, its positions going on from the prompt's)."""
+    samples = []  # (ids, labels, positions, prefix)
+    for index, prompt in enumerate(groups.prompt_ids):
+        head, last = prompt[:-1], prompt[-1:]
+        prefix = len(samples)
+        samples.append((head, _ignored(head), torch.arange(len(head)), -1))
+        for completion in groups.completion_ids[index * groups.groups : (index + 1) * groups.groups]:
+            answer = torch.cat([last, completion])
+            positions = torch.arange(len(head), len(head) + len(answer))
+            samples.append((answer, torch.cat([_ignored(last), completion]), positions, prefix))
+    ids, labels, positions, prefixes = zip(*samples)
+    lengths = [len(sample_ids) for sample_ids in ids]
+    return {
+        "input_ids": torch.cat(ids)[None],
+        "labels": torch.cat(labels)[None],
+        "position_ids": torch.cat(positions)[None],
+        "cu_seq_lens": torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32),
+        "segment_prefixes": torch.tensor(prefixes, dtype=torch.int32),
+    }
 
 
 def completion_mask(groups: SampledGroups, mask_truncated: bool = False) -> torch.Tensor:
@@ -150,13 +190,18 @@ class UpdateObjective:
 
 
 def _answer_lengths(labels: torch.Tensor, lm_inputs: dict) -> list[int]:
-    """Each answer's labelled tokens, in order: per packed sample (`cu_seq_lens_q`) or per row."""
+    """Each answer's labelled tokens, in order: per packed sample (`cu_seq_lens_q`; a shared prompt's sample is
+    not an answer) or per row."""
     trained = labels != IGNORE_INDEX
     bounds = lm_inputs.get("cu_seq_lens_q")
     if bounds is None:
         return trained.sum(1).tolist()
     flat = trained[0]
-    return [int(flat[start:end].sum()) for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+    counts = [int(flat[start:end].sum()) for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+    prefixes = lm_inputs.get("segment_prefixes")
+    if prefixes is None:
+        return counts
+    return [count for count, prefix in zip(counts, prefixes.tolist()) if prefix >= 0]
 
 
 def _policy_log_probs(model, split, inputs_embeds, labels, lm_inputs, temperature) -> torch.Tensor:
