@@ -18,6 +18,7 @@ from rubric_server import RepliesServer, user_text
 from llava_lite.cli import main
 from llava_lite.data.errors import BadRecordError
 from llava_lite.eval.mt_bench import parse_rating
+from llava_lite.eval.report import category_panels
 from llava_lite.inference.generator import Generator
 
 # The score the judge gives each answer, by (question, turn); None: a reply without a score.
@@ -123,6 +124,11 @@ def test_scores_per_turn_and_category_equal_a_hand_computation(tmp_path, tiny_ru
     assert len(judge.bodies) == len(SCORES)
     assert result["judge"]["prompt_tokens"] == 50 * len(SCORES)  # the stand-in's usage, counted per request
     assert "MT-Bench score" in capsys.readouterr().out
+    # The plot draws them too: a bar per turn and per category.
+    (title, _, bars), *_ = category_panels({"mt_bench": result})
+    assert title.startswith("MT-Bench") and bars == pytest.approx(
+        {**{f"turn {t}": v for t, v in expected["turns"].items()}, **expected["by_category"]}
+    )
     # The judge was shown the reference for math, and no reference for writing.
     shown = {judged_turn(body): user_text(body) for body in judge.bodies}
     assert "REF-five" in shown[(3, 1)] and "REF-five" in shown[(3, 2)] and "REF-twenty" in shown[(3, 2)]

@@ -15,6 +15,7 @@ from rubric_server import RepliesServer, user_text
 
 from llava_lite.cli import main
 from llava_lite.config_io import ConfigError, from_dict
+from llava_lite.eval.report import category_panels
 from llava_lite.eval.versus import VersusSettings, compare_runs, parse_preference
 from llava_lite.eval.win_rate import LOSS, TIE, WIN, bootstrap_intervals, outcome_of, summarize_outcomes
 
@@ -124,6 +125,10 @@ def test_both_orders_are_asked_and_combined_into_wins_ties_and_losses(tmp_path, 
     assert result["judge"]["asked_now"] == 12 and result["judge"]["completion_tokens"] == 120
     printed = capsys.readouterr().out
     assert f"win rate vs {references}" in printed and "length-controlled" in printed
+    (title, _, bars), *_ = category_panels({"versus": result})  # what --plot draws
+    assert str(references) in title and bars == pytest.approx(
+        {"all": 100 * result["win_rate"], **{k: 100 * c["win_rate"] for k, c in result["by_category"].items()}}
+    )
     audited = read_lines(out.with_name("results.versus.judgements.jsonl"))
     orders = ("ours_first", "ours_second")
     assert {row["key"]: row["verdict"] for row in audited} == {

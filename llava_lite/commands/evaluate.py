@@ -145,53 +145,32 @@ def lm_eval_settings(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from llava_lite.eval import report
+    from llava_lite.eval.run import EvalRequest, PreferenceRequest, run_evaluations
 
-    config = eval_config(args)
-    lm_eval = lm_eval_settings(args)
-    judged = check_judged(args)
-    if not (config.anything or lm_eval or args.preference or judged) and not args.training_log:
+    preference = None
+    if args.preference:
+        preference = PreferenceRequest(args.preference, args.preference_images, args.reference)
+    request = EvalRequest(
+        model=args.model,
+        suite=eval_config(args),
+        lm_eval=lm_eval_settings(args),
+        preference=preference,
+        judged=judged_request(args),
+        device=args.device,
+        dtype=args.dtype,
+        max_new_tokens=args.max_new_tokens,
+    )
+    if not request.anything and not args.training_log:
         raise ConfigError(
             "nothing to evaluate: give --instruct, --text, --vqa, --bench, --lm-eval, --preference, --mt-bench or "
             "--versus (or --training-log RUN)"
         )
-    if (config.anything or lm_eval or args.preference or judged) and not args.model:
+    if request.anything and not args.model:
         raise ConfigError(
             "--model is needed to evaluate --instruct, --text, --vqa, --bench, --lm-eval, --preference, --mt-bench "
             "or --versus"
         )
-    generator = None
-    results: dict = {}
-    if config.anything or lm_eval:
-        from llava_lite.inference.generator import Generator
-
-        generator = Generator.from_folder(args.model, args.device, args.dtype)
-        results = {"model": args.model}
-    if config.anything:
-        from llava_lite.eval.suite import run_suite
-
-        results.update(run_suite(generator.model, config, generator=generator))
-    if judged:  # before lm-eval, which merges the run's adapters into the loaded model
-        results["model"] = args.model
-        results.update(run_judged(args, generator))
-    if lm_eval:  # last of the evaluations of this model: it merges the run's adapters into its LM
-        from llava_lite.eval.lm_eval_bridge import run_lm_eval
-
-        results["lm_eval"] = run_lm_eval(generator.model, lm_eval)
-    if args.preference:  # loads the run (and its reference) afresh, one model at a time
-        from llava_lite.eval.preference import evaluate_preference
-        from llava_lite.inference.generator import Generator
-
-        generator = None
-        results["model"] = args.model
-        results["preference"] = evaluate_preference(
-            args.model,
-            args.preference,
-            lambda folder: Generator.from_folder(folder, args.device, args.dtype).model,
-            args.preference_images,
-            args.reference,
-            args.batch_size,
-            args.limit,
-        )
+    results = run_evaluations(request)
     log = report.read_training_log(args.training_log) if args.training_log else None
     if args.out:
         report.write_results(args.out, results)
@@ -200,19 +179,20 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2, ensure_ascii=False))
     elif results:
-        print("\n".join(part for part in (report.table(results), judged_table(results)) if part))
+        print(report.table(results))
     for path in (args.out, args.plot):
         if path:
             print(f"wrote {path}")
     return 0
 
 
-def check_judged(args: argparse.Namespace) -> bool:
-    """Whether --mt-bench or --versus is asked for, after checking what they need (before any model loads)."""
+def judged_request(args: argparse.Namespace):
+    """The MT-Bench and pairwise request (None when neither is asked for), after checking what they need (before
+    any model loads)."""
     if args.prompts and not args.versus:
         raise ConfigError("--prompts are the prompts of --versus BASELINE: give --versus too")
     if not (args.mt_bench or args.versus):
-        return False
+        return None
     if not args.out:
         raise ConfigError(
             "--mt-bench and --versus keep their answers and the judge's verdicts beside the results: give --out "
@@ -226,15 +206,8 @@ def check_judged(args: argparse.Namespace) -> bool:
         raise ConfigError("--versus RUN needs --prompts FILE: the prompts both runs answer")
     if args.versus and not Path(args.versus).exists():
         raise ConfigError(f"--versus {args.versus}: no such run folder or reference answers file")
-    return True
-
-
-def run_judged(args: argparse.Namespace, generator=None) -> dict:
-    """MT-Bench scores and the pairwise comparison: the questions read and the judge set up before any answering;
-    the models loaded only if answers are missing (`generator`, when the command loaded one already, is reused)."""
-    from llava_lite.eval import prompt_files
     from llava_lite.eval.judge_calls import JudgeSettings
-    from llava_lite.eval.turns import model_identity
+    from llava_lite.eval.run import JudgedRequest
 
     judge = JudgeSettings(
         args.judge_base_url,
@@ -244,57 +217,4 @@ def run_judged(args: argparse.Namespace, generator=None) -> dict:
         temperature=args.judge_temperature,
         images=args.judge_images,
     )
-
-    # One model in memory at a time: the run's, loaded once for both evaluations, then the baseline run's.
-    loaded = {"folder": args.model if generator else None, "generator": generator}
-
-    def loader(folder: str):
-        def load():
-            if loaded["folder"] != folder:
-                from llava_lite.inference.generator import Generator
-
-                loaded.update(folder=None, generator=None)
-                loaded.update(folder=folder, generator=Generator.from_folder(folder, args.device, args.dtype))
-            return loaded["generator"]
-
-        return load
-
-    # Both files read and checked (and the baseline's answers matched) before anything is answered or judged.
-    questions = prompt_files.read_mt_bench(args.mt_bench, args.image_folder, args.limit) if args.mt_bench else None
-    prompts = baseline = None
-    if args.versus:
-        from llava_lite.eval.versus import Contender
-
-        prompts = prompt_files.read_pairwise_prompts(args.prompts or args.versus, args.image_folder, args.limit)
-        if Path(args.versus).is_dir():
-            baseline = Contender(args.versus, loader(args.versus), model_identity(args.versus))
-        else:
-            baseline = Contender(args.versus, answers=prompt_files.baseline_outputs(args.versus, prompts))
-    results: dict = {}
-    if questions:
-        from llava_lite.eval.mt_bench import run_mt_bench
-
-        results["mt_bench"] = run_mt_bench(
-            questions, loader(args.model), model_identity(args.model), judge, args.out, args.max_new_tokens,
-            args.batch_size,
-        )  # fmt: skip
-    if prompts:
-        from llava_lite.eval.versus import Contender, run_versus
-
-        ours = Contender(args.model, loader(args.model), model_identity(args.model))
-        results["versus"] = run_versus(
-            prompts, ours, baseline, judge, args.out, args.max_new_tokens, args.batch_size, args.seed
-        )
-    return results
-
-
-def judged_table(results: dict) -> str:
-    from llava_lite.eval import mt_bench, versus
-
-    rows = []
-    if "mt_bench" in results:
-        rows += mt_bench.table_rows(results["mt_bench"])
-    if "versus" in results:
-        rows += versus.table_rows(results["versus"])
-    width = max((len(name) for name, _ in rows), default=0)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    return JudgedRequest(judge, args.out, args.mt_bench, args.versus, args.prompts, args.seed)

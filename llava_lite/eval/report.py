@@ -53,6 +53,14 @@ def table(results: dict) -> str:
             ("preference accuracy", f"{100 * p['accuracy']:.1f}%  ({p['pairs']} pairs, against {p['reference']})")
         )
         rows.append(("  mean margin", f"{p['mean_margin']:.4f}  (x beta {p['beta']:g}: {p['mean_reward_margin']:.4f})"))
+    if "mt_bench" in results:
+        from llava_lite.eval import mt_bench
+
+        rows += mt_bench.table_rows(results["mt_bench"])
+    if "versus" in results:
+        from llava_lite.eval import versus
+
+        rows += versus.table_rows(results["versus"])
     if "lm_eval" in results:
         from llava_lite.eval.lm_eval_bridge import table_rows
 
@@ -83,7 +91,7 @@ def plot(path: str | Path, results: dict | None = None, training_log: list[dict]
         import matplotlib.pyplot as plt
     except ImportError:
         raise ValueError("--plot needs matplotlib: pip install 'llava_lite[plot]'") from None
-    panels = _category_panels(results or {})
+    panels = category_panels(results or {})
     curves = _curves(training_log or [])
     if not panels and not curves:
         raise ValueError("nothing to plot: no results by category and no training log with losses")
@@ -101,7 +109,7 @@ def plot(path: str | Path, results: dict | None = None, training_log: list[dict]
     plt.close(figure)
 
 
-def _category_panels(results: dict) -> list[tuple[str, str, dict[str, float]]]:
+def category_panels(results: dict) -> list[tuple[str, str, dict[str, float]]]:
     panels = []
     bench = results.get("bench")
     if bench and any(c["relative"] is not None for c in bench["by_category"].values()):
@@ -113,6 +121,19 @@ def _category_panels(results: dict) -> list[tuple[str, str, dict[str, float]]]:
         if not values:
             values = {k.removesuffix("_accuracy"): 100 * v for k, v in vqa.items() if k.endswith("_accuracy")}
         panels.append(("VQA accuracy", "%", values))
+    mt_bench = results.get("mt_bench")
+    if mt_bench:
+        values = {f"turn {turn}": score for turn, score in mt_bench["turns"].items() if score is not None}
+        values.update({k: c["score"] for k, c in mt_bench["by_category"].items() if c["score"] is not None})
+        if values:
+            panels.append(("MT-Bench score by turn and category", "score (1-10)", values))
+    versus = results.get("versus")
+    if versus:
+        values = {k: 100 * c["win_rate"] for k, c in versus["by_category"].items() if c["win_rate"] is not None}
+        if versus["win_rate"] is not None:
+            values = {"all": 100 * versus["win_rate"], **values}
+        if values:
+            panels.append((f"win rate against {versus['baseline']}", "%", values))
     return panels
 
 
