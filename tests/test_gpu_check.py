@@ -1,5 +1,6 @@
 """tools/gpu_check.py, the prepared GPU check, runs its own code on the CPU with tiny shapes (`--dry-run`): every
-side a CPU can run trains and reports, the sides that need a GPU say so, and the FLOP count adds up."""
+side a CPU can run trains and reports, the sides that need a GPU say so, the FLOP count adds up, and the RL step
+runs."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from conftest import ROOT
 def test_the_gpu_check_dry_run_trains_every_side_a_cpu_can_run(tmp_path):
     out = tmp_path / "check.json"
     done = subprocess.run(
-        [sys.executable, "tools/gpu_check.py", "--dry-run", "--json", str(out)],
+        [sys.executable, "tools/gpu_check.py", "--dry-run", "--rl", "--json", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -36,3 +37,7 @@ def test_the_gpu_check_dry_run_trains_every_side_a_cpu_can_run(tmp_path):
     assert report["shapes"]["lm_matrix_params"] > 0 and report["shapes"]["patches"] == 16
     for side in sides:
         assert f"\n{side} " in done.stdout
+    # The RL step: our side's quick look (3 prompts x 2 answers), its figures kept.
+    rl = report["rl"]["sides"]["ours"]
+    assert rl["completions"] == 6 and rl["completions_per_s"] > 0 and rl["peak_mib"] > 0
+    assert "rl (tools/bench_rl.py):" in done.stdout

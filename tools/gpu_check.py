@@ -9,6 +9,8 @@ LLaVA-Instruct lengths of tools/bench_train.py (one record in five text-only). E
 - `ours_packed_flash`: packed rows under flash-attention's varlen kernel (when flash-attn is installed);
 - `ours_packed_liger`: packed, with liger-kernel's fused linear cross-entropy (when liger-kernel is installed);
 - `qlora`: one step of QLoRA over a 4-bit NF4 base (bitsandbytes);
+- `rl` (with `--rl`): stage 3 as RL, `tools/bench_rl.py` in bf16 (generation and update, TRL's GRPOTrainer against
+  `recipe: rl`, 8 prompts x 8 answers of up to 128 tokens, 3 timed steps): completions/s and peak memory;
 - `zero3`, `fsdp2` (with `--engines`): our recipe with packing under configs/accelerate/deepspeed_zero3.yaml and
   fsdp2.yaml, one process each, launched by `accelerate launch` as the README writes it; it checks that the loss
   falls over the steps.
@@ -21,7 +23,7 @@ width x patches^2 per view; the projector's 6 x parameters per image token.
 
 `--dry-run` runs the same code on the CPU with tiny shapes in about a minute (the test suite runs it).
 
-    python tools/gpu_check.py [--dry-run] [--steps 20] [--engines] [--peak-tflops 989] [--json PATH]
+    python tools/gpu_check.py [--dry-run] [--steps 20] [--engines] [--rl] [--peak-tflops 989] [--json PATH]
 """
 
 from __future__ import annotations
@@ -213,6 +215,24 @@ def child(side: str, setup: dict, args) -> dict | None:
     return json.loads(line.removeprefix("RESULT "))
 
 
+def rl_check(args, folder: Path) -> dict | None:
+    """`tools/bench_rl.py` in its own processes (on a GPU: bf16 autocast on both sides), its table printed; its
+    medians, or None where it failed. A dry run takes its quick look at our side alone."""
+    out = folder / "rl.json"
+    settings = ["--quick", "--sides", "ours"] if args.dry_run else [
+        "--repeats", "1", "--steps", "3", "--prompts", "8", "--generations", "8", "--max-new-tokens", "128",
+    ]  # fmt: skip
+    command = [sys.executable, str(ROOT / "tools" / "bench_rl.py"), *settings, "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    table = [line for line in done.stdout.splitlines() if line and not line.startswith(("device:", "["))]
+    print("\n".join(["rl (tools/bench_rl.py):", *table]))
+    if done.returncode or not out.exists():
+        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+        print(f"  rl: failed ({last})")
+        return None
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
 def peak_tflops(args) -> float | None:
     if args.peak_tflops:
         return args.peak_tflops
@@ -256,6 +276,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="samples per step (unpacked sides)")
     parser.add_argument("--pack-length", type=int, default=4096, help="tokens per packed row")
     parser.add_argument("--engines", action="store_true", help="also ZeRO-3 and FSDP2, one process each")
+    parser.add_argument("--rl", action="store_true", help="also an RL step (tools/bench_rl.py) in bf16")
     parser.add_argument("--sides", default=",".join(SIDES), help="which of the sides, comma separated")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak dense bf16 TFLOP/s")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
@@ -290,11 +311,13 @@ def main() -> int:
                 print(f"  {side}: skipped (needs a CUDA GPU and its package: flash-attn, liger-kernel, bitsandbytes)")
                 continue
             results[side] = child(side, setup, args)
-    report(results, shapes, peak)
+        report(results, shapes, peak)
+        rl = rl_check(args, folder) if args.rl else None
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"shapes": shapes, "sides": results}, indent=2), encoding="utf-8")
-    failed = [side for side, result in results.items() if result is None]
+        figures = {"shapes": shapes, "sides": results, **({"rl": rl} if args.rl else {})}
+        Path(args.json).write_text(json.dumps(figures, indent=2), encoding="utf-8")
+    failed = [side for side, result in results.items() if result is None] + (["rl"] if args.rl and not rl else [])
     return 1 if failed or not all(falls(results[e]) for e in ENGINES if results.get(e)) else 0
 
 
