@@ -14,10 +14,12 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from local_http_server import LocalHTTPServer
+
 SCENE = re.compile(r"scene \d+")
 
 
-class ChatServer:
+class ChatServer(LocalHTTPServer):
     def __init__(self, faults: dict[str, list[str]] | None = None, delay: float = 0.0, slow: float = 1.5, api_key=None):
         self.faults = {key: list(plan) for key, plan in (faults or {}).items()}
         self.delay = delay  # seconds every normal reply takes, so that concurrency shows
@@ -28,21 +30,7 @@ class ChatServer:
         self.max_in_flight = 0
         self.unauthorised = 0
         self.lock = threading.Lock()
-        self.server = _QuietServer(("127.0.0.1", 0), _handler(self))
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def __enter__(self) -> ChatServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(_handler(self), server_class=_QuietServer)
 
     def next_fault(self, messages: list[dict]) -> str | None:
         kind = kind_of(messages)

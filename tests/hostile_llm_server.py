@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 from chat_server import answer
+from local_http_server import LocalHTTPServer
 
 TRICKLE_BYTES = 120  # a minute of trickling: far past any timeout the tests give
 _COMPLETION = b'{"choices": [{"message": {"role": "assistant", "content": "Hello."}, "finish_reason": "stop"}]'
@@ -36,26 +37,12 @@ KINDS = (*BODIES, *TRICKLES)
 RUBRIC_REPLY = "Helpfulness: 8\nFaithfulness: 6\nIt answers the question."
 
 
-class HostileServer:
+class HostileServer(LocalHTTPServer):
     def __init__(self, misbehave: str | None = None) -> None:
         self.misbehave = misbehave
         self.requests = 0
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def __enter__(self) -> HostileServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(_handler(self))
 
 
 def behaved_reply(messages: list[dict]) -> str:

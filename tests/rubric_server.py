@@ -14,34 +14,19 @@ import json
 import re
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from local_http_server import LocalHTTPServer
 
 ANSWER = re.compile(r"\[Answer\]\n(.*?)\n\n\[End of answer\]", re.DOTALL)
 
 
-class RepliesServer:
+class RepliesServer(LocalHTTPServer):
     def __init__(self, reply: Callable[[dict], tuple[int, str]], lifetime: float = 120) -> None:
         self.reply = reply
         self.bodies: list[dict] = []
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.watchdog = threading.Timer(lifetime, self.server.shutdown)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def __enter__(self):
-        self.thread.start()
-        self.watchdog.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.watchdog.cancel()
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(_handler(self), lifetime)
 
 
 class RubricServer(RepliesServer):
