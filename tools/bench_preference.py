@@ -42,11 +42,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import (  # noqa: E402
     FIXTURES,
+    alternating_runs,
     build_data,
     build_start,
     chosen_sides,
     common_arguments,
     losses_callback,
+    medians_and_spread,
     peak_memory,
     run_child,
 )
@@ -177,8 +179,8 @@ def trl_side(pairs: Path, start: Path, args, out: Path) -> dict:
 
 def our_side(pairs: Path, start: Path, args, out: Path, packed: bool) -> dict:
     from llava_lite.config_io import from_dict
-    from llava_lite.train import preference as preference_module
     from llava_lite.train.config import TrainConfig
+    from llava_lite.train.recipes import preference as preference_module
     from llava_lite.train.run import run_training
 
     meter = PairMeter(len(pairs.read_text(encoding="utf-8").splitlines()))
@@ -253,9 +255,7 @@ def child(side: str, setup: dict, args) -> dict | None:
 
 def summarise(runs: list[dict]) -> dict:
     keys = ("pairs_per_s", "tokens_per_s", "pairs_per_s_with_reference", "peak_mib", "reference_s")
-    medians = {k: statistics.median(r[k] for r in runs) for k in keys}
-    spread = {k: (min(r[k] for r in runs), max(r[k] for r in runs)) for k in medians}
-    return {**medians, "first_losses": runs[0]["first_losses"], "spread": spread}
+    return {**medians_and_spread(runs, keys), "first_losses": runs[0]["first_losses"]}
 
 
 def print_table(title: str, sides: dict) -> None:
@@ -321,11 +321,7 @@ def main() -> None:
         pairs = build_pairs(folder, (args.steps + 1) * args.pairs)
         start = build_start(folder / "start", str(FIXTURES / "tokenizers" / TOKENIZER), chat_template="vicuna_v1")
         setup = {"pairs": pairs, "start": start, "rows": args.packed_rows or packed_rows_for(pairs, start, args)}
-        runs: dict[str, list] = {side: [] for side in sides}
-        for _ in range(args.repeats):
-            for side in sides:
-                if result := child(side, setup, args):
-                    runs[side].append(result)
+        runs = alternating_runs(sides, args.repeats, lambda side: child(side, setup, args))
     summary = {side: summarise(r) for side, r in runs.items() if r}
     print_table(f"LLaVA-length pairs ({TOKENIZER} tokenizer; packed: {setup['rows']} rows of {args.pack_length} "
                 "tokens a step)", summary)  # fmt: skip

@@ -47,7 +47,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import FIXTURES, build_start, chosen_sides, peak_memory, run_child  # noqa: E402
+from bench_train import (  # noqa: E402
+    FIXTURES,
+    alternating_runs,
+    build_start,
+    chosen_sides,
+    medians_and_spread,
+    peak_memory,
+    run_child,
+)
 
 SIDES = ("trl", "ours", "ours_unshared")
 TOKENIZER = "tinyllama-chat"
@@ -321,12 +329,6 @@ def child(side: str, setup: dict, args) -> dict | None:
 KEYS = ("completions", "completions_per_s", "tokens_per_s", "mean_length", "generating", "reward", "peak_mib")
 
 
-def summarise(runs: list[dict]) -> dict:
-    medians = {k: statistics.median(r[k] for r in runs) for k in KEYS}
-    spread = {k: (min(r[k] for r in runs), max(r[k] for r in runs)) for k in medians}
-    return {**medians, "spread": spread}
-
-
 def print_table(title: str, sides: dict) -> None:
     base = sides.get("trl")
     print(f"\n{title}")
@@ -388,12 +390,8 @@ def main() -> None:
         prompts = build_prompts(folder, (args.steps + 1) * args.prompts)
         start = build_start(folder / "start", str(FIXTURES / "tokenizers" / TOKENIZER), chat_template="vicuna_v1")
         setup = {"prompts": prompts, "start": start}
-        runs: dict[str, list] = {side: [] for side in sides}
-        for _ in range(args.repeats):
-            for side in sides:
-                if result := child(side, setup, args):
-                    runs[side].append(result)
-    summary = {side: summarise(r) for side, r in runs.items() if r}
+        runs = alternating_runs(sides, args.repeats, lambda side: child(side, setup, args))
+    summary = {side: medians_and_spread(r, KEYS) for side, r in runs.items() if r}
     print_table(f"LLaVA-length prompts ({TOKENIZER} tokenizer; the fixture conversations' human turns, one in five "
                 "text-only)", summary)  # fmt: skip
     if args.json:

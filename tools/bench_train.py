@@ -361,13 +361,26 @@ def has_trl() -> bool:
     return importlib.util.find_spec("trl") is not None
 
 
+def medians_and_spread(runs: list[dict], keys) -> dict:
+    """The median of each of `keys` over `runs`, and under `spread` its (lowest, highest)."""
+    medians = {k: statistics.median(r[k] for r in runs) for k in keys}
+    return {**medians, "spread": {k: (min(r[k] for r in runs), max(r[k] for r in runs)) for k in keys}}
+
+
+def alternating_runs(sides, repeats: int, run_side) -> dict[str, list[dict]]:
+    """`run_side(side)` for every side, `repeats` rounds, the sides alternating within each round (so that a slow
+    spell of the machine falls on every side alike); each side's results, failed runs (None) left out."""
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for _ in range(repeats):
+        for side in sides:
+            if result := run_side(side):
+                runs[side].append(result)
+    return runs
+
+
 def summarise(runs: list[dict]) -> dict:
-    medians = {
-        k: statistics.median(r[k] for r in runs)
-        for k in ("samples_per_s", "nonpad_tokens_per_s", "padding", "peak_mib")
-    }
-    spread = {k: (min(r[k] for r in runs), max(r[k] for r in runs)) for k in medians}
-    return {**medians, "first_losses": runs[0]["first_losses"], "spread": spread}
+    keys = ("samples_per_s", "nonpad_tokens_per_s", "padding", "peak_mib")
+    return {**medians_and_spread(runs, keys), "first_losses": runs[0]["first_losses"]}
 
 
 def print_table(name: str, sides: dict) -> None:
