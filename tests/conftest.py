@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,6 +91,16 @@ class StopAt(TrainerCallback):
         if state.global_step == self.step:
             control.should_save = True
             control.should_training_stop = True
+
+
+def run_tool(script: str, *args: str, timeout: float = 900) -> str:
+    """`python tools/SCRIPT ARGS...` from the repository root, as the README writes it; its stdout, once it has
+    exited 0 (the test fails with the ends of its output otherwise)."""
+    done = subprocess.run(
+        [sys.executable, f"tools/{script}", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout
 
 
 def solid_image(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> Path:

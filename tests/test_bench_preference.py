@@ -5,30 +5,21 @@ only: speed is for a quiet machine)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import trl  # noqa: F401  # a dev dependency: the side the benchmark measures ours against
-from conftest import ROOT
+from conftest import run_tool
 
 
 def test_the_quick_benchmark_runs_every_side_and_trl_and_ours_start_from_the_same_loss(tmp_path):
     out = tmp_path / "bench.json"
-    done = subprocess.run(
-        [sys.executable, "tools/bench_preference.py", "--quick", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "failed" not in done.stdout, done.stdout
+    stdout = run_tool("bench_preference.py", "--quick", "--json", str(out), timeout=900)
+    assert "failed" not in stdout, stdout
     sides = json.loads(out.read_text())["sides"]
     assert set(sides) == {"trl", "ours", "ours_packed"}
     for side, result in sides.items():
         assert result["pairs_per_s"] > 0 and result["tokens_per_s"] > 0 and result["peak_mib"] > 0, side
-        assert f"\n{side} " in done.stdout
+        assert f"\n{side} " in stdout
     # The same pairs in the same order from the same weights: DPO's first loss is log 2 on both sides.
     assert sides["ours"]["first_losses"][0] == pytest.approx(sides["trl"]["first_losses"][0], abs=1e-4)
     assert sides["ours"]["reference_s"] > 0  # full fine-tuning: our reference pass ran before training

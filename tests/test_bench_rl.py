@@ -5,11 +5,10 @@ one reward function scores both sides' completion forms alike."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import trl  # noqa: F401  # a dev dependency: the side the benchmark measures ours against
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, run_tool
 
 sys.path.insert(0, str(ROOT / "tools"))
 import bench_rl  # noqa: E402
@@ -17,18 +16,11 @@ import bench_rl  # noqa: E402
 
 def test_the_quick_benchmark_reports_both_sides_doing_the_same_work_and_their_ratios(tmp_path):
     out = tmp_path / "bench.json"
-    done = subprocess.run(
-        [sys.executable, "tools/bench_rl.py", "--quick", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "failed" not in done.stdout, done.stdout
+    stdout = run_tool("bench_rl.py", "--quick", "--json", str(out), timeout=900)
+    assert "failed" not in stdout, stdout
     for side in bench_rl.SIDES:
-        assert f"\n{side} " in done.stdout
-    assert "ours / trl: completions/s " in done.stdout and "x (target >= 3), peak memory " in done.stdout
+        assert f"\n{side} " in stdout
+    assert "ours / trl: completions/s " in stdout and "x (target >= 3), peak memory " in stdout
     report = json.loads(out.read_text())
     settings, sides = report["settings"], report["sides"]
     assert set(sides) == {"trl", "ours", "ours_unshared"}

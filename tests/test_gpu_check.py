@@ -5,24 +5,15 @@ runs."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from conftest import ROOT
+from conftest import run_tool
 
 
 def test_the_gpu_check_dry_run_trains_every_side_a_cpu_can_run(tmp_path):
     out = tmp_path / "check.json"
-    done = subprocess.run(
-        [sys.executable, "tools/gpu_check.py", "--dry-run", "--rl", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    stdout = run_tool("gpu_check.py", "--dry-run", "--rl", "--json", str(out), timeout=600)
     for side in ("ours_packed_flash", "ours_packed_liger"):  # no CUDA GPU here
-        assert f"{side}: skipped (needs a CUDA GPU" in done.stdout
+        assert f"{side}: skipped (needs a CUDA GPU" in stdout
     report = json.loads(out.read_text())
     sides = report["sides"]
     assert set(sides) == {"plain", "ours", "ours_packed", "qlora"}
@@ -36,8 +27,8 @@ def test_the_gpu_check_dry_run_trains_every_side_a_cpu_can_run(tmp_path):
     assert len(sides["qlora"]["losses"]) == 2  # one warm-up step and one timed
     assert report["shapes"]["lm_matrix_params"] > 0 and report["shapes"]["patches"] == 16
     for side in sides:
-        assert f"\n{side} " in done.stdout
+        assert f"\n{side} " in stdout
     # The RL step: our side's quick look (3 prompts x 2 answers), its figures kept.
     rl = report["rl"]["sides"]["ours"]
     assert rl["completions"] == 6 and rl["completions_per_s"] > 0 and rl["peak_mib"] > 0
-    assert "rl (tools/bench_rl.py):" in done.stdout
+    assert "rl (tools/bench_rl.py):" in stdout
