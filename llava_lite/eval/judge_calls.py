@@ -167,3 +167,18 @@ def _entry(task: JudgeTask, task_fingerprint: str, reply, parse: Callable[[str],
 def _data_uri(path: Path) -> str:
     kind = mimetypes.guess_type(path.name)[0] or "image/png"
     return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def judged_files(results_path: str | Path, evaluation: str) -> dict[str, Path]:
+    """Where a judged evaluation (`mt_bench`, `versus`) keeps its journals and writes its answers and judgements,
+    beside the results file."""
+    stem = Path(results_path).with_suffix("")
+    return {
+        key: stem.with_name(f"{stem.name}.{evaluation}.{name}")
+        for key, name in (
+            ("answers_journal", "answers.journal"),
+            ("judgements_journal", "judgements.journal"),
+            ("answers", "answers.jsonl"),
+            ("judgements", "judgements.jsonl"),
+        )
+    }

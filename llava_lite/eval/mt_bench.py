@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llava_lite.data.writing import write_records
-from llava_lite.eval.judge_calls import OK, UNPARSABLE, JudgeSettings, JudgeTask, ask_judge, user_message
+from llava_lite.eval.judge_calls import OK, UNPARSABLE, JudgeSettings, JudgeTask, ask_judge, judged_files, user_message
 from llava_lite.eval.prompt_files import MtBenchQuestion
 from llava_lite.eval.turns import Dialogue, LazyGenerator, answer_dialogues
 from llava_lite.llm.journal import Journal
@@ -47,17 +47,6 @@ _VERDICT_FORMAT = (
 )
 
 
-def files_for(results_path: str | Path) -> dict[str, Path]:
-    """Where the evaluation keeps its journals and writes its answers and judgements, beside the results."""
-    stem = Path(results_path).with_suffix("")
-    return {
-        "answers_journal": stem.with_name(stem.name + ".mt_bench.answers.journal"),
-        "judgements_journal": stem.with_name(stem.name + ".mt_bench.judgements.journal"),
-        "answers": stem.with_name(stem.name + ".mt_bench.answers.jsonl"),
-        "judgements": stem.with_name(stem.name + ".mt_bench.judgements.jsonl"),
-    }
-
-
 def run_mt_bench(
     questions: list[MtBenchQuestion],
     load_generator: Callable[[], object],
@@ -70,7 +59,7 @@ def run_mt_bench(
 ) -> dict:
     """Answer (what the journal lacks), judge (what has no score yet), summarise. `load_generator` is called only
     when an answer has to be generated; `model` is the model's identity (`llava_lite.eval.turns.model_identity`)."""
-    files = files_for(results_path)
+    files = judged_files(results_path, "mt_bench")
     dialogues = [Dialogue(q.question_id, q.turns, q.images, f"MT-Bench question {q.question_id}") for q in questions]
     answers_journal = Journal.open(files["answers_journal"], {"evaluation": "mt_bench", "kept": "answers"})
     try:

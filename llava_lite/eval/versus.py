@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llava_lite.data.writing import write_records
-from llava_lite.eval.judge_calls import JudgeSettings, JudgeTask, ask_judge, user_message
+from llava_lite.eval.judge_calls import JudgeSettings, JudgeTask, ask_judge, judged_files, user_message
 from llava_lite.eval.mt_bench import SYSTEM, text_of
 from llava_lite.eval.prompt_files import PairwisePrompt
 from llava_lite.eval.turns import AnswerReport, Dialogue, LazyGenerator, answer_dialogues
@@ -95,16 +95,6 @@ def compare_runs(
     )  # fmt: skip
 
 
-def files_for(results_path: str | Path) -> dict[str, Path]:
-    stem = Path(results_path).with_suffix("")
-    return {
-        "answers_journal": stem.with_name(stem.name + ".versus.answers.journal"),
-        "judgements_journal": stem.with_name(stem.name + ".versus.judgements.journal"),
-        "answers": stem.with_name(stem.name + ".versus.answers.jsonl"),
-        "judgements": stem.with_name(stem.name + ".versus.judgements.jsonl"),
-    }
-
-
 def run_versus(
     prompts: list[PairwisePrompt],
     ours: Contender,
@@ -117,7 +107,7 @@ def run_versus(
     progress: bool = True,
 ) -> dict:
     """Answer (what the journal lacks), judge both orders (what has no verdict yet), combine, summarise."""
-    files = files_for(results_path)
+    files = judged_files(results_path, "versus")
     journal = Journal.open(files["answers_journal"], {"evaluation": "versus", "kept": "answers"})
     try:
         our_answers, mine = _answers(ours, "ours", prompts, journal, max_new_tokens, batch_size, progress)
